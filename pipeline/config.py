@@ -1,0 +1,149 @@
+"""One typed configuration for every setting of the pipeline.
+
+Every stage reads `OUT/config.json`, applies the command line's overrides, and writes the
+result back, so the file always holds every setting that produced the artifacts beside
+it. Later stages read sizes from here (and from the artifacts' own attributes) instead of
+restating them.
+"""
+
+import dataclasses
+import typing
+from pathlib import Path
+
+from pipeline import errors, io_utils
+
+CONFIG_FILE = "config.json"
+CONFIG_VERSION = 1
+
+
+@dataclasses.dataclass
+class DataConfig:
+    data_dir: str = ""  # as given on the command line, made absolute
+    layout: str = ""  # detected: "flickr8k", "kaggle" or "karpathy"
+    image_dir: str = ""  # absolute folder the image ids are relative to
+    # Kaggle layout without split lists: deterministic share of images for val and test.
+    val_images: int = 1000
+    test_images: int = 1000
+
+
+@dataclasses.dataclass
+class TextConfig:
+    min_word_count: int = 5  # words seen fewer times in the training split become <unk>
+    max_caption_length: int = 30  # words per caption kept for training (without <start>/<end>)
+
+
+@dataclasses.dataclass
+class EncoderConfig:
+    name: str = "resnet50"
+    weights: str = "imagenet"  # "imagenet", "random" (seeded), or a path to a .h5 weights file
+    image_size: int = 224
+    pooling: str = "avg"
+    feature_dim: int = 2048
+    batch_size: int = 32
+    precision: str = "fp32"  # "fp32", "bf16", "fp16" or "auto"
+    feature_dtype: str = "float32"  # storage dtype in features.h5: "float32" or "float16"
+
+
+@dataclasses.dataclass
+class DecoderConfig:
+    embedding_dim: int = 256
+    units: int = 512
+    dropout: float = 0.5
+    image_input: str = "init_state"  # "init_state" (h0, c0 from the image) or "first_step"
+    vocab_size: int = 0  # set by training from vocab.json
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    clipnorm: float = 5.0
+    early_stopping_patience: int = 3
+    reduce_lr_patience: int = 1
+    reduce_lr_factor: float = 0.5
+    shuffle_buffer: int = 10000
+    strategy: str = "default"  # "default", "mirrored" or "multiworker"
+    max_cache_memory_gb: float = 4.0  # larger caches stream from HDF5 instead of loading whole
+
+
+@dataclasses.dataclass
+class DecodeConfig:
+    beam_size: int = 3
+    max_length: int = 20  # generated words, without <start>/<end>
+    length_penalty: float = 0.7  # score = log p / length ** length_penalty; 0 turns it off
+    no_repeat_ngram_size: int = 0  # > 0 forbids repeating any n-gram of this size
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    seed: int = 0
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
+
+    def to_dict(self):
+        return {"version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data, source="config"):
+        """Builds a config from a dict; unknown or mistyped fields raise PipelineError naming them."""
+        data = dict(data)
+        data.pop("version", None)
+        return _from_dict(cls, data, source)
+
+    def replace(self, overrides):
+        """Returns a copy with `overrides` applied: {"section.field": value} or {"seed": value}.
+
+        None values are ignored, so argparse defaults of None leave the config alone.
+        """
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            target = data
+            *sections, name = dotted.split(".")
+            for section in sections:
+                target = target[section]
+            if name not in target:
+                raise errors.PipelineError(f"unknown setting {dotted!r}")
+            target[name] = value
+        return PipelineConfig.from_dict(data)
+
+    def save(self, out_dir):
+        io_utils.write_json(Path(out_dir) / CONFIG_FILE, self.to_dict())
+
+    @classmethod
+    def load(cls, out_dir, required=True):
+        """Reads OUT/config.json; a fresh default config if it is absent and not required."""
+        path = Path(out_dir) / CONFIG_FILE
+        if not path.exists() and not required:
+            return cls()
+        return cls.from_dict(io_utils.read_json(path, "the run's configuration"), source=str(path))
+
+
+def _from_dict(cls, data, source):
+    hints = typing.get_type_hints(cls)
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise errors.PipelineError(f"{source}: unknown setting(s) {', '.join(unknown)} in {cls.__name__}")
+    values = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise errors.PipelineError(f"{source}: field {name!r} must be an object")
+            values[name] = _from_dict(kind, value, source)
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise errors.PipelineError(
+                f"{source}: field {cls.__name__}.{name} must be {kind.__name__}, got {value!r}"
+            )
+        else:
+            values[name] = value
+    return cls(**values)

@@ -1,0 +1,76 @@
+"""Atomic writes: a file is written to a temporary name in the same folder and
+renamed into place, so a killed run never leaves a half-written file that looks complete."""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path`; renames it onto `path` if the block succeeds.
+
+    Works for files and for directories (a SavedModel): whatever the block writes at the
+    yielded path replaces `path` in one rename. On error the temporary is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    os.unlink(temporary)  # the block creates it, as a file or a folder
+    temporary = Path(temporary)
+    try:
+        yield temporary
+        if path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+            os.replace(temporary, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(temporary, path)
+    finally:
+        if temporary.is_dir():
+            shutil.rmtree(temporary, ignore_errors=True)
+        elif temporary.exists():
+            temporary.unlink()
+
+
+def write_json(path, data):
+    """Writes `data` as indented UTF-8 JSON, atomically."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def write_text(path, text):
+    """Writes `text` as UTF-8, atomically."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def read_json(path, what):
+    """Reads a JSON artifact; a missing or damaged file raises ArtifactError naming it.
+
+    `what` names the artifact for the message, e.g. "the vocabulary".
+    """
+    from pipeline.errors import ArtifactError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: {what} is missing")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ArtifactError(f"{path}: {what} is not valid JSON ({error})") from None
