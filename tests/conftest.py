@@ -1,0 +1,75 @@
+"""Shared fixtures: one small generated dataset and one extract/train/export chain per
+test session, so the expensive steps (ResNet50 build, extraction, training, export) run
+once. Tests that change artifacts copy them first (`copy_run`)."""
+
+import os
+import shutil
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+# Small, fast settings shared by the session's chain of stages.
+TEST_NUM_IMAGES = 48
+EXTRACT_OVERRIDES = {"encoder.weights": "random", "encoder.batch_size": 8, "text.min_word_count": 1}
+TRAIN_OVERRIDES = {
+    "train.epochs": 3,
+    "train.batch_size": 32,
+    "decoder.units": 64,
+    "decoder.embedding_dim": 32,
+    "decoder.dropout": 0.1,
+}
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory):
+    """A generated demo dataset in the Kaggle layout (Images/ + captions.txt)."""
+    from pipeline import demo_data
+
+    return demo_data.generate_demo_dataset(
+        tmp_path_factory.mktemp("demo") / "data", seed=0, num_images=TEST_NUM_IMAGES
+    )
+
+
+@pytest.fixture(scope="session")
+def extracted_out(demo_data_dir, tmp_path_factory):
+    """OUT after `extract --weights random` on the demo dataset (read-only: copy to change)."""
+    from pipeline import extract
+
+    out = tmp_path_factory.mktemp("run") / "extracted"
+    extract.run_extract(demo_data_dir, out, dict(EXTRACT_OVERRIDES))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_out(extracted_out, tmp_path_factory):
+    """OUT after extract and a short `train` (read-only: copy to change)."""
+    from pipeline import train
+
+    out = tmp_path_factory.mktemp("run") / "trained"
+    shutil.copytree(extracted_out, out)
+    train.run_train(out, dict(TRAIN_OVERRIDES))
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_out(trained_out, tmp_path_factory):
+    """OUT after extract, train and `export`; the SavedModel is at OUT/saved_model."""
+    from pipeline import export
+
+    out = tmp_path_factory.mktemp("run") / "exported"
+    shutil.copytree(trained_out, out)
+    export.run_export(out, {})
+    return out
+
+
+@pytest.fixture
+def copy_run(tmp_path):
+    """copy_run(out) -> a private copy of a session run folder, safe to change."""
+
+    def copy(out):
+        target = tmp_path / f"copy_{out.name}"
+        shutil.copytree(out, target)
+        return target
+
+    return copy
