@@ -1,0 +1,169 @@
+"""The image encoder: ResNet50 without its classifier, and the image decoding it expects.
+
+`decode_image` and `build_encoder` are shared by feature extraction and by the exported
+SavedModel, so cached features and served captions see exactly the same pixels.
+"""
+
+import hashlib
+import socket
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline import errors
+
+DOWNLOAD_TIMEOUT_SECONDS = 60  # per socket operation, not for the whole 94 MB
+ENCODER_NAME = "resnet50"
+FEATURE_DIM = 2048
+# Keras' mixed-precision policy names for `EncoderConfig.precision`; variables stay float32.
+PRECISION_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+def resolve_precision(precision):
+    """Maps "auto" to "fp16" when a GPU is visible and to "fp32" otherwise; checks the name.
+
+    Returns one of the keys of PRECISION_POLICIES.
+    """
+    if precision == "auto":
+        return "fp16" if tf.config.list_physical_devices("GPU") else "fp32"
+    if precision not in PRECISION_POLICIES:
+        raise errors.PipelineError(
+            f"encoder.precision must be one of {', '.join(sorted(PRECISION_POLICIES))} or auto, got {precision!r}"
+        )
+    return precision
+
+
+def build_encoder(weights="imagenet", image_size=224, seed=0, precision="fp32"):
+    """Builds ResNet50 (no top, global average pooling) with its own preprocessing inside.
+
+    Args:
+        weights: "imagenet" (Keras' download), "random" (seeded He initialisation, the
+            same in every process for one seed) or the path of an .h5 file holding
+            ResNet50 "notop" weights.
+        image_size: side S of the square input.
+        seed: seed of the "random" weights.
+        precision: "fp32", "bf16", "fp16" or "auto" (Keras mixed precision; the output
+            is always float32).
+
+    Returns:
+        A functional keras.Model named "encoder": input float32 [B, S, S, 3] RGB pixel
+        values in 0..255, output float32 [B, 2048].
+    """
+    if not isinstance(image_size, int) or image_size < 32:
+        raise errors.PipelineError(f"encoder.image_size must be an integer >= 32, got {image_size!r}")
+    policy_name = PRECISION_POLICIES[resolve_precision(precision)]
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy_name)
+    try:
+        if weights == "random":
+            # Keras draws default initializer seeds from the global seed generator, which
+            # this seeds; that makes the weights a function of `seed` alone.
+            keras.utils.set_random_seed(seed)
+            backbone = _resnet50(None, image_size)
+        elif weights == "imagenet":
+            backbone = _imagenet_resnet50(image_size)
+        else:
+            backbone = _resnet50_from_file(weights, image_size)
+        pixels = keras.Input(shape=(image_size, image_size, 3), dtype="float32", name="pixels")
+        # Caffe-style preprocessing (RGB -> BGR, ImageNet mean subtracted) as graph ops,
+        # so every caller can feed raw pixels and none can forget it.
+        preprocessed = keras.applications.resnet50.preprocess_input(pixels)
+        features = backbone(preprocessed)
+        # Mixed precision computes in a 16-bit type; the cache and decoder want float32.
+        features = keras.layers.Activation("linear", dtype="float32", name="features")(features)
+        return keras.Model(pixels, features, name="encoder")
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+
+def _resnet50(weights, image_size):
+    return keras.applications.ResNet50(
+        include_top=False, weights=weights, input_shape=(image_size, image_size, 3), pooling="avg"
+    )
+
+
+def _imagenet_resnet50(image_size):
+    # Keras fetches with urllib and no timeout: a network that drops packets silently
+    # would hang the run forever instead of failing with the advice below.
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_SECONDS)
+    try:
+        return _resnet50("imagenet", image_size)
+    except Exception as error:  # Keras raises a bare Exception for a failed URL fetch
+        raise errors.PipelineError(
+            "the ImageNet weights of ResNet50 could not be downloaded "
+            f"({type(error).__name__}: {error}); pass --weights FILE.h5 with a local copy of "
+            "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5, or --weights random for "
+            "untrained, seeded weights (tests and smoke runs only)"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def _resnet50_from_file(weights, image_size):
+    path = Path(weights)
+    if not path.is_file():
+        raise errors.PipelineError(
+            f"encoder weights {weights!r}: no such file (use --weights imagenet, --weights random "
+            "or the path of a ResNet50 notop .h5 weights file)"
+        )
+    if not h5py.is_hdf5(path):
+        # Checked before the seconds-long build of the network the weights would fill.
+        raise errors.PipelineError(f"{path}: not ResNet50 notop weights (not an HDF5 file)")
+    backbone = _resnet50(None, image_size)
+    try:
+        backbone.load_weights(str(path))
+    except Exception as error:  # h5py, Keras and OS errors alike mean "not these weights"
+        message = str(error).splitlines()[0] if str(error) else ""
+        raise errors.PipelineError(
+            f"{path}: not ResNet50 notop weights ({type(error).__name__}: {message})"
+        ) from None
+    return backbone
+
+
+def decode_image(image_bytes, image_size):
+    """Decodes encoded image bytes into the encoder's input, with TF ops only.
+
+    Args:
+        image_bytes: tf.string scalar, a JPEG, PNG, GIF (first frame) or BMP file.
+            Grayscale, palette, CMYK and 16-bit images come out as 8-bit RGB.
+        image_size: side S of the output.
+
+    Returns:
+        float32 [S, S, 3], RGB values in 0..255, squashed to S x S without keeping the
+        aspect ratio (as `keras.utils.load_img(target_size=...)` does).
+
+    Raises tf.errors.InvalidArgumentError on bytes that are not a complete image.
+    """
+    image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return resize_image(image, image_size)
+
+
+def resize_image(image, image_size):
+    """uint8 or float [H, W, 3] RGB -> float32 [S, S, 3] in 0..255, bilinear.
+
+    Antialiasing makes bilinear downscaling average over the whole footprint of each
+    output pixel, as PIL's resize does; without it a 3000-pixel photo would be sampled at
+    only 4 source pixels per output pixel and aliasing would leak into the features.
+    """
+    image = tf.cast(image, tf.float32)
+    resized = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    # Antialiased kernels can overshoot slightly; the encoder's contract is 0..255.
+    return tf.clip_by_value(resized, 0.0, 255.0)
+
+
+def encoder_fingerprint(model):
+    """A short hex digest of every weight of `model` (names ignored, order and values kept).
+
+    Returns 16 hex characters; two models share it only if their weights are identical.
+    """
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(variable.value), dtype=np.float32)
+        digest.update(str(value.shape).encode("ascii"))
+        digest.update(value.tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,296 @@
+"""Stage 1: ResNet50 features of every image of a dataset into OUT/features.h5.
+
+    run_extract(data_dir, out_dir, {"encoder.weights": "random"})
+
+The input pipeline is `tf.data`: files are read and decoded in parallel, batched to a
+fixed shape and prefetched, so decoding overlaps with the encoder. The encoder runs in
+one `tf.function` traced once for [batch_size, S, S, 3] (the last short batch is padded).
+
+Bad images never stop a run and never reach the cache: the pipeline drops every element
+whose read or decode fails (TF refuses truncated JPEGs: `decode_image` does not try to
+recover them, so they cannot come out half grey), and afterwards each dropped image is
+diagnosed in Python. Images TF cannot decode but PIL can are encoded from PIL's pixels;
+the rest are listed with their reason in OUT/extract_errors.json.
+"""
+
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from models import encoder as encoder_module
+from pipeline import config as config_module
+from pipeline import errors, features, io_utils, progress
+
+ERRORS_FILE = "extract_errors.json"
+
+
+def run_extract(data_dir, out_dir, overrides, overwrite=False, num_shards=1, shard_index=0):
+    """Extracts the features of every image of `data_dir` that OUT's cache lacks.
+
+    Args:
+        data_dir: dataset folder (any layout `pipeline.datasets.load_dataset` detects).
+        out_dir: artifact folder; created if needed.
+        overrides: {"section.field": value} applied to OUT/config.json (None values ignored).
+        overwrite: replace a cache made with other encoder settings instead of failing.
+        num_shards, shard_index: extract only shard `shard_index` of `num_shards`
+            (a deterministic share of the sorted image ids) into features.shard-K-of-N.h5.
+
+    Returns:
+        A summary dict: images, new, cached, errors, seconds, images_per_second,
+        features_file, errors_file.
+    """
+    from pipeline import datasets, text
+
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise errors.PipelineError(f"--num-shards must be a positive integer, got {num_shards!r}")
+    if not isinstance(shard_index, int) or not 0 <= shard_index < num_shards:
+        raise errors.PipelineError(f"--shard-index must be in 0..{num_shards - 1}, got {shard_index!r}")
+    config = config_module.PipelineConfig.load(out_dir, required=False).replace(overrides)
+    _check_encoder_config(config.encoder)
+    data_dir = Path(data_dir).resolve()
+    dataset = datasets.load_dataset(data_dir, config.data)
+    config.data.data_dir = str(data_dir)
+    config.data.layout = dataset.layout
+    config.data.image_dir = str(Path(dataset.image_dir).resolve())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save(out_dir)  # a killed run still leaves the settings of its artifacts
+    datasets.write_captions_json(out_dir, dataset)
+    text.Vocabulary.from_dataset(dataset, config.text.min_word_count).save(out_dir / text.VOCAB_FILE)
+
+    image_ids = sorted(record.image_id for record in dataset.images)
+    if num_shards > 1:
+        image_ids = [image_id for image_id in image_ids if shard_of(image_id, num_shards) == shard_index]
+    result = extract_to_cache(
+        Path(config.data.image_dir), image_ids, features.features_path(out_dir, num_shards, shard_index),
+        config.encoder, seed=config.seed, overwrite=overwrite,
+    )
+    listed = {record.image_id for record in dataset.images}
+    missing = [
+        {"image_id": image_id, "path": str(Path(config.data.image_dir) / image_id), "reason": "missing: named in the captions but not found"}
+        for image_id in dataset.missing
+        if image_id not in listed and (num_shards == 1 or shard_of(image_id, num_shards) == shard_index)
+    ]
+    failures = missing + result["failures"]
+    errors_path = out_dir / (ERRORS_FILE if num_shards == 1 else f"extract_errors.shard-{shard_index}-of-{num_shards}.json")
+    io_utils.write_json(errors_path, failures)
+    config.save(out_dir)
+    seconds = time.monotonic() - started
+    summary = {
+        "images": len(image_ids),
+        "new": result["new"],
+        "cached": result["cached"],
+        "errors": len(failures),
+        "seconds": round(seconds, 2),
+        "images_per_second": round(result["new"] / result["extract_seconds"], 2) if result["extract_seconds"] > 0 else 0.0,
+        "features_file": str(result["path"]),
+        "errors_file": str(errors_path),
+    }
+    print(
+        f"extract: {summary['images']} images, {summary['new']} new, {summary['cached']} cached, "
+        f"{summary['errors']} errors ({errors_path.name}), {summary['seconds']:.1f} s, "
+        f"{summary['images_per_second']:.1f} images/s -> {result['path']}",
+        file=sys.stderr,
+    )
+    return summary
+
+
+def shard_of(image_id, num_shards):
+    """The shard (0..num_shards-1) of an image id: a stable hash, the same in every process."""
+    digest = hashlib.sha1(image_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % num_shards
+
+
+def _check_encoder_config(encoder_config):
+    if encoder_config.name != encoder_module.ENCODER_NAME:
+        raise errors.PipelineError(f"encoder.name must be {encoder_module.ENCODER_NAME!r}, got {encoder_config.name!r}")
+    if encoder_config.pooling != "avg":
+        raise errors.PipelineError(f"encoder.pooling must be 'avg', got {encoder_config.pooling!r}")
+    if encoder_config.feature_dim != encoder_module.FEATURE_DIM:
+        raise errors.PipelineError(f"encoder.feature_dim must be {encoder_module.FEATURE_DIM} for ResNet50, got {encoder_config.feature_dim}")
+    if encoder_config.feature_dtype not in ("float32", "float16"):
+        raise errors.PipelineError(f"encoder.feature_dtype must be float32 or float16, got {encoder_config.feature_dtype!r}")
+    if encoder_config.batch_size < 1:
+        raise errors.PipelineError(f"encoder.batch_size must be positive, got {encoder_config.batch_size}")
+    encoder_module.resolve_precision(encoder_config.precision)
+
+
+def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, overwrite=False, encoder_model=None):
+    """Adds the features of `image_ids` missing from `cache_path` (created if absent).
+
+    image_dir: folder the ids are relative to. encoder_config: an EncoderConfig.
+    encoder_model: an already built encoder for these settings (tests, benchmarks), else
+        one is built. Returns {"new", "cached", "failures": [{"image_id", "path",
+        "reason"}], "extract_seconds", "path"}.
+    Raises ArtifactError (nothing written) if the cache holds other encoder settings
+    and `overwrite` is false.
+    """
+    import dataclasses
+
+    cache_path = Path(cache_path)
+    encoder_config = dataclasses.replace(
+        encoder_config, precision=encoder_module.resolve_precision(encoder_config.precision)
+    )
+    cached_ids = set()
+    cache_exists = cache_path.exists()
+    if cache_exists and not overwrite:
+        # Checked before the (slow) encoder build, so a wrong flag fails at once.
+        attrs = features.read_attrs(cache_path)
+        features.check_attrs(attrs, encoder_config, path=cache_path)
+        with features.open_features(None, path=cache_path) as reader:
+            cached_ids = set(reader.image_ids)
+    pending = [image_id for image_id in image_ids if image_id not in cached_ids]
+    if cache_exists and not overwrite and not pending:
+        # Everything is cached: a rerun neither builds the encoder nor touches the file.
+        return {"new": 0, "cached": len(image_ids), "failures": [], "extract_seconds": 0.0, "path": cache_path}
+    if encoder_model is None:
+        encoder_model = encoder_module.build_encoder(
+            encoder_config.weights, encoder_config.image_size, seed=seed, precision=encoder_config.precision
+        )
+    fingerprint = encoder_module.encoder_fingerprint(encoder_model)
+    if cache_exists and not overwrite:
+        features.check_attrs(attrs, encoder_config, fingerprint=fingerprint, path=cache_path)
+        writer = features.FeatureWriter.append_to(cache_path)
+    else:
+        writer = features.FeatureWriter.create(cache_path, features.expected_attrs(encoder_config, fingerprint))
+    rows_before = writer.num_rows
+    started = time.monotonic()
+    with writer:
+        written = _encode_files(image_dir, pending, writer, encoder_model, encoder_config)
+        failed = [image_id for image_id in pending if image_id not in written]
+        failures = _recover(image_dir, failed, writer, encoder_model, encoder_config.image_size)
+    return {
+        "new": writer.num_rows - rows_before,
+        "cached": len(image_ids) - len(pending),
+        "failures": failures,
+        "extract_seconds": time.monotonic() - started,
+        "path": cache_path,
+    }
+
+
+def make_encode_function(encoder_model, batch_size, image_size):
+    """A tf.function float32 [batch_size, S, S, 3] -> float32 [batch_size, 2048], traced once."""
+    signature = [tf.TensorSpec([batch_size, image_size, image_size, 3], tf.float32)]
+
+    @tf.function(input_signature=signature)
+    def encode(images):
+        return encoder_model(images, training=False)
+
+    return encode
+
+
+def image_dataset(image_dir, image_ids, image_size, batch_size):
+    """tf.data of (ids tf.string [batch_size], images float32 [batch_size, S, S, 3], count int32).
+
+    Batches are padded to batch_size (count says how many rows are real) so the encoder
+    sees one shape. Elements whose file cannot be read or decoded are dropped.
+    """
+    paths = [os.path.join(str(image_dir), image_id) for image_id in image_ids]
+
+    def load(image_id, path):
+        return image_id, encoder_module.decode_image(tf.io.read_file(path), image_size)
+
+    def pad(ids, images):
+        count = tf.shape(images)[0]
+        missing = batch_size - count
+        images = tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]])
+        ids = tf.pad(ids, [[0, missing]])
+        images.set_shape([batch_size, image_size, image_size, 3])
+        ids.set_shape([batch_size])
+        return ids, images, count
+
+    data = tf.data.Dataset.from_tensor_slices((tf.constant(image_ids, tf.string), tf.constant(paths, tf.string)))
+    # Order is kept (deterministic) so two runs write the same file; decoding still runs
+    # in parallel and prefetch hides the slow image behind the rest of the batch.
+    data = data.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    data = data.ignore_errors()
+    data = data.batch(batch_size)
+    data = data.map(pad, num_parallel_calls=tf.data.AUTOTUNE)
+    return data.prefetch(2)
+
+
+def _encode_files(image_dir, image_ids, writer, encoder_model, encoder_config):
+    """Encodes `image_ids` through the tf.data pipeline; returns the set of ids written."""
+    written = set()
+    if not image_ids:
+        return written
+    batch_size, image_size = encoder_config.batch_size, encoder_config.image_size
+    encode = make_encode_function(encoder_model, batch_size, image_size)
+    data = image_dataset(image_dir, image_ids, image_size, batch_size)
+    # Order is deterministic, so when a batch lands every id before its last one is
+    # decided (written or dropped as bad): progress counts those too.
+    positions = {image_id: position for position, image_id in enumerate(image_ids)}
+    with progress.Progress(total=len(image_ids), label="extract", unit="images") as reporter:
+        for ids, images, count in data:
+            count = int(count)
+            vectors = encode(images).numpy()[:count]
+            batch_ids = [value.decode("utf-8") for value in ids.numpy()[:count]]
+            writer.append(batch_ids, vectors)
+            written.update(batch_ids)
+            reporter.update(positions[batch_ids[-1]] + 1 - reporter.done)
+        reporter.update(len(image_ids) - reporter.done)
+    return written
+
+
+def _recover(image_dir, image_ids, writer, encoder_model, image_size):
+    """Diagnoses images the TF pipeline dropped; encodes those PIL can decode.
+
+    Returns the failures: [{"image_id", "path", "reason"}].
+    """
+    failures = []
+    for image_id in image_ids:
+        path = Path(image_dir) / image_id
+        pixels, reason = _decode_fallback(path)
+        if pixels is None:
+            failures.append({"image_id": image_id, "path": str(path), "reason": reason})
+            continue
+        image = encoder_module.resize_image(tf.constant(pixels), image_size)
+        vector = encoder_model(image[tf.newaxis], training=False)
+        writer.append([image_id], np.asarray(vector, dtype=np.float32))
+    return failures
+
+
+def _decode_fallback(path):
+    """(uint8 [H, W, 3] RGB or None, reason) for an image TF did not decode."""
+    if not path.exists():
+        return None, "missing: no such file"
+    if not path.is_file():
+        return None, "unreadable: not a regular file"
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        return None, f"unreadable: {error.strerror or error}"
+    if not data:
+        return None, "empty: the file has 0 bytes"
+    try:
+        tf.io.decode_image(data, channels=3, expand_animations=False)
+        tf_reason = "TensorFlow dropped it while reading"
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.UnimplementedError) as error:
+        tf_reason = _tf_message(error)
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decodes fully: a truncated file raises here, not later
+            pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return pixels, None
+    except Image.UnidentifiedImageError:
+        return None, f"not an image: {tf_reason}"
+    except Exception as error:  # PIL raises many types for damaged data
+        return None, f"undecodable (truncated or corrupt): {tf_reason}; PIL: {error}"
+
+
+def _tf_message(error):
+    message = getattr(error, "message", str(error))
+    # Drop TF's "{{function_node ...}}" prefix and the trailing op name.
+    if "}}" in message:
+        message = message.split("}}", 1)[1]
+    return message.split(" [Op:")[0].strip()

@@ -1,0 +1,201 @@
+"""models.encoder: the ResNet50 builder, image decoding and the weights fingerprint.
+
+ResNet50 costs seconds to build, so one small (64 px) seeded encoder is shared by the module.
+"""
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.errors import PipelineError
+
+IMAGE_SIZE = 64
+REPOSITORY = Path(__file__).resolve().parents[1]
+FINGERPRINT_SCRIPT = (
+    "import os, sys; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3';"
+    "from models import encoder;"
+    "print(*(encoder.encoder_fingerprint(encoder.build_encoder('random', 64, seed=seed)) for seed in (0, 1)))"
+)
+
+
+@pytest.fixture(scope="module")
+def encoder_model():
+    from models import encoder
+
+    return encoder.build_encoder("random", IMAGE_SIZE, seed=0)
+
+
+def _encoded(array, file_format, **options):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, file_format, **options)
+    return buffer.getvalue()
+
+
+def _pil_reference(data, image_size):
+    """PIL's decoding of `data`, resized by our own resize: what decode_image must give."""
+    from models import encoder
+
+    with Image.open(io.BytesIO(data)) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    return encoder.resize_image(pixels, image_size).numpy()
+
+
+def test_random_weights_are_identical_in_separate_processes(encoder_model):
+    from models import encoder
+
+    # A fresh interpreter builds seeds 0 and 1; this process built seed 0 too.
+    completed = subprocess.run([sys.executable, "-c", FINGERPRINT_SCRIPT], cwd=REPOSITORY,
+                               capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stderr
+    seed_zero, seed_one = completed.stdout.strip().splitlines()[-1].split()
+    here = encoder.encoder_fingerprint(encoder_model)
+    assert len(here) == 16 and int(here, 16) >= 0
+    assert seed_zero == here
+    assert seed_one != here
+
+
+def test_encoder_applies_resnet_preprocessing_inside(encoder_model):
+    rng = np.random.default_rng(1)
+    pixels = (rng.random((3, IMAGE_SIZE, IMAGE_SIZE, 3)) * 255).astype(np.float32)
+    output = np.asarray(encoder_model(pixels))
+    assert output.shape == (3, 2048) and output.dtype == np.float32
+    # Caffe preprocessing by hand: RGB -> BGR, ImageNet channel means subtracted.
+    by_hand = pixels[..., ::-1] - np.array([103.939, 116.779, 123.68], np.float32)
+    backbone_output = np.asarray(encoder_model.get_layer("resnet50")(by_hand))
+    np.testing.assert_allclose(output, backbone_output, rtol=1e-5, atol=1e-4)
+    assert not np.allclose(output[0], output[1])  # different images, different features
+
+
+def test_fingerprint_changes_with_any_weight(encoder_model):
+    from models import encoder
+
+    before = encoder.encoder_fingerprint(encoder_model)
+    variable = encoder_model.weights[-1]
+    original = np.asarray(variable.value).copy()
+    changed = original.copy()
+    changed.flat[0] += 1e-3
+    variable.assign(changed)
+    try:
+        assert encoder.encoder_fingerprint(encoder_model) != before
+    finally:
+        variable.assign(original)
+    assert encoder.encoder_fingerprint(encoder_model) == before
+
+
+def test_weights_file_round_trip_and_bad_files(encoder_model, tmp_path):
+    from models import encoder
+
+    weights_file = tmp_path / "resnet50_notop.weights.h5"
+    encoder_model.get_layer("resnet50").save_weights(weights_file)
+    loaded = encoder.build_encoder(str(weights_file), IMAGE_SIZE)
+    assert encoder.encoder_fingerprint(loaded) == encoder.encoder_fingerprint(encoder_model)
+
+    with pytest.raises(PipelineError, match="no such file") as raised:
+        encoder.build_encoder(str(tmp_path / "absent.h5"), IMAGE_SIZE)
+    assert "absent.h5" in str(raised.value) and "--weights random" in str(raised.value)
+
+    not_weights = tmp_path / "notes.h5"
+    not_weights.write_text("these are not weights")
+    with pytest.raises(PipelineError, match="not ResNet50 notop weights") as raised:
+        encoder.build_encoder(str(not_weights), IMAGE_SIZE)
+    assert str(not_weights) in str(raised.value)
+
+
+def test_imagenet_download_failure_names_the_alternatives(tmp_path, monkeypatch):
+    from models import encoder
+
+    # An empty Keras cache: a copy of the weights elsewhere must not hide the failure.
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    with pytest.raises(PipelineError) as raised:
+        encoder.build_encoder("imagenet", IMAGE_SIZE)
+    message = str(raised.value)
+    assert "ImageNet weights" in message and "could not be downloaded" in message
+    assert "--weights FILE.h5" in message and "--weights random" in message
+    assert "URL fetch failure" in message  # the cause is kept
+
+
+def test_bad_precision_and_image_size_are_refused():
+    from models import encoder
+
+    with pytest.raises(PipelineError, match="encoder.precision"):
+        encoder.build_encoder("random", IMAGE_SIZE, precision="fp8")
+    with pytest.raises(PipelineError, match="encoder.image_size"):
+        encoder.build_encoder("random", 8)
+
+
+@pytest.mark.parametrize(
+    "name, make, tolerance",
+    [
+        ("rgb png", lambda rgb: _encoded(rgb, "PNG"), 1e-3),
+        ("grayscale png", lambda rgb: _encoded(rgb[..., 0], "PNG"), 1e-3),
+        ("palette png", None, 1e-3),
+        ("16-bit png", lambda rgb: _encoded((rgb[..., 0].astype(np.uint16) * 257), "PNG"), 1.0),
+        ("bmp", lambda rgb: _encoded(rgb, "BMP"), 1e-3),
+        ("jpeg", lambda rgb: _encoded(rgb, "JPEG", quality=95), 4.0),
+        ("cmyk jpeg", None, 4.0),
+        ("gif first frame", None, 1e-3),
+    ],
+)
+def test_decode_image_matches_pil(name, make, tolerance):
+    from models import encoder
+
+    rng = np.random.default_rng(2)
+    # Smooth content, so JPEG decoders that differ in rounding stay close.
+    gradient = np.linspace(0, 255, 90, dtype=np.float32)
+    rgb = np.stack(
+        [np.add.outer(np.linspace(0, 80, 60), gradient * 0.6), np.tile(gradient, (60, 1)),
+         np.full((60, 90), 60.0) + rng.random((60, 90)) * 4], axis=-1
+    ).clip(0, 255).astype(np.uint8)
+    if name == "palette png":
+        data = _encoded_image(Image.fromarray(rgb).quantize(colors=16), "PNG")
+    elif name == "cmyk jpeg":
+        data = _encoded_image(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95)
+    elif name == "gif first frame":
+        frames = [Image.fromarray(rgb).quantize(colors=32), Image.fromarray(255 - rgb).quantize(colors=32)]
+        buffer = io.BytesIO()
+        frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100)
+        data = buffer.getvalue()
+    else:
+        data = make(rgb)
+    decoded = encoder.decode_image(data, 32).numpy()
+    assert decoded.shape == (32, 32, 3) and decoded.dtype == np.float32
+    assert 0.0 <= decoded.min() and decoded.max() <= 255.0
+    if name == "16-bit png":
+        # PIL clips 16-bit values to 255 when converting to RGB; TF scales them (v / 257).
+        expected = encoder.resize_image(np.repeat(rgb[..., :1], 3, axis=-1), 32).numpy()
+    else:
+        expected = _pil_reference(data, 32)
+    assert np.abs(decoded - expected).mean() <= tolerance, name
+
+
+def _encoded_image(image, file_format, **options):
+    buffer = io.BytesIO()
+    image.save(buffer, file_format, **options)
+    return buffer.getvalue()
+
+
+def test_decode_image_squashes_without_keeping_aspect_ratio():
+    from models import encoder
+
+    # Left half black, right half white: a squash keeps the split in the middle column.
+    wide = np.zeros((40, 400, 3), np.uint8)
+    wide[:, 200:] = 255
+    decoded = encoder.decode_image(_encoded(wide, "PNG"), 20).numpy()
+    assert decoded.shape == (20, 20, 3)
+    assert decoded[:, :9].max() < 1.0 and decoded[:, 11:].min() > 254.0
+
+
+def test_decode_image_rejects_what_is_not_a_whole_image():
+    import tensorflow as tf
+
+    from models import encoder
+
+    jpeg = _encoded((np.random.default_rng(3).random((80, 80, 3)) * 255).astype(np.uint8), "JPEG")
+    for data in (b"", b"plain text, not an image", jpeg[: len(jpeg) // 2]):
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            encoder.decode_image(data, 32)

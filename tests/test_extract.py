@@ -1,0 +1,313 @@
+"""Stage 1 end to end: run_extract on real files into a real HDF5 cache.
+
+One module-scoped run on a small Kaggle-layout dataset that holds every kind of bad and
+awkward image; the session's `extracted_out` covers the shared demo dataset.
+"""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.errors import ArtifactError
+
+IMAGE_SIZE = 64
+OVERRIDES = {
+    "encoder.weights": "random",
+    "encoder.image_size": IMAGE_SIZE,
+    "encoder.batch_size": 8,
+    "text.min_word_count": 1,
+    "data.val_images": 2,
+    "data.test_images": 2,
+}
+GOOD_IMAGES = 14
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def _save(image, path, file_format, **options):
+    buffer = io.BytesIO()
+    image.save(buffer, file_format, **options)
+    path.write_bytes(buffer.getvalue())
+
+
+@pytest.fixture(scope="module")
+def awkward_data(tmp_path_factory):
+    """A Kaggle-layout dataset: good JPEGs, awkward-but-usable images and bad files.
+
+    Returns (data_dir, usable ids, {bad id: expected reason prefix}).
+    """
+    data_dir = tmp_path_factory.mktemp("awkward") / "data"
+    images = data_dir / "Images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    usable = []
+    for index in range(GOOD_IMAGES):
+        name = f"photo_{index:02d}.jpg"
+        pixels = (rng.random((90 + index, 120, 3)) * 255).astype(np.uint8)
+        _save(Image.fromarray(pixels), images / name, "JPEG", quality=90)
+        usable.append(name)
+    color = (rng.random((70, 50, 3)) * 255).astype(np.uint8)
+    _save(Image.fromarray(color[..., 0]), images / "gray.png", "PNG")
+    _save(Image.fromarray(color).quantize(colors=8), images / "palette.png", "PNG")
+    _save(Image.fromarray(color).convert("CMYK"), images / "cmyk.jpg", "JPEG")
+    _save(Image.fromarray(color), images / "png_named.jpg", "PNG")
+    big = np.zeros((2000, 3000, 3), np.uint8)
+    big[:, :, 0] = np.linspace(0, 255, 3000, dtype=np.uint8)
+    _save(Image.fromarray(big), images / "big.jpg", "JPEG")
+    usable += ["gray.png", "palette.png", "cmyk.jpg", "png_named.jpg", "big.jpg"]
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "text.jpg").write_text("a caption file, not a picture\n")
+    whole = (images / "photo_00.jpg").read_bytes()
+    (images / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    bad = {"empty.jpg": "empty", "text.jpg": "not an image", "truncated.jpg": "undecodable",
+           "missing.jpg": "missing"}
+    lines = ["image,caption"]
+    for name in usable + sorted(bad):
+        lines += [f"{name},a dog runs on the grass", f"{name},two people walk by a red house"]
+    (data_dir / "captions.txt").write_text("\n".join(lines) + "\n")
+    return data_dir, usable, bad
+
+
+@pytest.fixture(scope="module")
+def awkward_run(awkward_data, tmp_path_factory):
+    from pipeline import extract
+
+    data_dir, _, _ = awkward_data
+    out = tmp_path_factory.mktemp("awkward") / "out"
+    summary = extract.run_extract(data_dir, out, dict(OVERRIDES))
+    return out, summary
+
+
+def test_demo_extraction_matches_its_captions(extracted_out):
+    from pipeline import features
+
+    cache = features.read_features(extracted_out)
+    captions = json.loads((extracted_out / "captions.json").read_text())
+    expected_ids = {image["image_id"] for image in captions["images"]}
+    assert sorted(cache.image_ids) == sorted(expected_ids) and len(cache.image_ids) == len(expected_ids)
+    assert cache.features.shape == (len(expected_ids), 2048) and cache.features.dtype == np.float32
+    assert np.isfinite(cache.features).all() and cache.features.std(axis=0).max() > 0
+    assert cache.attrs["weights"] == "random" and cache.attrs["image_size"] == 224
+    assert json.loads((extracted_out / "extract_errors.json").read_text()) == []
+    config = json.loads((extracted_out / "config.json").read_text())
+    assert config["data"]["layout"] == "kaggle" and Path(config["data"]["image_dir"]).is_absolute()
+    assert json.loads((extracted_out / "vocab.json").read_text())["words"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+
+
+def test_cache_schema_and_attributes(awkward_run):
+    out, _ = awkward_run
+    with h5py.File(out / "features.h5", "r") as handle:
+        assert handle["features"].dtype == np.float32 and handle["features"].shape[1] == 2048
+        assert handle["features"].maxshape == (None, 2048) and handle["features"].chunks is not None
+        assert h5py.check_string_dtype(handle["image_ids"].dtype).encoding == "utf-8"
+        attrs = dict(handle.attrs)
+    for name in ("format", "version", "encoder", "weights", "image_size", "pooling", "dtype", "feature_dim",
+                 "encoder_fingerprint", "tensorflow_version", "keras_version", "h5py_version", "num_rows"):
+        assert name in attrs, name
+    assert attrs["format"] == "captioner.features" and attrs["image_size"] == IMAGE_SIZE
+    assert attrs["num_rows"] == handle_rows(out)
+
+
+def handle_rows(out):
+    with h5py.File(out / "features.h5", "r") as handle:
+        return handle["features"].shape[0]
+
+
+def test_bad_images_are_reported_and_kept_out(awkward_data, awkward_run):
+    from pipeline import features
+
+    _, usable, bad = awkward_data
+    out, summary = awkward_run
+    cache = features.read_features(out)
+    assert sorted(cache.image_ids) == sorted(usable)
+    reported = json.loads((out / "extract_errors.json").read_text())
+    reasons = {entry["image_id"]: entry["reason"] for entry in reported}
+    assert set(reasons) == set(bad)
+    for image_id, prefix in bad.items():
+        assert reasons[image_id].startswith(prefix), (image_id, reasons[image_id])
+    assert all(entry["path"].endswith(entry["image_id"]) for entry in reported)
+    # The dataset leaves the absent file out of its images; the other bad files are tried.
+    assert summary["images"] == len(usable) + len(bad) - 1 and summary["new"] == len(usable)
+    assert summary["cached"] == 0 and summary["errors"] == len(bad)
+
+
+def test_features_equal_the_encoder_on_the_decoded_image(awkward_data, awkward_run):
+    from models import encoder
+    from pipeline import features
+
+    data_dir, _, _ = awkward_data
+    out, _ = awkward_run
+    cache = features.read_features(out)
+    model = encoder.build_encoder("random", IMAGE_SIZE, seed=0)
+    assert encoder.encoder_fingerprint(model) == cache.attrs["encoder_fingerprint"]
+    rows = cache.index()
+    for image_id in ("photo_03.jpg", "gray.png", "palette.png", "png_named.jpg", "big.jpg", "cmyk.jpg"):
+        pixels = encoder.decode_image((data_dir / "Images" / image_id).read_bytes(), IMAGE_SIZE)
+        direct = np.asarray(model(pixels[None]))[0]
+        np.testing.assert_allclose(cache.features[rows[image_id]], direct, rtol=1e-4, atol=1e-4, err_msg=image_id)
+
+
+def test_rerun_adds_nothing_and_leaves_the_file_alone(awkward_data, awkward_run, copy_run):
+    from pipeline import extract, features
+
+    data_dir, usable, _ = awkward_data
+    out = copy_run(awkward_run[0])
+    before = features.read_features(out)
+    summary = extract.run_extract(data_dir, out, dict(OVERRIDES))
+    assert summary["new"] == 0 and summary["cached"] == len(usable)
+    after = features.read_features(out)
+    assert after.image_ids == before.image_ids
+    np.testing.assert_array_equal(after.features, before.features)
+
+
+@pytest.mark.parametrize("change, attribute", [({"encoder.weights": "imagenet"}, "weights"),
+                                               ({"encoder.image_size": 96}, "image_size"),
+                                               ({"encoder.feature_dtype": "float16"}, "dtype")])
+def test_other_encoder_settings_are_refused(awkward_data, awkward_run, copy_run, change, attribute):
+    from pipeline import extract
+
+    data_dir, _, _ = awkward_data
+    out = copy_run(awkward_run[0])
+    before = (out / "features.h5").read_bytes()
+    with pytest.raises(ArtifactError) as raised:
+        extract.run_extract(data_dir, out, {**OVERRIDES, **change})
+    message = str(raised.value)
+    assert "features.h5" in message and f"{attribute}=" in message
+    assert "--overwrite" in message and "--out" in message
+    assert (out / "features.h5").read_bytes() == before
+
+
+def test_overwrite_replaces_the_cache_with_float16(awkward_data, awkward_run, copy_run):
+    from pipeline import extract, features
+
+    data_dir, usable, _ = awkward_data
+    out = copy_run(awkward_run[0])
+    reference = features.read_features(out)
+    summary = extract.run_extract(data_dir, out, {**OVERRIDES, "encoder.feature_dtype": "float16"}, overwrite=True)
+    assert summary["new"] == len(usable)
+    with h5py.File(out / "features.h5", "r") as handle:
+        assert handle["features"].dtype == np.float16 and handle.attrs["dtype"] == "float16"
+    cache = features.read_features(out)
+    assert cache.features.dtype == np.float32
+    # Determinism: a second run from scratch, same rows in the same order; float16 rounding only.
+    assert cache.image_ids == reference.image_ids
+    np.testing.assert_allclose(cache.features, reference.features, rtol=2e-3, atol=2e-3)
+
+
+def test_damaged_and_foreign_caches_raise_one_clear_error(tmp_path):
+    from pipeline import features
+
+    (tmp_path / "features.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 40)
+    with pytest.raises(ArtifactError, match="not a readable HDF5 feature cache") as raised:
+        features.read_features(tmp_path)
+    assert str(tmp_path / "features.h5") in str(raised.value)
+    with h5py.File(tmp_path / "features.h5", "w") as handle:
+        handle["features"] = np.zeros((2, 2048), np.float32)
+    with pytest.raises(ArtifactError, match="not a Captioner feature cache"):
+        features.read_features(tmp_path)
+    with pytest.raises(ArtifactError, match="missing"):
+        features.read_features(tmp_path / "elsewhere")
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from pipeline import config, extract, features
+
+appends = []
+original_append = features.FeatureWriter.append
+
+def append_then_die(self, image_ids, vectors):
+    if len(appends) == 2:
+        # The third batch lands in the datasets but the process dies before it counts.
+        stop = self.num_rows + len(image_ids)
+        self._features.resize(stop, axis=0)
+        self._image_ids.resize(stop, axis=0)
+        self._features[self.num_rows:stop] = vectors
+        self._image_ids[self.num_rows:stop] = list(image_ids)
+        self._handle.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    appends.append(len(image_ids))
+    original_append(self, image_ids, vectors)
+
+features.FeatureWriter.append = append_then_die
+image_dir, cache = Path(sys.argv[1]), Path(sys.argv[2])
+ids = sorted(path.name for path in image_dir.glob("photo_*.jpg"))
+extract.extract_to_cache(image_dir, ids, cache, config.EncoderConfig(weights="random", image_size=64, batch_size=4))
+"""
+
+
+def test_a_run_killed_mid_batch_keeps_what_it_counted(awkward_data, awkward_run, tmp_path):
+    from pipeline import config, extract, features
+
+    data_dir, _, _ = awkward_data
+    cache_path = tmp_path / "features.h5"
+    completed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(data_dir / "Images"), str(cache_path)],
+                               cwd=REPOSITORY, capture_output=True, text=True, check=False)
+    assert completed.returncode == -signal.SIGKILL, completed.stderr
+    with h5py.File(cache_path, "r") as handle:
+        assert handle["features"].shape[0] == 12 and handle.attrs["num_rows"] == 8
+    partial = features.read_features(None, path=cache_path)
+    assert len(partial.image_ids) == 8
+    ids = sorted(path.name for path in (data_dir / "Images").glob("photo_*.jpg"))
+    result = extract.extract_to_cache(data_dir / "Images", ids, cache_path,
+                                      config.EncoderConfig(weights="random", image_size=IMAGE_SIZE, batch_size=8))
+    assert result["new"] == len(ids) - 8 and result["cached"] == 8
+    resumed = features.read_features(None, path=cache_path)
+    assert sorted(resumed.image_ids) == ids
+    full = features.read_features(awkward_run[0])
+    rows = full.index()
+    np.testing.assert_allclose(resumed.features, full.features[[rows[image_id] for image_id in resumed.image_ids]],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_progress_reports_rate_and_eta():
+    from pipeline import progress
+
+    now = [100.0]
+    stream = io.StringIO()
+    reporter = progress.Progress(total=30, label="extract", unit="images", stream=stream, interval=0.0,
+                                 clock=lambda: now[0])
+    now[0] = 105.0  # set-up time before the first batch is not counted in the rate
+    reporter.update(10)
+    now[0] = 106.0
+    reporter.update(10)
+    assert reporter.rate() == pytest.approx(10.0) and reporter.eta() == pytest.approx(1.0)
+    now[0] = 107.0
+    reporter.update(10)
+    reporter.close()
+    assert stream.getvalue().splitlines() == [
+        "extract 10/30 images (33%) - images/s ETA ?",
+        "extract 20/30 images (67%) 10.0 images/s ETA 1s",
+        "extract 30/30 images (100%) 10.0 images/s ETA 0s",
+    ]
+    assert progress.format_duration(3725) == "1h02m" and progress.format_duration(65) == "1m05s"
+
+
+def test_sharded_extraction_merges_into_the_unsharded_cache(awkward_data, awkward_run, tmp_path):
+    from pipeline import extract, features
+
+    data_dir, usable, bad = awkward_data
+    out = tmp_path / "sharded"
+    counts = [extract.run_extract(data_dir, out, dict(OVERRIDES), num_shards=2, shard_index=index)["images"]
+              for index in (0, 1)]
+    # Every image the dataset lists (all but the absent file) falls in exactly one shard.
+    assert sum(counts) == len(usable) + len(bad) - 1 and min(counts) > 0
+    merged_path = features.merge_shards(out)
+    merged = features.read_features(out)
+    whole = features.read_features(awkward_run[0])
+    assert merged_path == out / "features.h5" and sorted(merged.image_ids) == merged.image_ids
+    assert sorted(merged.image_ids) == sorted(whole.image_ids)
+    rows = whole.index()
+    np.testing.assert_allclose(merged.features, whole.features[[rows[image_id] for image_id in merged.image_ids]],
+                               rtol=1e-4, atol=1e-4)
+    assert merged.attrs["encoder_fingerprint"] == whole.attrs["encoder_fingerprint"]
