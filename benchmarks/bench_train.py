@@ -1,0 +1,192 @@
+"""Training throughput: this design vs the per-prefix "merge model" of the popular tutorials.
+
+    python -m benchmarks.bench_train [--json FILE] [--quick]
+
+Both train on one Flickr8k-sized synthetic cache (6,000 random 2048-d vectors, 30,000
+captions of ~12 words drawn Zipf-like from a ~3,000-word vocabulary) with the same
+embedding and LSTM sizes:
+
+* **teacher forcing** (ours): one sample per caption, the real tf.data pipeline of
+  `pipeline.train.make_caption_dataset` and the model of `models.decoder.build_decoder`,
+  a masked loss over every position, batches padded to their own longest caption.
+* **merge model** (tutorials): a Python generator yields one sample per word position,
+  (image vector, caption prefix pre-padded to the longest caption) -> next word; the model
+  adds Dense(image) and LSTM(prefix) and predicts one word per sample with a softmax.
+
+Throughput is captions per second of training (a caption counts once all its words have
+been trained on). The first batches (tracing, warm-up) are not timed. `--quick` times a
+fixed number of batches of each and extrapolates to an epoch; the output says so.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+NUM_IMAGES = 6000
+NUM_CAPTIONS = 30000
+VOCAB_SIZE = 3000
+FEATURE_DIM = 2048
+MEAN_CAPTION_WORDS = 12
+WARMUP_BATCHES = 3
+
+
+def synthetic_cache(seed=0):
+    """(features float32 [6000, 2048], rows int32 [30000], list of int32 token rows with <start>/<end>)."""
+    from pipeline import text
+
+    generator = np.random.default_rng(seed)
+    # Non-negative like pooled ReLU activations.
+    features = np.abs(generator.normal(size=(NUM_IMAGES, FEATURE_DIM))).astype(np.float32)
+    rows = np.repeat(np.arange(NUM_IMAGES, dtype=np.int32), NUM_CAPTIONS // NUM_IMAGES)
+    lengths = np.clip(np.rint(generator.normal(MEAN_CAPTION_WORDS, 3.5, size=NUM_CAPTIONS)), 5, 32).astype(int)
+    # Zipf-like word frequencies over the non-special ids, as in real captions.
+    word_ids = np.arange(len(text.SPECIAL_TOKENS), VOCAB_SIZE)
+    probabilities = 1.0 / np.arange(1, len(word_ids) + 1)
+    probabilities /= probabilities.sum()
+    token_rows = [
+        np.concatenate([[text.START_ID], generator.choice(word_ids, size=length, p=probabilities), [text.END_ID]])
+        .astype(np.int32)
+        for length in lengths
+    ]
+    return features, rows, token_rows
+
+
+def _timed_fit(model, dataset, batches, captions_per_batch):
+    """Trains `batches` batches after a warm-up; returns (seconds, captions trained)."""
+    iterator = iter(dataset)
+    for _ in range(WARMUP_BATCHES):
+        model.train_on_batch(*next(iterator))
+    started = time.perf_counter()
+    captions = 0.0
+    for _ in range(batches):
+        inputs, targets = next(iterator)
+        model.train_on_batch(inputs, targets)
+        captions += captions_per_batch(inputs, targets)
+    return time.perf_counter() - started, captions
+
+
+def bench_teacher_forcing(features, rows, token_rows, args):
+    import keras
+
+    from models import decoder
+    from pipeline import config as config_module
+    from pipeline import train
+
+    split = train.CaptionSplit(rows, token_rows, images=NUM_IMAGES)
+    dataset = train.make_caption_dataset(
+        split, train._ArrayRows(features), FEATURE_DIM, args.batch_size, shuffle_seed=0, shuffle_buffer=10000,
+    ).repeat()
+    decoder_config = config_module.DecoderConfig(embedding_dim=args.embedding_dim, units=args.units, dropout=0.5)
+    model = decoder.build_decoder(decoder_config, VOCAB_SIZE, FEATURE_DIM)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3, clipnorm=5.0), loss=decoder.masked_loss)
+    epoch_batches = -(-NUM_CAPTIONS // args.batch_size)
+    batches = min(args.quick_batches, epoch_batches) if args.quick else epoch_batches
+    seconds, captions = _timed_fit(model, dataset, batches, lambda inputs, targets: int(targets.shape[0]))
+    return {"batches_timed": batches, "epoch_batches": epoch_batches, "seconds": seconds,
+            "captions_per_second": captions / seconds}
+
+
+def build_merge_model(max_length, embedding_dim, units):
+    """The tutorials' merge model: add(Dense(image), LSTM(prefix)) -> Dense -> softmax over the next word."""
+    import keras
+
+    image = keras.Input(shape=(FEATURE_DIM,), name="image_features")
+    prefix = keras.Input(shape=(max_length,), dtype="int32", name="prefix")
+    image_branch = keras.layers.Dense(units, activation="relu")(keras.layers.Dropout(0.5)(image))
+    text_branch = keras.layers.Embedding(VOCAB_SIZE, embedding_dim, mask_zero=True)(prefix)
+    text_branch = keras.layers.LSTM(units)(keras.layers.Dropout(0.5)(text_branch))
+    merged = keras.layers.Dense(units, activation="relu")(keras.layers.add([image_branch, text_branch]))
+    outputs = keras.layers.Dense(VOCAB_SIZE, activation="softmax")(merged)
+    model = keras.Model([image, prefix], outputs)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    return model
+
+
+def bench_merge_model(features, rows, token_rows, args):
+    import tensorflow as tf
+
+    max_length = max(len(tokens) for tokens in token_rows) - 1
+    samples_per_caption = np.mean([len(tokens) - 1 for tokens in token_rows])
+
+    def samples():
+        # The tutorials' generator: per caption, every prefix -> next word, one at a time,
+        # the image vector copied into each sample.
+        image_batch, prefix_batch, word_batch = [], [], []
+        for row, tokens in zip(rows, token_rows):
+            for position in range(1, len(tokens)):
+                padded = np.zeros(max_length, dtype=np.int32)
+                padded[max_length - position:] = tokens[:position]  # pre-padding, as keras' pad_sequences
+                image_batch.append(features[row])
+                prefix_batch.append(padded)
+                word_batch.append(tokens[position])
+                if len(word_batch) == args.merge_batch_size:
+                    yield (np.stack(image_batch), np.stack(prefix_batch)), np.asarray(word_batch, np.int32)
+                    image_batch, prefix_batch, word_batch = [], [], []
+
+    def repeated():
+        while True:
+            yield from samples()
+
+    signature = (
+        (tf.TensorSpec((None, FEATURE_DIM), tf.float32), tf.TensorSpec((None, max_length), tf.int32)),
+        tf.TensorSpec((None,), tf.int32),
+    )
+    dataset = tf.data.Dataset.from_generator(repeated, output_signature=signature).prefetch(2)
+    model = build_merge_model(max_length, args.embedding_dim, args.units)
+    total_samples = sum(len(tokens) - 1 for tokens in token_rows)
+    epoch_batches = -(-total_samples // args.merge_batch_size)
+    batches = min(args.quick_batches, epoch_batches) if args.quick else epoch_batches
+    seconds, captions = _timed_fit(
+        model, dataset, batches, lambda inputs, targets: int(targets.shape[0]) / samples_per_caption
+    )
+    return {"batches_timed": batches, "epoch_batches": epoch_batches, "seconds": seconds,
+            "captions_per_second": captions / seconds, "samples_per_caption": float(samples_per_caption),
+            "max_prefix_length": max_length}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--quick", action="store_true", help="time a fixed number of batches and extrapolate")
+    parser.add_argument("--quick-batches", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=64, help="captions per batch (teacher forcing)")
+    parser.add_argument("--merge-batch-size", type=int, default=64,
+                        help="samples per batch of the merge model (the tutorials' one-photo batches hold ~60)")
+    parser.add_argument("--embedding-dim", type=int, default=256)
+    parser.add_argument("--units", type=int, default=512)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    keras.utils.set_random_seed(0)
+    features, rows, token_rows = synthetic_cache()
+    print(f"cache: {NUM_IMAGES} vectors x {FEATURE_DIM}, {NUM_CAPTIONS} captions, "
+          f"{np.mean([len(tokens) - 2 for tokens in token_rows]):.1f} words on average, vocabulary {VOCAB_SIZE}; "
+          f"embedding {args.embedding_dim}, units {args.units}", file=sys.stderr)
+    mode = (f"quick: {args.quick_batches} timed batches each (after {WARMUP_BATCHES} warm-up), "
+            "epoch time extrapolated" if args.quick else "full epoch each")
+    print(f"mode: {mode}", file=sys.stderr)
+
+    results = {"mode": "quick" if args.quick else "full", "settings": vars(args).copy()}
+    for name, bench in (("teacher_forcing", bench_teacher_forcing), ("merge_model", bench_merge_model)):
+        result = bench(features, rows, token_rows, args)
+        result["epoch_seconds"] = NUM_CAPTIONS / result["captions_per_second"]
+        results[name] = result
+        print(f"{name}: {result['captions_per_second']:.0f} captions/s "
+              f"({result['batches_timed']} batches in {result['seconds']:.1f} s; one epoch "
+              f"{'~' if args.quick else ''}{result['epoch_seconds']:.0f} s)", file=sys.stderr)
+    ratio = results["teacher_forcing"]["captions_per_second"] / results["merge_model"]["captions_per_second"]
+    results["ratio"] = ratio
+    print(f"ratio teacher forcing / merge model: {ratio:.1f}x (target >= 10x)", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

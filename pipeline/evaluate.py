@@ -1,0 +1,192 @@
+"""Evaluation on the test split: captions, metrics and the HTML report.
+
+Reads `OUT/decoder.keras`, `OUT/vocab.json`, `OUT/captions.json` and `OUT/features.h5`,
+captions every test image from its cached vector with `models.captioner.FeatureCaptioner`
+(the same in-graph decoding the SavedModel exports), scores the captions against all
+references, and writes:
+
+    OUT/metrics.json        bleu_1..bleu_4, cider, meteor (when Java works), n_images,
+                            beam_size, distinct_captions, shuffled_bleu_4
+    OUT/captions_test.json  per test image: id, generated caption, score, references
+    OUT/report.html         metrics, training curves, gallery (`pipeline.report`)
+
+`shuffled_bleu_4` is the grounding control: the same model captions each test image from
+another test image's vector (a fixed derangement), scored against the original image's
+references. A decoder that ignores the image scores the same either way; a grounded one
+loses BLEU when fed the wrong picture.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import config as config_module
+from pipeline import datasets, errors, features, io_utils, metrics, progress, report, text, train
+
+METRICS_FILE = "metrics.json"
+TEST_CAPTIONS_FILE = "captions_test.json"
+TEST_CAPTIONS_FORMAT = "captioner.test_captions"
+CAPTION_BATCH_SIZE = 64
+# The derangement of the grounding control is fixed per run: seeded from config.seed plus
+# this offset so it does not coincide with other uses of the seed.
+SHUFFLE_SEED_OFFSET = 1
+
+
+def load_feature_captioner(out_dir, config, vocabulary):
+    """The trained decoder of OUT wrapped in a FeatureCaptioner with `config.decode`.
+
+    Raises ArtifactError if decoder.keras is missing, unreadable, or from another vocabulary.
+    """
+    import keras
+
+    from models import captioner, decoder  # noqa: F401  (decoder registers the loss and metric)
+
+    path = Path(out_dir) / train.DECODER_FILE
+    if not path.is_file():
+        raise errors.ArtifactError(f"{path}: no trained decoder; run `train` first")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except (OSError, ValueError) as error:
+        raise errors.ArtifactError(f"{path}: cannot load the decoder ({error}); run `train` again") from None
+    try:
+        return captioner.FeatureCaptioner(
+            model, vocabulary.words, config.decode,
+            start_id=text.START_ID, end_id=text.END_ID, unk_id=text.UNK_ID, pad_id=text.PAD_ID,
+        )
+    except ValueError as error:
+        raise errors.ArtifactError(f"{path}: {error}; run `train` again after `extract`") from None
+
+
+def caption_rows(feature_captioner, image_features, batch_size=CAPTION_BATCH_SIZE, label="caption"):
+    """Captions image vectors in batches, reporting progress.
+
+    Args:
+        feature_captioner: a `models.captioner.FeatureCaptioner`.
+        image_features: np.ndarray float32 [N, feature_dim].
+        batch_size: int.
+    Returns:
+        (list[str] of N captions, np.ndarray float32 [N] scores).
+    """
+    captions, scores = [], []
+    with progress.Progress(len(image_features), label=label, unit="images") as reporter:
+        for start in range(0, len(image_features), batch_size):
+            batch = image_features[start:start + batch_size]
+            result = feature_captioner.caption_features(batch)
+            captions.extend(value.decode("utf-8") for value in result["captions"].numpy())
+            scores.append(result["scores"].numpy())
+            reporter.update(len(batch))
+    return captions, np.concatenate(scores).astype(np.float32) if scores else np.zeros((0,), np.float32)
+
+
+def _check_decode_settings(decode):
+    for valid, message, value in (
+        (decode.beam_size >= 1, "decode.beam_size (--beam-size) must be at least 1", decode.beam_size),
+        (decode.max_length >= 1, "decode.max_length (--max-length) must be at least 1", decode.max_length),
+        (decode.length_penalty >= 0, "decode.length_penalty (--length-penalty) must be >= 0", decode.length_penalty),
+        (decode.no_repeat_ngram_size >= 0, "decode.no_repeat_ngram_size must be >= 0", decode.no_repeat_ngram_size),
+    ):
+        if not valid:
+            raise errors.PipelineError(f"{message}, got {value!r}")
+
+
+def _test_images(out_dir, config):
+    """(test ImageRecords with a feature row, float32 [N, D] their vectors, number skipped)."""
+    out_dir = Path(out_dir)
+    dataset = datasets.read_captions_json(out_dir)
+    cache = features.read_features(out_dir)
+    cache_path = out_dir / features.FEATURES_FILE
+    train.check_feature_cache(cache.attrs, config.encoder, cache_path)
+    failed = train.failed_image_ids(out_dir)
+    row_of_image = cache.index()
+    records, skipped = [], 0
+    for record in dataset.split_images("test"):
+        if record.image_id in failed:
+            skipped += 1
+            continue
+        if record.image_id not in row_of_image:
+            raise errors.ArtifactError(
+                f"{cache_path}: test image {record.image_id!r} has no feature row and is not listed in "
+                f"{train.EXTRACT_ERRORS_FILE}; rerun `extract` to complete the cache"
+            )
+        if not any(text.normalize_caption(caption) for caption in record.captions):
+            skipped += 1  # nothing to score against
+            continue
+        records.append(record)
+    if len(records) < 2:
+        raise errors.PipelineError(
+            f"{out_dir / datasets.CAPTIONS_FILE}: the test split has {len(records)} usable image(s); "
+            "evaluation needs at least 2 (the grounding control swaps images)"
+        )
+    rows = np.asarray([row_of_image[record.image_id] for record in records], dtype=np.int64)
+    return records, cache.features[rows], skipped
+
+
+def run_evaluate(out_dir, overrides):
+    """Captions the test split, scores it and writes metrics.json, captions_test.json and report.html.
+
+    Args:
+        out_dir: str or Path, a run folder after `train`.
+        overrides: {"decode.field": value}, e.g. {"decode.beam_size": 5} (None values ignored).
+    Returns:
+        dict, the content of OUT/metrics.json.
+    """
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    config_path = out_dir / config_module.CONFIG_FILE
+    if not config_path.is_file():
+        raise errors.ArtifactError(f"{config_path}: no run configuration; run `extract` and `train` into {out_dir} first")
+    config = config_module.PipelineConfig.load(out_dir).replace(overrides)
+    _check_decode_settings(config.decode)
+    vocabulary = text.Vocabulary.load(out_dir / text.VOCAB_FILE)
+    records, image_features, skipped = _test_images(out_dir, config)
+    feature_captioner = load_feature_captioner(out_dir, config, vocabulary)
+
+    generated, scores = caption_rows(feature_captioner, image_features, label="evaluate")
+    permutation = metrics.derangement(len(records), seed=config.seed + SHUFFLE_SEED_OFFSET)
+    shuffled, _ = caption_rows(feature_captioner, image_features[permutation], label="grounding control")
+
+    references = [
+        [words for words in (text.normalize_caption(caption) for caption in record.captions) if words]
+        for record in records
+    ]
+    hypotheses = [caption.split() for caption in generated]
+    scored, notes = metrics.caption_metrics(references, hypotheses)
+    result = dict(scored)
+    result.update({
+        "n_images": len(records),
+        "beam_size": config.decode.beam_size,
+        "distinct_captions": metrics.distinct_captions(generated),
+        "shuffled_bleu_4": metrics.bleu_scores(references, [caption.split() for caption in shuffled])["bleu_4"],
+    })
+    if notes:
+        result["notes"] = notes
+    io_utils.write_json(out_dir / METRICS_FILE, result)
+
+    caption_entries = [
+        {"image_id": record.image_id, "caption": caption, "score": float(score), "references": list(record.captions)}
+        for record, caption, score in zip(records, generated, scores)
+    ]
+    io_utils.write_json(out_dir / TEST_CAPTIONS_FILE, {
+        "format": TEST_CAPTIONS_FORMAT, "version": 1, "decode": vars(config.decode).copy(),
+        "captions": caption_entries,
+    })
+    title = f"Captioner report: {out_dir.name} (beam size {config.decode.beam_size})"
+    report_path = report.write_report(
+        out_dir, title, result, caption_entries, train.read_history(out_dir), config.data.image_dir, notes=notes,
+    )
+    config.save(out_dir)
+
+    for note in notes:
+        print(f"evaluate: {note}", file=sys.stderr)
+    meteor = f", METEOR {result['meteor']:.3f}" if "meteor" in result else ""
+    print(
+        f"evaluate: {len(records)} test images"
+        + (f" ({skipped} skipped: extraction failed or no words)" if skipped else "")
+        + f", BLEU-1 {result['bleu_1']:.3f}, BLEU-4 {result['bleu_4']:.3f}, CIDEr-D {result['cider']:.3f}{meteor}, "
+        f"distinct {result['distinct_captions']:.2f}, shuffled BLEU-4 {result['shuffled_bleu_4']:.3f}, "
+        f"{time.monotonic() - started:.1f} s -> {out_dir / METRICS_FILE}, {report_path}",
+        file=sys.stderr,
+    )
+    return result

@@ -1,0 +1,191 @@
+"""`OUT/report.html`: one self-contained page on a trained run, readable from disk or mail.
+
+Contents: the test metrics, the training curves of `history.json` (a PNG drawn with
+matplotlib's Agg canvas), and a gallery of test images (JPEG thumbnails made with PIL)
+with the generated caption, its score and the references. Pictures are embedded as
+base64 data URIs, so the file needs nothing beside it; all text is HTML-escaped.
+An image that cannot be read shows a placeholder: a report is never lost to one bad file.
+"""
+
+import base64
+import html
+import io
+from pathlib import Path, PurePosixPath
+
+from pipeline import io_utils
+
+REPORT_FILE = "report.html"
+THUMBNAIL_SIZE = 160  # pixels, longest side
+GALLERY_LIMIT = 48
+# Metrics in the order the table shows them, with the label a reader knows them by.
+METRIC_LABELS = (
+    ("bleu_1", "BLEU-1"),
+    ("bleu_2", "BLEU-2"),
+    ("bleu_3", "BLEU-3"),
+    ("bleu_4", "BLEU-4"),
+    ("cider", "CIDEr-D"),
+    ("meteor", "METEOR"),
+    ("distinct_captions", "distinct captions / images"),
+    ("shuffled_bleu_4", "BLEU-4 with other images' features (grounding control)"),
+    ("n_images", "test images"),
+    ("beam_size", "beam size"),
+)
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.5em; }
+table.metrics { border-collapse: collapse; }
+table.metrics td, table.metrics th { border: 1px solid #ccc; padding: 0.3em 0.8em; text-align: left; }
+table.metrics td.value { text-align: right; font-variant-numeric: tabular-nums; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 1em; }
+figure { margin: 0; padding: 0.6em; border: 1px solid #ddd; border-radius: 4px; }
+figure img, .placeholder { display: block; max-width: 160px; max-height: 160px; margin-bottom: 0.4em; }
+.placeholder { width: 160px; height: 120px; background: #eee; color: #777; font-size: 0.8em;
+  display: flex; align-items: center; justify-content: center; text-align: center; }
+.caption { font-weight: 600; } .score { color: #666; font-size: 0.85em; }
+ul.references { margin: 0.3em 0 0 1.1em; padding: 0; font-size: 0.85em; color: #444; }
+.note { color: #8a5300; }
+"""
+
+
+def thumbnail_data_uri(path, size=THUMBNAIL_SIZE):
+    """A JPEG thumbnail of the image at `path` as a `data:image/jpeg;base64,...` string.
+
+    Args:
+        path: str or Path of any image PIL reads.
+        size: int, the longest side in pixels (aspect ratio kept; never enlarged).
+    Returns:
+        str, or None when the file is missing or not a readable image.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.thumbnail((size, size))
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="JPEG", quality=85)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        # OSError covers missing files and PIL's UnidentifiedImageError (unreadable data).
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def training_curves_png(history):
+    """PNG bytes of loss/val_loss and accuracy per epoch, or None for an empty history.
+
+    Args:
+        history: list of dicts as in OUT/history.json ("epoch", "loss", "val_loss",
+            "masked_accuracy", "val_masked_accuracy"; missing keys are skipped).
+    """
+    if not history:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    # A Figure with its own Agg canvas, not pyplot: no global state, no display needed.
+    figure = Figure(figsize=(9, 3.4), dpi=100)
+    FigureCanvasAgg(figure)
+    epochs = [entry["epoch"] for entry in history]
+    panels = (
+        ("loss", (("loss", "train"), ("val_loss", "val"))),
+        ("accuracy (non-pad tokens)", (("masked_accuracy", "train"), ("val_masked_accuracy", "val"))),
+    )
+    for index, (title, series) in enumerate(panels, start=1):
+        axes = figure.add_subplot(1, 2, index)
+        for key, label in series:
+            points = [(epoch, entry[key]) for epoch, entry in zip(epochs, history) if key in entry]
+            if points:
+                axes.plot(*zip(*points), marker="o", markersize=3, label=label)
+        axes.set_title(title)
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        if axes.lines:
+            axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _format_value(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4f}"
+
+
+def render_report(title, metrics, captions, history, image_dir, max_images=GALLERY_LIMIT, notes=()):
+    """The report page as one HTML string.
+
+    Args:
+        title: str, the page heading.
+        metrics: dict as in OUT/metrics.json.
+        captions: list of dicts {"image_id", "caption", "score", "references": list[str]}.
+        history: list of per-epoch dicts (OUT/history.json's "epochs").
+        image_dir: str or Path the image ids are relative to.
+        max_images: int, gallery size limit (the first `max_images` captions).
+        notes: iterable of str shown under the metrics (e.g. a metric left out).
+    Returns:
+        str, a complete HTML document.
+    """
+    escape = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{escape(title)}</h1>",
+        "<h2>Test metrics</h2>",
+        '<table class="metrics"><tr><th>metric</th><th>value</th></tr>',
+    ]
+    shown = set()
+    for key, label in METRIC_LABELS:
+        if key in metrics:
+            shown.add(key)
+            parts.append(f'<tr><td>{escape(label)}</td><td class="value">{escape(_format_value(metrics[key]))}</td></tr>')
+    for key in sorted(set(metrics) - shown):
+        if isinstance(metrics[key], (int, float, str)):
+            parts.append(f'<tr><td>{escape(key)}</td><td class="value">{escape(_format_value(metrics[key]))}</td></tr>')
+    parts.append("</table>")
+    for note in notes:
+        parts.append(f'<p class="note">{escape(note)}</p>')
+
+    parts.append("<h2>Training curves</h2>")
+    curves = training_curves_png(history)
+    if curves is None:
+        parts.append("<p>No training history was found.</p>")
+    else:
+        encoded = base64.b64encode(curves).decode("ascii")
+        parts.append(f'<img alt="training curves" src="data:image/png;base64,{encoded}">')
+
+    shown_captions = list(captions)[:max_images]
+    parts.append(f"<h2>Test images ({len(shown_captions)} of {len(captions)})</h2>")
+    parts.append('<div class="gallery">')
+    for entry in shown_captions:
+        image_id = entry["image_id"]
+        path = Path(image_dir).joinpath(*PurePosixPath(image_id).parts)
+        uri = thumbnail_data_uri(path)
+        if uri is None:
+            picture = f'<div class="placeholder">image unavailable<br>{escape(image_id)}</div>'
+        else:
+            picture = f'<img alt="{escape(image_id)}" src="{uri}">'
+        references = "".join(f"<li>{escape(reference)}</li>" for reference in entry.get("references", []))
+        parts.append(
+            f"<figure>{picture}<figcaption>"
+            f'<div class="image-id score">{escape(image_id)}</div>'
+            f'<div class="caption">{escape(entry["caption"]) or "<em>(empty caption)</em>"}</div>'
+            f'<div class="score">score {escape(_format_value(float(entry["score"])))}</div>'
+            f'<ul class="references">{references}</ul>'
+            "</figcaption></figure>"
+        )
+    parts.append("</div></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out_dir, title, metrics, captions, history, image_dir, max_images=GALLERY_LIMIT, notes=()):
+    """Writes OUT/report.html atomically (see `render_report` for the arguments); returns its Path."""
+    path = Path(out_dir) / REPORT_FILE
+    io_utils.write_text(path, render_report(title, metrics, captions, history, image_dir, max_images, notes))
+    return path

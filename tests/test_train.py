@@ -1,0 +1,227 @@
+"""Stage 2 training: the tf.data pipeline, the artifacts, resume, overfitting, bad input."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import config as config_module
+from pipeline import errors, text, train
+from tests.conftest import TRAIN_OVERRIDES
+
+
+def _split(rows, token_lists):
+    token_ids = [np.asarray(tokens, dtype=np.int32) for tokens in token_lists]
+    return train.CaptionSplit(np.asarray(rows, dtype=np.int32), token_ids, images=len(set(rows)))
+
+
+def test_encode_caption_wraps_truncates_and_maps_unknown_words():
+    vocabulary = text.Vocabulary.build([["a", "dog", "runs"]], min_count=1)
+    a, dog, runs = vocabulary.encode(["a", "dog", "runs"])
+    encoded = train.encode_caption("A dog, runs FAST!", vocabulary, max_caption_length=30)
+    assert encoded.dtype == np.int32
+    assert encoded.tolist() == [text.START_ID, a, dog, runs, text.UNK_ID, text.END_ID]
+    # Truncation keeps the first words and still ends the caption.
+    assert train.encode_caption("a dog runs", vocabulary, max_caption_length=2).tolist() == [
+        text.START_ID, a, dog, text.END_ID,
+    ]
+    assert train.encode_caption("42 !!", vocabulary, max_caption_length=30) is None
+
+
+def test_dataset_pads_per_batch_shifts_targets_and_gathers_rows():
+    feature_dim = 3
+    image_features = np.arange(4 * feature_dim, dtype=np.float32).reshape(4, feature_dim)
+    split = _split(
+        rows=[2, 0, 3, 1, 1],
+        token_lists=[[1, 5, 6, 2], [1, 7, 2], [1, 4, 5, 6, 7, 8, 2], [1, 9, 2], [1, 5, 2]],
+    )
+    dataset = train.make_caption_dataset(split, train._ArrayRows(image_features), feature_dim, batch_size=2)
+    batches = list(dataset.as_numpy_iterator())
+    assert len(batches) == 3
+    (inputs, targets), (inputs_2, targets_2), (inputs_3, targets_3) = batches
+
+    np.testing.assert_array_equal(inputs["image_features"], image_features[[2, 0]])
+    assert inputs["image_features"].dtype == np.float32
+    # Batch 1: longest row has 4 ids -> T = 3; the shorter row is padded with 0.
+    np.testing.assert_array_equal(inputs["caption_tokens"], [[1, 5, 6], [1, 7, 2]])
+    np.testing.assert_array_equal(targets, [[5, 6, 2], [7, 2, 0]])
+    assert inputs["caption_tokens"].dtype == np.int32 and targets.dtype == np.int32
+    # Batch 2 is padded to its own longest caption (7 ids -> T = 6), not a global maximum.
+    np.testing.assert_array_equal(inputs_2["caption_tokens"], [[1, 4, 5, 6, 7, 8], [1, 9, 2, 0, 0, 0]])
+    np.testing.assert_array_equal(targets_2, [[4, 5, 6, 7, 8, 2], [9, 2, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(inputs_2["image_features"], image_features[[3, 1]])
+    # The last, smaller batch keeps its single caption.
+    assert inputs_3["caption_tokens"].shape == (1, 2)
+    np.testing.assert_array_equal(targets_3, [[5, 2]])
+
+
+def test_dataset_shuffle_is_seeded_and_keeps_every_caption():
+    feature_dim = 2
+    image_features = np.arange(10 * feature_dim, dtype=np.float32).reshape(10, feature_dim)
+    split = _split(rows=list(range(10)), token_lists=[[1, 4 + index, 2] for index in range(10)])
+
+    def first_words(seed):
+        dataset = train.make_caption_dataset(
+            split, train._ArrayRows(image_features), feature_dim, batch_size=4, shuffle_seed=seed
+        )
+        words, pairs_match = [], True
+        for inputs, targets in dataset.as_numpy_iterator():
+            words.extend(targets[:, 0].tolist())
+            # Each caption still travels with its own image's vector after shuffling.
+            rows = targets[:, 0] - 4
+            pairs_match &= bool(np.array_equal(inputs["image_features"], image_features[rows]))
+        return words, pairs_match
+
+    words, pairs_match = first_words(seed=3)
+    assert pairs_match
+    assert sorted(words) == list(range(4, 14))
+    assert words != list(range(4, 14))
+    assert first_words(seed=3)[0] == words
+
+
+def test_training_writes_decoder_history_checkpoints_and_logs(trained_out):
+    import keras
+
+    from models import decoder  # noqa: F401  (registers the loss for load_model)
+
+    config = config_module.PipelineConfig.load(trained_out)
+    vocabulary = text.Vocabulary.load(trained_out / text.VOCAB_FILE)
+    assert config.decoder.vocab_size == len(vocabulary)
+    assert config.train.epochs == TRAIN_OVERRIDES["train.epochs"]
+    assert config.decoder.units == TRAIN_OVERRIDES["decoder.units"]
+
+    model = keras.saving.load_model(trained_out / "decoder.keras")
+    assert model.output_shape == (None, None, len(vocabulary))
+
+    history = json.loads((trained_out / "history.json").read_text())["epochs"]
+    assert [entry["epoch"] for entry in history] == [1, 2, 3]
+    for entry in history:
+        assert {"loss", "val_loss", "masked_accuracy", "val_masked_accuracy", "learning_rate"} <= set(entry)
+        assert np.isfinite(entry["loss"]) and entry["loss"] > 0
+    assert history[-1]["loss"] < history[0]["loss"]
+    # decoder.keras holds the epoch with the lowest val_loss, flagged "best" when written.
+    best_epoch = min(history, key=lambda entry: entry["val_loss"])["epoch"]
+    assert history[best_epoch - 1]["best"]
+
+    checkpoints = trained_out / "checkpoints"
+    assert (checkpoints / "latest.weights.h5").is_file()
+    assert json.loads((checkpoints / "training_metadata.json").read_text())["epoch"] == 3
+    event_files = list((trained_out / "logs").rglob("events.out.tfevents.*"))
+    assert {path.parent.name for path in event_files} >= {"train", "validation"}
+    assert not list(trained_out.glob(".decoder.keras*"))  # no temporary left behind
+
+
+def _optimizer_iterations(out):
+    with h5py.File(out / "checkpoints" / "latest.weights.h5", "r") as handle:
+        return int(handle["optimizer"]["vars"]["0"][()])
+
+
+def test_resume_continues_epochs_and_optimizer_state(extracted_out, copy_run):
+    out = copy_run(extracted_out)
+    overrides = dict(TRAIN_OVERRIDES, **{"train.epochs": 2})
+    first = train.run_train(out, overrides)
+    assert (first["initial_epoch"], first["epochs_run"], first["epochs_total"]) == (0, 2, 2)
+    iterations_after_two = _optimizer_iterations(out)
+    steps_per_epoch = -(-first["train_captions"] // TRAIN_OVERRIDES["train.batch_size"])
+    assert iterations_after_two == 2 * steps_per_epoch
+    history_before = json.loads((out / "history.json").read_text())["epochs"]
+
+    resumed = train.run_train(out, {"train.epochs": 4}, resume=True)
+    assert (resumed["initial_epoch"], resumed["epochs_run"], resumed["epochs_total"]) == (2, 2, 4)
+    history = json.loads((out / "history.json").read_text())["epochs"]
+    assert [entry["epoch"] for entry in history] == [1, 2, 3, 4]
+    assert history[:2] == history_before  # earlier epochs are kept as they were
+    # Adam's step counter continued instead of restarting: 4 epochs of steps in total.
+    assert _optimizer_iterations(out) == 4 * steps_per_epoch
+    # The restored weights keep learning: epoch 3 starts from epoch 2's model, not from scratch.
+    assert history[2]["loss"] < history[0]["loss"]
+
+    # A fresh run (no --resume) replaces the old checkpoints and history.
+    fresh = train.run_train(out, {"train.epochs": 1})
+    assert (fresh["initial_epoch"], fresh["epochs_total"]) == (0, 1)
+    assert [entry["epoch"] for entry in json.loads((out / "history.json").read_text())["epochs"]] == [1]
+    assert _optimizer_iterations(out) == steps_per_epoch
+
+
+def test_resume_without_checkpoint_is_a_clear_error(extracted_out, copy_run):
+    out = copy_run(extracted_out)
+    with pytest.raises(errors.ArtifactError, match=r"checkpoints: no checkpoint to resume from"):
+        train.run_train(out, dict(TRAIN_OVERRIDES), resume=True)
+
+
+def test_cache_from_another_encoder_is_rejected_and_nothing_is_written(extracted_out, copy_run):
+    out = copy_run(extracted_out)
+    config = config_module.PipelineConfig.load(out)
+    config.encoder.image_size = 160
+    config.save(out)
+    config_bytes = (out / "config.json").read_bytes()
+    features_bytes = (out / "features.h5").read_bytes()
+    with pytest.raises(errors.ArtifactError, match=r"features\.h5: .*image_size=224 but this run asks for image_size=160"):
+        train.run_train(out, dict(TRAIN_OVERRIDES))
+    assert (out / "config.json").read_bytes() == config_bytes
+    assert (out / "features.h5").read_bytes() == features_bytes
+    for name in ("decoder.keras", "history.json", "checkpoints", "logs"):
+        assert not (out / name).exists()
+
+
+def test_missing_feature_rows_are_named(extracted_out, copy_run):
+    out = copy_run(extracted_out)
+    captions = json.loads((out / "captions.json").read_text())
+    captions["images"].append({"image_id": "never_extracted.jpg", "path": "never_extracted.jpg",
+                               "split": "train", "captions": ["a red square"]})
+    (out / "captions.json").write_text(json.dumps(captions))
+    with pytest.raises(errors.ArtifactError, match=r"1 train image\(s\) .* no feature row .*'never_extracted\.jpg'"):
+        train.run_train(out, dict(TRAIN_OVERRIDES))
+
+    # Listed in extract_errors.json, the same image is skipped instead.
+    (out / "extract_errors.json").write_text(json.dumps(
+        [{"image_id": "never_extracted.jpg", "path": "x", "reason": "unreadable"}]
+    ))
+    data = train.load_training_data(out, config_module.PipelineConfig.load(out))
+    assert data.skipped_images == 1
+
+
+def test_train_before_extract_is_a_clear_error(tmp_path):
+    with pytest.raises(errors.ArtifactError, match=r"config\.json: no run configuration; run `extract`"):
+        train.run_train(tmp_path, {})
+
+
+def test_bad_hyperparameter_is_rejected(extracted_out, copy_run):
+    out = copy_run(extracted_out)
+    with pytest.raises(errors.PipelineError, match=r"train\.batch_size \(--batch-size\) must be at least 1, got 0"):
+        train.run_train(out, {"train.batch_size": 0})
+
+
+def test_decoder_overfits_four_captions_and_greedy_decoding_reproduces_them():
+    import keras
+
+    from models import captioner, decoder
+
+    keras.utils.set_random_seed(0)
+    captions = ["a red square", "two blue circles", "a green triangle on grass", "one small yellow star"]
+    token_lists = [text.normalize_caption(caption) for caption in captions]
+    vocabulary = text.Vocabulary.build(token_lists, min_count=1)
+    feature_dim = 64
+    image_features = np.random.default_rng(0).normal(size=(4, feature_dim)).astype(np.float32)
+    split = train.CaptionSplit(
+        np.arange(4, dtype=np.int32),
+        [train.encode_caption(caption, vocabulary, max_caption_length=10) for caption in captions],
+        images=4,
+    )
+    dataset = train.make_caption_dataset(split, train._ArrayRows(image_features), feature_dim, batch_size=4)
+
+    decoder_config = config_module.DecoderConfig(embedding_dim=32, units=64, dropout=0.0)
+    model = decoder.build_decoder(decoder_config, len(vocabulary), feature_dim)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=decoder.masked_loss, metrics=[decoder.MaskedAccuracy()])
+    model.fit(dataset.repeat(), steps_per_epoch=300, epochs=1, verbose=0, shuffle=False)
+    loss, accuracy = model.evaluate(dataset, verbose=0)
+    assert loss < 0.05
+    assert accuracy == 1.0
+
+    feature_captioner = captioner.FeatureCaptioner(
+        model, vocabulary.words, config_module.DecodeConfig(beam_size=1, max_length=10),
+        start_id=text.START_ID, end_id=text.END_ID, unk_id=text.UNK_ID, pad_id=text.PAD_ID,
+    )
+    generated = feature_captioner.caption_features(image_features)["captions"].numpy()
+    assert [value.decode() for value in generated] == captions
