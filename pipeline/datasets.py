@@ -17,10 +17,14 @@ files are reported by name in `Dataset.missing` and left out, never an error unl
 image is left. Pure Python: importing this module must not import TensorFlow.
 """
 
+import codecs
 import csv
 import dataclasses
+import io
 import json
 import random
+import re
+import reprlib
 from pathlib import Path, PurePosixPath
 
 from pipeline import errors, io_utils
@@ -52,6 +56,13 @@ FULL_SIZE_IMAGES = 8000
 FOLDER_PROBE_SIZE = 16
 # How many missing names the summary and messages show.
 NAMES_SHOWN = 5
+# Line breaks as text mode's universal newlines count them (str.splitlines also splits on
+# form feeds, U+2028 and others, which would shift line numbers).
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# Shows a value from a dataset file in a message: escaped, so a message stays one line,
+# and shortened, so a huge line does not become a huge message.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
 
 
 @dataclasses.dataclass
@@ -262,13 +273,19 @@ def read_captions_json(out_dir):
     entries = data.get("images")
     if not isinstance(entries, list):
         fail("field 'images' must be a list")
-    images = []
+    images, first_index = [], {}
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             fail(f"images[{index}] must be an object")
         image_id, split, captions = entry.get("image_id"), entry.get("split"), entry.get("captions")
         if not isinstance(image_id, str) or not image_id:
             fail(f"images[{index}].image_id must be a non-empty string")
+        parts = PurePosixPath(image_id).parts
+        if not parts or image_id.startswith("/") or ".." in parts or PurePosixPath(*parts).as_posix() != image_id:
+            fail(f"images[{index}].image_id {_SHOWN.repr(image_id)} is not a normalized path inside image_dir")
+        if image_id in first_index:
+            fail(f"images[{index}].image_id {_SHOWN.repr(image_id)} repeats images[{first_index[image_id]}]")
+        first_index[image_id] = index
         if split not in SPLITS:
             fail(f"images[{index}].split is {split!r}, expected one of {', '.join(SPLITS)}")
         if not isinstance(captions, list) or not captions or not all(isinstance(text, str) for text in captions):
@@ -321,7 +338,7 @@ def _assemble(layout, name, image_dir, captions, splits, split_source, caption_f
     """
     images, missing, unsplit = [], [], []
     for image_id in sorted(captions):
-        if not (image_dir / image_id).is_file():
+        if not _is_file(image_dir / image_id):
             missing.append(image_id)
         elif image_id not in splits:
             unsplit.append(image_id)
@@ -357,7 +374,9 @@ def _splits_from_lists_or_rule(data_dir, captions, config):
         for line_number, line in _read_lines(path):
             image_id = _checked_id(line.strip(), path, line_number)
             if image_id in splits:
-                raise errors.DataFormatError(path, line_number, f"{image_id} is already listed at {first_seen[image_id]}")
+                raise errors.DataFormatError(
+                    path, line_number, f"{_display(image_id)} is already listed at {first_seen[image_id]}"
+                )
             splits[image_id] = split
             first_seen[image_id] = f"{path.name}:{line_number}"
     folder = found["train"].parent.relative_to(data_dir)
@@ -383,11 +402,12 @@ def _read_flickr8k_tokens(path):
         name, hash_sign, number = key.strip().rpartition("#")
         if not hash_sign or not number.strip().isdigit() or not name.strip():
             raise errors.DataFormatError(
-                path, line_number, f"expected 'image.jpg#k' before the tab (k = caption number), found {key!r}"
+                path, line_number,
+                f"expected 'image.jpg#k' before the tab (k = caption number), found {_SHOWN.repr(key)}",
             )
         caption = caption.strip()
         if not caption:
-            raise errors.DataFormatError(path, line_number, f"empty caption for {name.strip()}")
+            raise errors.DataFormatError(path, line_number, f"empty caption for {_display(name.strip())}")
         captions.setdefault(_checked_id(name.strip(), path, line_number), []).append(caption)
     if not captions:
         raise errors.DataFormatError(path, None, "no caption in the file")
@@ -402,37 +422,40 @@ def _read_kaggle_csv(path):
     """
     captions = {}
     header_seen = False
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
-        record_start = 1
-        try:
-            for row in reader:
-                # line_num counts physical lines read so far, so a record spans record_start..line_num
-                line_number, record_start = record_start, reader.line_num + 1
-                if all(not field.strip() for field in row):
-                    continue
-                if not header_seen:
-                    if [field.strip().lower() for field in row] != ["image", "caption"]:
-                        raise errors.DataFormatError(
-                            path, line_number, f"expected the header 'image,caption', found {','.join(row)!r}"
-                        )
-                    header_seen = True
-                    continue
-                if len(row) != 2:
+    # Strict: a quote opened at the start of a field must close before a comma or line end,
+    # so a stray quote stops here instead of swallowing the rest of the file into one caption.
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
+    record_start = 1
+    try:
+        for row in reader:
+            # line_num counts physical lines read so far, so a record spans record_start..line_num
+            line_number, record_start = record_start, reader.line_num + 1
+            if all(not field.strip() for field in row):
+                continue
+            if not header_seen:
+                if [field.strip().lower() for field in row] != ["image", "caption"]:
                     raise errors.DataFormatError(
-                        path, line_number,
-                        f"expected 2 fields (image,caption), found {len(row)}; quote captions that hold commas",
+                        path, line_number, f"expected the header 'image,caption', found {_SHOWN.repr(','.join(row))}"
                     )
-                name, caption = row[0].strip(), row[1].strip()
-                if not name:
-                    raise errors.DataFormatError(path, line_number, "empty image name")
-                if not caption:
-                    raise errors.DataFormatError(path, line_number, f"empty caption for {name}")
-                captions.setdefault(_checked_id(name, path, line_number), []).append(caption)
-        except csv.Error as error:
-            raise errors.DataFormatError(path, reader.line_num, f"unreadable CSV ({error})") from None
-        except UnicodeDecodeError as error:
-            raise errors.DataFormatError(path, None, f"not UTF-8 text ({error})") from None
+                header_seen = True
+                continue
+            if len(row) != 2:
+                raise errors.DataFormatError(
+                    path, line_number,
+                    f"expected 2 fields (image,caption), found {len(row)}; quote captions that hold commas",
+                )
+            name, caption = row[0].strip(), row[1].strip()
+            if not name:
+                raise errors.DataFormatError(path, line_number, "empty image name")
+            if not caption:
+                raise errors.DataFormatError(path, line_number, f"empty caption for {_display(name)}")
+            captions.setdefault(_checked_id(name, path, line_number), []).append(caption)
+    except csv.Error as error:
+        # Reported where the record starts: an unclosed quote is only noticed lines later.
+        raise errors.DataFormatError(
+            path, record_start, f"unreadable CSV record ({error}); quote a caption that starts with a quote "
+            "or holds commas, and double the quotes inside it"
+        ) from None
     if not captions:
         raise errors.DataFormatError(path, None, "no caption rows after the header")
     return captions
@@ -446,12 +469,13 @@ def _read_karpathy_json(path):
     uncaptioned). Problems name the entry: `images[12].split: ...`.
     """
     try:
-        with open(path, encoding="utf-8-sig") as handle:
-            data = json.load(handle)
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as error:
         raise errors.DataFormatError(path, error.lineno, f"invalid JSON ({error.msg})") from None
-    except UnicodeDecodeError as error:
-        raise errors.DataFormatError(path, None, f"not UTF-8 text ({error})") from None
+    except RecursionError:
+        raise errors.DataFormatError(path, None, "invalid JSON (arrays or objects nested too deeply)") from None
+    except ValueError as error:  # an integer literal longer than Python's int max str digits
+        raise errors.DataFormatError(path, None, f"invalid JSON ({str(error).partition(':')[0]})") from None
     entries = data.get("images") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise errors.DataFormatError(path, None, "expected an object with an 'images' list (Karpathy split format)")
@@ -465,11 +489,15 @@ def _read_karpathy_json(path):
         if not isinstance(filename, str) or not filename.strip():
             raise errors.DataFormatError(path, None, f"{where}.filename: missing or not a non-empty string")
         if not isinstance(filepath, str):
-            raise errors.DataFormatError(path, None, f"{where}.filepath: expected a string, found {filepath!r}")
-        split = entry.get("split")
-        if split not in KARPATHY_SPLITS:
             raise errors.DataFormatError(
-                path, None, f"{where}.split: {split!r} is not one of {', '.join(KARPATHY_SPLITS)}"
+                path, None, f"{where}.filepath: expected a string, found {_SHOWN.repr(filepath)}"
+            )
+        _check_unicode(filename, path, f"{where}.filename")
+        _check_unicode(filepath, path, f"{where}.filepath")
+        split = entry.get("split")
+        if not isinstance(split, str) or split not in KARPATHY_SPLITS:
+            raise errors.DataFormatError(
+                path, None, f"{where}.split: {_SHOWN.repr(split)} is not one of {', '.join(KARPATHY_SPLITS)}"
             )
         sentences = entry.get("sentences")
         if not isinstance(sentences, list):
@@ -478,7 +506,8 @@ def _read_karpathy_json(path):
         image_id = _checked_id(raw_id, path, None, where=f"{where}.filename")
         if image_id in splits:
             raise errors.DataFormatError(
-                path, None, f"{where}.filename: {image_id} already appears as images[{first_index[image_id]}]"
+                path, None,
+                f"{where}.filename: {_display(image_id)} already appears as images[{first_index[image_id]}]",
             )
         first_index[image_id] = index
         splits[image_id] = KARPATHY_SPLITS[split]
@@ -497,10 +526,10 @@ def _karpathy_sentence(sentence, path, where):
         raise errors.DataFormatError(path, None, f"{where}: expected an object, found {type(sentence).__name__}")
     raw = sentence.get("raw")
     if isinstance(raw, str) and raw.strip():
-        return raw.strip()
+        return _check_unicode(raw.strip(), path, f"{where}.raw")
     tokens = sentence.get("tokens")
     if isinstance(tokens, list) and tokens and all(isinstance(token, str) for token in tokens):
-        return " ".join(tokens)
+        return _check_unicode(" ".join(tokens), path, f"{where}.tokens")
     raise errors.DataFormatError(path, None, f"{where}: neither a non-empty 'raw' string nor a 'tokens' list")
 
 
@@ -511,16 +540,44 @@ def _karpathy_sentence(sentence, path, where):
 def _read_lines(path):
     """Yields (1-based line number, line without its ending) for the non-blank lines of a UTF-8 file.
 
-    A BOM is dropped and CRLF/CR endings are accepted (text mode's universal newlines).
+    A BOM is dropped and LF, CRLF and CR endings are accepted (text mode's universal newlines).
     Other whitespace is left for the caller, since a tab separates fields.
     """
+    for line_number, line in enumerate(_LINE_BREAK.split(_read_text(path)), start=1):
+        if line.strip():
+            yield line_number, line
+
+
+def _read_text(path):
+    """The text of a UTF-8 file without its BOM; undecodable bytes are a DataFormatError at their line."""
+    data = Path(path).read_bytes()
+    data = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
     try:
-        with open(path, encoding="utf-8-sig") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if line.strip():
-                    yield line_number, line.rstrip("\n")
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise errors.DataFormatError(path, None, f"not UTF-8 text ({error})") from None
+        line_number = len(_LINE_BREAK.findall(data[: error.start].decode("latin-1"))) + 1
+        raise errors.DataFormatError(
+            path, line_number, f"not UTF-8 text (byte 0x{data[error.start]:02x}: {error.reason}); save it as UTF-8"
+        ) from None
+
+
+def _check_unicode(text, path, where):
+    """`text` if it is valid Unicode; JSON's escapes can spell lone surrogates, which no file can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.DataFormatError(
+            path, None, f"{where}: {_SHOWN.repr(text)} holds a lone surrogate escape"
+        ) from None
+    return text
+
+
+def _is_file(path):
+    """Path.is_file, except that a name the file system cannot hold (too long, say) is no file either."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _find_text_file(data_dir, filename):
@@ -545,7 +602,7 @@ def _choose_image_dir(data_dir, candidates, image_ids):
     ordered = sorted(image_ids)
     stride = max(1, len(ordered) // FOLDER_PROBE_SIZE)
     probe = ordered[::stride][:FOLDER_PROBE_SIZE]
-    hits = [sum((folder / image_id).is_file() for image_id in probe) for folder in folders]
+    hits = [sum(_is_file(folder / image_id) for image_id in probe) for folder in folders]
     return folders[hits.index(max(hits))]
 
 
@@ -556,11 +613,16 @@ def _checked_id(raw_id, path, line_number, where=None):
     if image_id.startswith("/") or ".." in parts or not parts:
         prefix = f"{where}: " if where else ""
         raise errors.DataFormatError(
-            path, line_number, f"{prefix}image name {raw_id!r} must be a path inside the image folder"
+            path, line_number, f"{prefix}image name {_SHOWN.repr(raw_id)} must be a path inside the image folder"
         )
     return PurePosixPath(*parts).as_posix()
 
 
 def _first_names(names):
-    shown = ", ".join(names[:NAMES_SHOWN])
+    shown = ", ".join(_display(name) for name in names[:NAMES_SHOWN])
     return shown + (", ..." if len(names) > NAMES_SHOWN else "")
+
+
+def _display(name):
+    """An image name as messages show it: as is when short and printable, else escaped and shortened."""
+    return name if name.isprintable() and len(name) <= _SHOWN.maxstring else _SHOWN.repr(name)

@@ -72,5 +72,7 @@ def read_json(path, what):
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ArtifactError(f"{path}: {what} is not valid JSON ({error})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        # ValueError covers JSONDecodeError and over-long integers; RecursionError deep nesting.
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)[:200]
+        raise ArtifactError(f"{path}: {what} is not valid JSON ({reason})") from None

@@ -14,7 +14,6 @@ Example:
 """
 
 import collections
-import re
 import unicodedata
 from pathlib import Path
 
@@ -34,9 +33,6 @@ VOCAB_FILE = "vocab.json"
 VOCAB_FORMAT = "captioner.vocab"
 VOCAB_VERSION = 1
 
-# A run of Unicode letters: `\w` minus digits and underscore. Anything else separates words.
-_WORD_PATTERN = re.compile(r"[^\W\d_]+")
-
 
 def normalize_caption(raw):
     """Splits a raw caption into lower-case words.
@@ -44,9 +40,9 @@ def normalize_caption(raw):
     The rule, kept simple so that it is easy to predict:
       1. Unicode NFKD, then combining marks are dropped ("café" -> "cafe", "ﬁ" -> "fi").
       2. Lower case.
-      3. Words are the maximal runs of letters; everything else (spaces, punctuation,
-         digits, hyphens, apostrophes) separates words, so "t-shirt" -> "t", "shirt",
-         "dog's" -> "dog", "s" and "2 dogs" -> "dogs".
+      3. Words are the maximal runs of letters (`str.isalpha`); everything else (spaces,
+         punctuation, digits and other numerals, hyphens, apostrophes) separates words, so
+         "t-shirt" -> "t", "shirt", "dog's" -> "dog", "s" and "2 dogs" -> "dogs".
     Single letters such as "a" are words like any other.
 
     Args:
@@ -56,7 +52,9 @@ def normalize_caption(raw):
     """
     decomposed = unicodedata.normalize("NFKD", raw)
     without_marks = "".join(character for character in decomposed if not unicodedata.combining(character))
-    return _WORD_PATTERN.findall(without_marks.lower())
+    # Not the regex `[^\W\d_]+`: `\w` also matches numerals outside Nd such as "〇" or "༳".
+    lowered = without_marks.lower()
+    return "".join(character if character.isalpha() else " " for character in lowered).split()
 
 
 class Vocabulary:
