@@ -1,0 +1,168 @@
+"""Serving speed of the exported SavedModel on this machine.
+
+    python -m benchmarks.bench_serving [--out OUT] [--export] [--repeats 20] [--json FILE]
+
+Measures, through the SavedModel's own signatures (what `serve` and TF Serving run):
+  - single-image latency of `serving_default` (median and p90 of --repeats calls after warm-up),
+  - batch-16 throughput of `serving_default` (images/s, median batch time),
+  - the same for `caption_features` on the cached features of the same images: the decoder
+    and beam search alone, without image decoding and ResNet50.
+`decode_share` = caption_features time / serving_default time at batch 16: the part of an
+end-to-end call spent decoding captions (the target is under 0.25; ResNet50 should dominate).
+
+OUT is a trained run (default artifacts/demo, made by `python run_pipeline.py`). Without
+one, or with --fresh, a small run is made in a temporary folder: generated demo images,
+random encoder weights, the default decoder size trained for one epoch.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH_SIZE = 16
+FRESH_NUM_IMAGES = 48
+
+
+def _fresh_run(folder):
+    from pipeline import demo_data, export, extract, train
+
+    print(f"making a small run in {folder} (demo images, random weights, 1 epoch)", flush=True)
+    data_dir = demo_data.generate_demo_dataset(Path(folder) / "data", seed=0, num_images=FRESH_NUM_IMAGES)
+    out = Path(folder) / "run"
+    extract.run_extract(data_dir, out, {"encoder.weights": "random", "text.min_word_count": 1})
+    train.run_train(out, {"train.epochs": 1})
+    export.run_export(out, {})
+    return out
+
+
+def _time_calls(function, repeats, warmup):
+    """Seconds per call (list of float) of `function()` after `warmup` untimed calls."""
+    for _ in range(warmup):
+        function()
+    durations = []
+    for index in range(repeats):
+        started = time.perf_counter()
+        function()
+        durations.append(time.perf_counter() - started)
+        print(f"\r  {index + 1}/{repeats} calls", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr, flush=True)
+    return durations
+
+
+def _percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def measure(out_dir, repeats, batch_repeats):
+    """Runs the measurements on OUT/saved_model; returns the results (dict)."""
+    import tensorflow as tf
+
+    from pipeline import datasets, features
+
+    model_dir = Path(out_dir) / "saved_model"
+    dataset = datasets.read_captions_json(out_dir)
+    cache = features.read_features(out_dir)
+    image_ids = cache.image_ids[:BATCH_SIZE]
+    if len(image_ids) < BATCH_SIZE:
+        raise SystemExit(f"{out_dir}: needs at least {BATCH_SIZE} cached images, has {len(image_ids)}")
+    images = tf.constant([(dataset.image_dir / image_id).read_bytes() for image_id in image_ids])
+    feature_rows = tf.constant(cache.features[:BATCH_SIZE])
+    loaded = tf.saved_model.load(str(model_dir))
+    by_images = loaded.signatures["serving_default"]
+    by_features = loaded.signatures["caption_features"]
+    metadata_path = model_dir / "assets.extra" / "captioner.json"
+    decode = json.loads(metadata_path.read_text())["config"]["decode"] if metadata_path.is_file() else {}
+
+    print("serving_default, 1 image:", file=sys.stderr)
+    single = _time_calls(lambda: by_images(images=images[:1]), repeats, warmup=3)
+    print("caption_features, 1 row:", file=sys.stderr)
+    single_features = _time_calls(lambda: by_features(features=feature_rows[:1]), repeats, warmup=3)
+    print(f"serving_default, batch {BATCH_SIZE}:", file=sys.stderr)
+    batch = _time_calls(lambda: by_images(images=images), batch_repeats, warmup=1)
+    print(f"caption_features, batch {BATCH_SIZE}:", file=sys.stderr)
+    batch_features = _time_calls(lambda: by_features(features=feature_rows), batch_repeats, warmup=1)
+
+    # Beam search stops when every beam has ended, so its cost depends on caption length.
+    captions = by_features(features=feature_rows)["captions"].numpy().tolist()
+    mean_words = statistics.mean(len(caption.split()) for caption in captions)
+    batch_seconds = statistics.median(batch)
+    batch_features_seconds = statistics.median(batch_features)
+    return {
+        "model_dir": str(model_dir),
+        "beam_size": decode.get("beam_size"),
+        "max_length": decode.get("max_length"),
+        "cpu_count": os.cpu_count(),
+        "tensorflow_version": tf.__version__,
+        "single_latency_ms_median": 1000 * statistics.median(single),
+        "single_latency_ms_p90": 1000 * _percentile(single, 0.9),
+        "single_features_latency_ms_median": 1000 * statistics.median(single_features),
+        "batch_size": BATCH_SIZE,
+        "batch_seconds_median": batch_seconds,
+        "batch_images_per_second": BATCH_SIZE / batch_seconds,
+        "batch_features_seconds_median": batch_features_seconds,
+        "batch_features_rows_per_second": BATCH_SIZE / batch_features_seconds,
+        "decode_share": batch_features_seconds / batch_seconds,
+        "mean_caption_words": mean_words,
+        "decode_share_single": statistics.median(single_features) / statistics.median(single),
+        "repeats": repeats,
+        "batch_repeats": batch_repeats,
+    }
+
+
+def print_table(results):
+    rows = [
+        ("serving_default, 1 image, median", f"{results['single_latency_ms_median']:.1f} ms"),
+        ("serving_default, 1 image, p90", f"{results['single_latency_ms_p90']:.1f} ms"),
+        ("caption_features, 1 row, median", f"{results['single_features_latency_ms_median']:.1f} ms"),
+        (f"serving_default, batch {results['batch_size']}",
+         f"{results['batch_seconds_median']:.3f} s = {results['batch_images_per_second']:.1f} images/s"),
+        (f"caption_features, batch {results['batch_size']}",
+         f"{results['batch_features_seconds_median']:.3f} s = {results['batch_features_rows_per_second']:.1f} rows/s"),
+        (f"decode_share (batch {results['batch_size']})", f"{results['decode_share']:.3f}"),
+        ("decode_share (1 image)", f"{results['decode_share_single']:.3f}"),
+        ("mean caption length", f"{results['mean_caption_words']:.1f} words"),
+    ]
+    print(f"model {results['model_dir']}  beam {results['beam_size']}  max_length {results['max_length']}  "
+          f"cpus {results['cpu_count']}  tensorflow {results['tensorflow_version']}")
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    verdict = "meets" if results["decode_share"] < 0.25 else "misses"
+    print(f"decode_share {results['decode_share']:.3f} {verdict} the target of 0.25")
+
+
+def main(argv=None):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join("artifacts", "demo"), help="a trained run folder")
+    parser.add_argument("--fresh", action="store_true", help="make a small run in a temporary folder instead")
+    parser.add_argument("--export", action="store_true", help="re-export OUT first (with --beam-size)")
+    parser.add_argument("--beam-size", type=int, default=None, help="beam width for --export")
+    parser.add_argument("--repeats", type=int, default=20, help="timed single-image calls")
+    parser.add_argument("--batch-repeats", type=int, default=5, help=f"timed batch-{BATCH_SIZE} calls")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench_serving_") as temporary:
+        out_dir = Path(args.out)
+        if args.fresh or not (out_dir / "decoder.keras").is_file():
+            out_dir = _fresh_run(temporary)
+        elif args.export or not (out_dir / "saved_model" / "saved_model.pb").is_file():
+            from pipeline import export
+
+            export.run_export(out_dir, {"decode.beam_size": args.beam_size})
+        results = measure(out_dir, args.repeats, args.batch_repeats)
+    print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

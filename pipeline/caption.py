@@ -1,0 +1,194 @@
+"""The `caption` command: captions image files with an exported SavedModel.
+
+    python run_pipeline.py caption photo.jpg other.png --model OUT/saved_model
+
+prints `IMAGE<TAB>caption` per image on stdout, in the order given. A file that is
+missing, unreadable or not an image gets one `error: PATH: reason` line on stderr, the
+others are still captioned, and the exit code is 2.
+
+`ExportedCaptioner` is the one place that loads the SavedModel and calls its
+`serving_default` signature; the HTTP server (`pipeline.serve`) uses it too.
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import tensorflow as tf
+
+from pipeline import errors
+
+SERVING_SIGNATURE = "serving_default"
+FEATURES_SIGNATURE = "caption_features"
+# Written by `pipeline.export` beside the SavedModel's own files, so a served model says
+# which vocabulary, decoding settings and encoder produced it.
+METADATA_DIR = "assets.extra"
+METADATA_FILE = "captioner.json"
+
+
+def check_model_dir(model_dir):
+    """Raises PipelineError unless `model_dir` holds a SavedModel; returns it as a Path."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "saved_model.pb").is_file():
+        state = "has no saved_model.pb" if model_dir.is_dir() else "does not exist"
+        raise errors.PipelineError(
+            f"{model_dir}: no exported SavedModel here (the folder {state}); create one with "
+            f"`python run_pipeline.py export --out OUT` (the model is then OUT/saved_model), or run "
+            f"`python run_pipeline.py` to make the demo export in artifacts/demo/saved_model"
+        )
+    return model_dir
+
+
+def image_problem(image_bytes):
+    """Returns why `image_bytes` (bytes) cannot be captioned, or None if it decodes as an image.
+
+    Checked one file at a time before batching, so that one bad file in a batch does not
+    make the whole batched graph call fail.
+    """
+    if not image_bytes:
+        return "empty file"
+    try:
+        # expand_animations=False: the model uses a GIF's first frame, so only that must decode.
+        tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
+        return f"not a readable JPEG, PNG, GIF or BMP image ({op_error_reason(error)})"
+    return None
+
+
+def op_error_reason(error):
+    """The human part of a TensorFlow op error's message (str), without graph-node prefixes."""
+    message = (error.message or type(error).__name__).strip().splitlines()[0]
+    message = re.sub(r"\{\{[^}]*\}\}\s*", "", message)  # "{{function_node ...}}" names graph internals
+    message = re.sub(r"\s*\[Op:\w+\]$", "", message)
+    return message.strip() or type(error).__name__
+
+
+class ExportedCaptioner:
+    """An exported SavedModel, loaded once: image bytes in, captions and scores out.
+
+    Loading needs only TensorFlow (the SavedModel holds the encoder, the decoder and the
+    beam search as graphs), so this works with any export, from any run.
+    """
+
+    def __init__(self, model_dir):
+        self.model_dir = check_model_dir(model_dir)
+        try:
+            self._loaded = tf.saved_model.load(str(self.model_dir))
+        except (OSError, ValueError, tf.errors.OpError) as error:
+            raise errors.ArtifactError(f"{self.model_dir}: cannot load the SavedModel ({error})") from None
+        signatures = dict(self._loaded.signatures)
+        if SERVING_SIGNATURE not in signatures:
+            raise errors.ArtifactError(
+                f"{self.model_dir}: the SavedModel has no {SERVING_SIGNATURE!r} signature "
+                f"(it has {sorted(signatures)}); re-export it with `python run_pipeline.py export`"
+            )
+        self._serving = signatures[SERVING_SIGNATURE]
+        self._features = signatures.get(FEATURES_SIGNATURE)
+        self.metadata = self._read_metadata()
+
+    def _read_metadata(self):
+        path = self.model_dir / METADATA_DIR / METADATA_FILE
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return {}  # descriptive only: a damaged file must not stop serving a loadable model
+
+    @property
+    def signature_names(self):
+        """Names of the SavedModel's signatures, sorted (list of str)."""
+        return sorted(self._loaded.signatures)
+
+    def caption_images(self, images):
+        """Captions encoded images.
+
+        Args:
+          images: list of bytes, each a whole JPEG/PNG/GIF/BMP file, already checked with
+            `image_problem` (an undecodable item makes the whole call raise
+            `tf.errors.InvalidArgumentError`).
+
+        Returns:
+          (captions, scores): list of str and list of float, one per image, in order.
+        """
+        if not images:
+            return [], []
+        outputs = self._serving(images=tf.constant(images, dtype=tf.string))
+        return _as_lists(outputs)
+
+    def caption_features(self, features):
+        """Captions cached image features: `features` float32 array-like [N, 2048] -> (captions, scores)."""
+        if self._features is None:
+            raise errors.ArtifactError(f"{self.model_dir}: the SavedModel has no {FEATURES_SIGNATURE!r} signature")
+        outputs = self._features(features=tf.convert_to_tensor(features, dtype=tf.float32))
+        return _as_lists(outputs)
+
+
+def _as_lists(outputs):
+    captions = [caption.decode("utf-8") for caption in outputs["captions"].numpy().tolist()]
+    scores = [float(score) for score in outputs["scores"].numpy().tolist()]
+    return captions, scores
+
+
+def _read_image(path):
+    """Returns (bytes, None) or (None, reason) for one image file."""
+    try:
+        image_bytes = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None, "no such file"
+    except IsADirectoryError:
+        return None, "is a folder, not an image file"
+    except OSError as error:
+        return None, f"cannot read it ({error.strerror or error})"
+    problem = image_problem(image_bytes)
+    return (None, problem) if problem else (image_bytes, None)
+
+
+def run_caption(image_paths, model_dir, batch_size=16):
+    """Prints `IMAGE<TAB>caption` for each of `image_paths` (list of str), in order.
+
+    Files are captioned `batch_size` at a time through `serving_default`. Returns the exit
+    code: 0 if every image was captioned, 2 if any could not be (each such file has its own
+    `error: PATH: reason` line on stderr).
+    """
+    if batch_size < 1:
+        raise errors.PipelineError(f"--batch-size must be at least 1, got {batch_size}")
+    captioner = ExportedCaptioner(model_dir)
+    failures = 0
+    for start in range(0, len(image_paths), batch_size):
+        batch_paths = image_paths[start:start + batch_size]
+        readable = []  # (path, bytes) of the files that decode
+        problems = {}
+        for path in batch_paths:
+            image_bytes, problem = _read_image(path)
+            if problem:
+                problems[path] = problem
+            else:
+                readable.append((path, image_bytes))
+        captions = dict(_caption_batch(captioner, readable, problems))
+        # One pass in input order, so stdout and stderr lines follow the command line's order.
+        for path in batch_paths:
+            if path in captions:
+                print(f"{path}\t{captions[path]}", flush=True)
+            else:
+                failures += 1
+                print(f"error: {path}: {problems[path]}", file=sys.stderr, flush=True)
+    return 2 if failures else 0
+
+
+def _caption_batch(captioner, readable, problems):
+    """Yields (path, caption) for `readable` [(path, bytes)]; failures go into `problems`."""
+    try:
+        captions, _ = captioner.caption_images([image_bytes for _, image_bytes in readable])
+        yield from zip((path for path, _ in readable), captions)
+        return
+    except tf.errors.InvalidArgumentError:
+        pass  # a file passed the check but not the model's decoder: find it, caption the rest
+    for path, image_bytes in readable:
+        try:
+            (caption,), _ = captioner.caption_images([image_bytes])
+        except tf.errors.InvalidArgumentError as error:
+            problems[path] = f"the model cannot decode it ({op_error_reason(error)})"
+            continue
+        yield path, caption

@@ -1,0 +1,224 @@
+"""The `export` stage: encoder, decoder and beam search as one SavedModel.
+
+    python run_pipeline.py export --out OUT [--beam-size K]
+
+writes
+
+    OUT/saved_model/                      the SavedModel (replaced atomically)
+        saved_model.pb, variables/, ...
+        assets.extra/captioner.json       what the model is: signatures, settings, encoder
+        assets.extra/vocab.json           the vocabulary it writes captions with
+    OUT/serving/captioner/1/              the same model in the layout TF Serving loads
+                                          (--model_base_path=OUT/serving/captioner)
+
+Signatures (the contract in DESIGN.md):
+    serving_default   images   tf.string  [None] -> captions tf.string [None], scores tf.float32 [None]
+    caption_features  features tf.float32 [None, 2048] -> the same outputs
+
+The encoder is rebuilt from the run's settings and must have exactly the weights that made
+`features.h5` (compared by `encoder_fingerprint`): otherwise the decoder, trained on those
+features, would be paired with an encoder whose features it has never seen.
+"""
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+
+from models import captioner as captioner_module
+from models import encoder as encoder_module
+from pipeline import config as config_module
+from pipeline import errors, features, io_utils, text
+
+DECODER_FILE = "decoder.keras"
+SAVED_MODEL_DIR = "saved_model"
+MODEL_NAME = "captioner"
+MODEL_VERSION = 1
+# TF Serving watches OUT/serving/<model name>/ and loads the highest numbered version.
+SERVING_DIR = Path("serving") / MODEL_NAME / str(MODEL_VERSION)
+METADATA_DIR = "assets.extra"  # TF Serving's folder for files beside, not inside, the graph
+METADATA_FILE = "captioner.json"
+METADATA_FORMAT = "captioner.export"
+METADATA_VERSION = 1
+
+SERVING_SIGNATURE = "serving_default"
+FEATURES_SIGNATURE = "caption_features"
+# name -> (inputs, outputs), each {tensor name: (dtype name, shape)}; -1 is a free dimension.
+_OUTPUTS = {"captions": ("string", [-1]), "scores": ("float32", [-1])}
+SIGNATURES = {
+    SERVING_SIGNATURE: ({"images": ("string", [-1])}, _OUTPUTS),
+    FEATURES_SIGNATURE: ({"features": ("float32", [-1, encoder_module.FEATURE_DIM])}, _OUTPUTS),
+}
+
+
+def run_export(out_dir, overrides):
+    """Exports the trained run in `out_dir` as a SavedModel; returns OUT/saved_model (Path).
+
+    overrides: {"decode.beam_size": K, ...} from the command line (None values ignored);
+    the decoding settings are fixed into the graph and saved back to config.json.
+    Raises ArtifactError when an artifact is missing, damaged or belongs to another run.
+    """
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    config = config_module.PipelineConfig.load(out_dir).replace(overrides)
+    _check_decode_config(config.decode)
+    vocabulary = text.Vocabulary.load(out_dir / text.VOCAB_FILE)
+    decoder_model = _load_decoder(out_dir / DECODER_FILE, len(vocabulary))
+    cache_path = features.features_path(out_dir)
+    cache_attrs = features.read_attrs(cache_path)
+    _log(started, f"building the encoder ({config.encoder.weights} weights, {config.encoder.image_size} px)")
+    encoder_model = _build_matching_encoder(config, cache_attrs, cache_path)
+
+    feature_captioner = captioner_module.FeatureCaptioner(
+        decoder_model, list(vocabulary.words), config.decode,
+        start_id=text.START_ID, end_id=text.END_ID, unk_id=text.UNK_ID, pad_id=text.PAD_ID,
+    )
+    image_captioner = captioner_module.ImageCaptioner(encoder_model, feature_captioner, config.encoder.image_size)
+    signatures = {
+        SERVING_SIGNATURE: image_captioner.caption_images.get_concrete_function(
+            tf.TensorSpec([None], tf.string, name="images")),
+        FEATURES_SIGNATURE: image_captioner.caption_features.get_concrete_function(
+            tf.TensorSpec([None, encoder_module.FEATURE_DIM], tf.float32, name="features")),
+    }
+
+    saved_model_dir = out_dir / SAVED_MODEL_DIR
+    _log(started, f"tracing and saving (beam size {config.decode.beam_size}, "
+                  f"at most {config.decode.max_length} words)")
+    with io_utils.atomic_path(saved_model_dir) as temporary:
+        tf.saved_model.save(image_captioner, str(temporary), signatures=signatures)
+        signature_table = read_signatures(temporary)
+        _check_signatures(signature_table)
+        _write_metadata(temporary, config, vocabulary, cache_attrs, signature_table)
+    serving_dir = out_dir / SERVING_DIR
+    with io_utils.atomic_path(serving_dir) as temporary:
+        shutil.copytree(saved_model_dir, temporary)
+    config.save(out_dir)
+
+    _log(started, f"exported {saved_model_dir}")
+    print(f"  TF Serving copy: {serving_dir} (--model_name={MODEL_NAME} "
+          f"--model_base_path={serving_dir.parent.resolve()})")
+    for name, (inputs, outputs) in signature_table.items():
+        print(f"  signature {name}: {_format_tensors(inputs)} -> {_format_tensors(outputs)}")
+    return saved_model_dir
+
+
+def read_signatures(saved_model_dir):
+    """The signatures in a SavedModel's saved_model.pb, as `saved_model_cli show` lists them.
+
+    Returns {signature name: (inputs, outputs)}, each {tensor name: (dtype name, shape)}
+    with -1 for unknown dimensions; the internal `__saved_model_init_op` is left out.
+    """
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    table = {}
+    for name, signature in proto.meta_graphs[0].signature_def.items():
+        if name.startswith("__"):
+            continue
+        table[name] = tuple(
+            {key: (tf.dtypes.as_dtype(info.dtype).name,
+                   [dimension.size for dimension in info.tensor_shape.dim])
+             for key, info in sorted(tensors.items())}
+            for tensors in (signature.inputs, signature.outputs)
+        )
+    return dict(sorted(table.items()))
+
+
+def _check_signatures(signature_table):
+    # Our own code built these functions: a difference is a bug here, not a user error.
+    expected = {name: ({key: (dtype, list(shape)) for key, (dtype, shape) in inputs.items()},
+                       {key: (dtype, list(shape)) for key, (dtype, shape) in outputs.items()})
+                for name, (inputs, outputs) in SIGNATURES.items()}
+    assert signature_table == expected, f"exported signatures {signature_table} differ from the contract {expected}"
+
+
+def _check_decode_config(decode_config):
+    if decode_config.beam_size < 1:
+        raise errors.PipelineError(f"--beam-size must be at least 1, got {decode_config.beam_size}")
+    if decode_config.max_length < 1:
+        raise errors.PipelineError(f"--max-length must be at least 1, got {decode_config.max_length}")
+    if decode_config.no_repeat_ngram_size < 0:
+        raise errors.PipelineError(
+            f"--no-repeat-ngram-size must be 0 (off) or positive, got {decode_config.no_repeat_ngram_size}")
+
+
+def _load_decoder(path, vocabulary_size):
+    """The trained decoder (keras.Model) from `path`, checked against the vocabulary."""
+    if not path.is_file():
+        raise errors.ArtifactError(f"{path}: the trained decoder is missing; run `python run_pipeline.py train "
+                                   f"--out {path.parent}` first")
+    try:
+        # compile=False: the SavedModel needs the layers and weights, not the loss or optimizer.
+        model = keras.saving.load_model(path, compile=False)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise errors.ArtifactError(f"{path}: cannot load the trained decoder ({error})") from None
+    output_size = model.outputs[0].shape[-1]
+    if output_size != vocabulary_size:
+        raise errors.ArtifactError(
+            f"{path}: the decoder predicts {output_size} words but {text.VOCAB_FILE} has {vocabulary_size}; "
+            f"the two come from different runs: retrain with `python run_pipeline.py train --out {path.parent}`")
+    return model
+
+
+def _build_matching_encoder(config, cache_attrs, cache_path):
+    """Rebuilds the encoder that made `features.h5`; ArtifactError if its weights differ."""
+    # The cache records the precision it was extracted with; only weights and sizes matter
+    # here, so compare everything else under the cache's own precision.
+    encoder_config = dataclasses.replace(config.encoder, precision=cache_attrs.get("precision", config.encoder.precision))
+    features.check_attrs(cache_attrs, encoder_config, path=cache_path)
+    cached_fingerprint = cache_attrs.get("encoder_fingerprint")
+    if not cached_fingerprint:
+        raise errors.ArtifactError(
+            f"{cache_path}: has no encoder_fingerprint attribute, so the export cannot check that it rebuilds "
+            f"the encoder the decoder was trained with; re-extract with `python run_pipeline.py extract --overwrite`")
+    # float32 whatever the extraction used: the SavedModel must run on any CPU, and mixed
+    # precision changes only the arithmetic, not the weights the fingerprint covers.
+    encoder_model = encoder_module.build_encoder(
+        config.encoder.weights, config.encoder.image_size, seed=config.seed, precision="fp32")
+    fingerprint = encoder_module.encoder_fingerprint(encoder_model)
+    if fingerprint != cached_fingerprint:
+        raise errors.ArtifactError(
+            f"{cache_path}: the rebuilt encoder (weights={config.encoder.weights!r}, seed={config.seed}) has "
+            f"fingerprint {fingerprint} but the features were extracted by one with fingerprint "
+            f"{cached_fingerprint}: the SavedModel would pair the decoder with a different encoder than the "
+            f"one it was trained on. Export with the same --weights and seed as `extract`, or re-extract and retrain")
+    return encoder_model
+
+
+def _write_metadata(saved_model_dir, config, vocabulary, cache_attrs, signature_table):
+    """Writes assets.extra/ so a served model describes itself (vocabulary, settings, encoder)."""
+    metadata_dir = Path(saved_model_dir) / METADATA_DIR
+    metadata_dir.mkdir(parents=True, exist_ok=True)
+    vocabulary.save(metadata_dir / text.VOCAB_FILE)
+    encoder_keys = ("encoder", "weights", "image_size", "pooling", "feature_dim", "encoder_fingerprint")
+    io_utils.write_json(metadata_dir / METADATA_FILE, {
+        "format": METADATA_FORMAT,
+        "version": METADATA_VERSION,
+        "model_name": MODEL_NAME,
+        "model_version": MODEL_VERSION,
+        "signatures": {
+            name: {"inputs": {key: {"dtype": dtype, "shape": shape} for key, (dtype, shape) in inputs.items()},
+                   "outputs": {key: {"dtype": dtype, "shape": shape} for key, (dtype, shape) in outputs.items()}}
+            for name, (inputs, outputs) in signature_table.items()
+        },
+        "vocabulary_size": len(vocabulary),
+        "vocabulary_file": f"{METADATA_DIR}/{text.VOCAB_FILE}",
+        "encoder": {key: cache_attrs[key] for key in encoder_keys if key in cache_attrs},
+        "config": config.to_dict(),
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+    })
+
+
+def _format_tensors(tensors):
+    def dimensions(shape):
+        return "[" + ", ".join("None" if size == -1 else str(size) for size in shape) + "]"
+
+    return ", ".join(f"{name} {dtype} {dimensions(shape)}" for name, (dtype, shape) in tensors.items())
+
+
+def _log(started, message):
+    print(f"[export {time.perf_counter() - started:5.1f}s] {message}", flush=True)

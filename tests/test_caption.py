@@ -1,0 +1,69 @@
+"""The `caption` command on the real exported demo model (`exported_out`)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+from models import captioner as captioner_module
+from pipeline import caption, config as config_module, datasets, errors, features, text
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def _expected_captions(out_dir, image_ids):
+    """In-Python captions of cached features for `image_ids`, the reference for the export."""
+    cache = features.read_features(out_dir)
+    rows = [cache.index()[image_id] for image_id in image_ids]
+    config = config_module.PipelineConfig.load(out_dir)
+    vocabulary = text.Vocabulary.load(out_dir / text.VOCAB_FILE)
+    decoder_model = keras.saving.load_model(out_dir / "decoder.keras", compile=False)
+    captioner = captioner_module.FeatureCaptioner(
+        decoder_model, vocabulary.words, config.decode,
+        start_id=text.START_ID, end_id=text.END_ID, unk_id=text.UNK_ID, pad_id=text.PAD_ID)
+    outputs = captioner.caption_features(cache.features[rows])
+    return [value.decode() for value in outputs["captions"].numpy().tolist()]
+
+
+def test_bad_files_are_reported_and_good_ones_captioned_in_order(exported_out, tmp_path):
+    dataset = datasets.read_captions_json(exported_out)
+    image_ids = [record.image_id for record in dataset.images[:3]]
+    good = [str(dataset.image_dir / image_id) for image_id in image_ids]
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("this is text, not a JPEG")
+    missing = tmp_path / "missing.png"
+    # batch size 2: the text file shares its batch with a good image, which must survive it
+    arguments = [good[0], str(not_an_image), good[1], str(missing), str(tmp_path), good[2]]
+    result = subprocess.run(
+        [sys.executable, "run_pipeline.py", "caption", *arguments,
+         "--model", str(exported_out / "saved_model"), "--batch-size", "2"],
+        cwd=REPOSITORY, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 2, result.stderr
+    expected = _expected_captions(exported_out, image_ids)
+    assert result.stdout.splitlines() == [f"{path}\t{text_}" for path, text_ in zip(good, expected)]
+    errors_printed = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors_printed[0].startswith(f"error: {not_an_image}: not a readable JPEG, PNG, GIF or BMP image (")
+    assert errors_printed[1:] == [f"error: {missing}: no such file",
+                                  f"error: {tmp_path}: is a folder, not an image file"]
+
+
+def test_missing_model_folder_names_the_command_that_makes_it(tmp_path):
+    with pytest.raises(errors.PipelineError) as raised:
+        caption.run_caption(["image.jpg"], tmp_path / "nowhere" / "saved_model")
+    message = str(raised.value)
+    assert f"{tmp_path / 'nowhere' / 'saved_model'}: no exported SavedModel here (the folder does not exist)" in message
+    assert "python run_pipeline.py export --out OUT" in message and "`python run_pipeline.py`" in message
+    with pytest.raises(errors.PipelineError, match="has no saved_model.pb"):
+        caption.run_caption(["image.jpg"], tmp_path)
+
+
+def test_image_problem_accepts_images_and_names_what_is_wrong(demo_data_dir):
+    image_bytes = next((demo_data_dir / "Images").iterdir()).read_bytes()
+    assert caption.image_problem(image_bytes) is None
+    assert caption.image_problem(b"") == "empty file"
+    assert caption.image_problem(b"GIF89a nonsense").startswith("not a readable JPEG, PNG, GIF or BMP image")
+    assert "{{" not in caption.image_problem(b"plain text")  # no graph-node noise in the reason
