@@ -56,36 +56,31 @@ def synthetic_cache(seed=0):
 
 
 def _timed_fit(model, dataset, batches, captions_per_batch):
-    """Trains `batches` batches after a warm-up; returns (seconds, captions trained)."""
-    iterator = iter(dataset)
-    for _ in range(WARMUP_BATCHES):
-        model.train_on_batch(*next(iterator))
+    """`model.fit` over `batches` batches after a warm-up fit (tracing); returns (seconds, captions).
+
+    Both designs are timed the same way, through `fit`, as a user trains them.
+    """
+    model.fit(dataset, steps_per_epoch=WARMUP_BATCHES, epochs=1, verbose=0)
     started = time.perf_counter()
-    captions = 0.0
-    for _ in range(batches):
-        inputs, targets = next(iterator)
-        model.train_on_batch(inputs, targets)
-        captions += captions_per_batch(inputs, targets)
-    return time.perf_counter() - started, captions
+    model.fit(dataset, steps_per_epoch=batches, epochs=1, verbose=0)
+    return time.perf_counter() - started, batches * captions_per_batch
 
 
 def bench_teacher_forcing(features, rows, token_rows, args):
-    import keras
-
-    from models import decoder
     from pipeline import config as config_module
     from pipeline import train
 
     split = train.CaptionSplit(rows, token_rows, images=NUM_IMAGES)
     dataset = train.make_caption_dataset(
-        split, train._ArrayRows(features), FEATURE_DIM, args.batch_size, shuffle_seed=0, shuffle_buffer=10000,
+        split, train.InMemoryFeatures(features), args.batch_size, shuffle_seed=0, shuffle_buffer=10000,
+        sort_window_batches=args.sort_window_batches,
     ).repeat()
-    decoder_config = config_module.DecoderConfig(embedding_dim=args.embedding_dim, units=args.units, dropout=0.5)
-    model = decoder.build_decoder(decoder_config, VOCAB_SIZE, FEATURE_DIM)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3, clipnorm=5.0), loss=decoder.masked_loss)
+    config = config_module.PipelineConfig()
+    config.decoder = config_module.DecoderConfig(embedding_dim=args.embedding_dim, units=args.units, dropout=0.5)
+    model = train.build_model(config, VOCAB_SIZE, FEATURE_DIM, steps_per_execution=args.steps_per_execution)
     epoch_batches = -(-NUM_CAPTIONS // args.batch_size)
     batches = min(args.quick_batches, epoch_batches) if args.quick else epoch_batches
-    seconds, captions = _timed_fit(model, dataset, batches, lambda inputs, targets: int(targets.shape[0]))
+    seconds, captions = _timed_fit(model, dataset, batches, NUM_CAPTIONS / epoch_batches)
     return {"batches_timed": batches, "epoch_batches": epoch_batches, "seconds": seconds,
             "captions_per_second": captions / seconds}
 
@@ -140,33 +135,54 @@ def bench_merge_model(features, rows, token_rows, args):
     total_samples = sum(len(tokens) - 1 for tokens in token_rows)
     epoch_batches = -(-total_samples // args.merge_batch_size)
     batches = min(args.quick_batches, epoch_batches) if args.quick else epoch_batches
-    seconds, captions = _timed_fit(
-        model, dataset, batches, lambda inputs, targets: int(targets.shape[0]) / samples_per_caption
-    )
+    seconds, captions = _timed_fit(model, dataset, batches, args.merge_batch_size / samples_per_caption)
     return {"batches_timed": batches, "epoch_batches": epoch_batches, "seconds": seconds,
             "captions_per_second": captions / seconds, "samples_per_caption": float(samples_per_caption),
             "max_prefix_length": max_length}
 
 
-def main(argv=None):
+def _parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--quick", action="store_true", help="time a fixed number of batches and extrapolate")
     parser.add_argument("--quick-batches", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64, help="captions per batch (teacher forcing)")
+    parser.add_argument("--sort-window-batches", type=int, default=None,
+                        help="length-sorting window of the training batches (default: train.SORT_WINDOW_BATCHES)")
+    parser.add_argument("--steps-per-execution", type=int, default=None,
+                        help="training steps per tf.function call (default: train.STEPS_PER_EXECUTION)")
     parser.add_argument("--merge-batch-size", type=int, default=64,
                         help="samples per batch of the merge model (the tutorials' one-photo batches hold ~60)")
     parser.add_argument("--embedding-dim", type=int, default=256)
     parser.add_argument("--units", type=int, default=512)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(quick, args=None):
+    """Runs both benchmarks; returns a dict with `train_captions_per_s`,
+    `train_prefix_baseline_captions_per_s`, `train_speedup` and the details of each design.
+
+    quick: time `--quick-batches` batches of each (after warm-up) instead of a full epoch.
+    args: an argparse.Namespace of this module's options (see `--help`); None takes the defaults.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pipeline import train
+
+    args = argparse.Namespace(**vars(args if args is not None else _parser().parse_args([])))
+    args.quick = bool(quick)
+    if args.sort_window_batches is None:
+        args.sort_window_batches = train.SORT_WINDOW_BATCHES
+    if args.steps_per_execution is None:
+        args.steps_per_execution = train.STEPS_PER_EXECUTION
     import keras
 
     keras.utils.set_random_seed(0)
     features, rows, token_rows = synthetic_cache()
     print(f"cache: {NUM_IMAGES} vectors x {FEATURE_DIM}, {NUM_CAPTIONS} captions, "
           f"{np.mean([len(tokens) - 2 for tokens in token_rows]):.1f} words on average, vocabulary {VOCAB_SIZE}; "
-          f"embedding {args.embedding_dim}, units {args.units}", file=sys.stderr)
+          f"embedding {args.embedding_dim}, units {args.units}; batches: teacher forcing {args.batch_size} captions "
+          f"(sort window {args.sort_window_batches}, steps/execution {args.steps_per_execution}), "
+          f"merge model {args.merge_batch_size} samples", file=sys.stderr)
     mode = (f"quick: {args.quick_batches} timed batches each (after {WARMUP_BATCHES} warm-up), "
             "epoch time extrapolated" if args.quick else "full epoch each")
     print(f"mode: {mode}", file=sys.stderr)
@@ -181,7 +197,16 @@ def main(argv=None):
               f"{'~' if args.quick else ''}{result['epoch_seconds']:.0f} s)", file=sys.stderr)
     ratio = results["teacher_forcing"]["captions_per_second"] / results["merge_model"]["captions_per_second"]
     results["ratio"] = ratio
+    results["train_captions_per_s"] = results["teacher_forcing"]["captions_per_second"]
+    results["train_prefix_baseline_captions_per_s"] = results["merge_model"]["captions_per_second"]
+    results["train_speedup"] = ratio
     print(f"ratio teacher forcing / merge model: {ratio:.1f}x (target >= 10x)", file=sys.stderr)
+    return results
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    results = run(args.quick, args)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)

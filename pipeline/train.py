@@ -13,10 +13,12 @@ Reads `OUT/config.json`, `OUT/captions.json`, `OUT/vocab.json` and `OUT/features
 Data path: one sample per caption (teacher forcing over the whole caption, see
 `models.decoder`). Captions become `<start> w1 .. wn <end>` id rows, kept as one ragged
 tensor next to an int32 vector of feature-row indices; `tf.data` shuffles those small
-(row index, token ids) pairs, pads each batch to its own longest caption, and only then
-gathers the batch's image vectors from the float32 cache array in one NumPy indexing
-call. A 2048-d vector is never copied per caption into Python lists, and a cache larger
-than `train.max_cache_memory_gb` is read batch by batch from the HDF5 file instead.
+(row index, token ids) pairs, sorts windows of 16 batches by length (so batches carry
+almost no padding), pads each batch to its own longest caption, and only then gathers
+the batch's image vectors: with `tf.gather` from one in-memory tensor, or, for a cache
+larger than `train.max_cache_memory_gb`, from the HDF5 file batch by batch
+(`StreamedFeatures`), giving the same batches. A 2048-d vector is never copied per
+caption into Python lists.
 """
 
 import dataclasses
@@ -40,6 +42,10 @@ CHECKPOINT_DIR = "checkpoints"
 LOG_DIR = "logs"
 EXTRACT_ERRORS_FILE = "extract_errors.json"
 STRATEGIES = ("default", "mirrored", "multiworker")
+# Training batches are formed within windows of this many batches sorted by caption length.
+SORT_WINDOW_BATCHES = 16
+# Training steps run per tf.function call (Keras `steps_per_execution`).
+STEPS_PER_EXECUTION = 4
 
 
 @dataclasses.dataclass
@@ -63,7 +69,7 @@ class CaptionSplit:
 class TrainingData:
     """Everything training reads from OUT, checked.
 
-    feature_rows: a callable rows int [B] -> float32 [B, feature_dim] (memory or HDF5).
+    feature_rows: InMemoryFeatures or StreamedFeatures (rows int32 [B] -> float32 [B, feature_dim]).
     feature_dim: int; vocabulary: text.Vocabulary; train, val: CaptionSplit.
     skipped_images: int, train/val images left out because extraction failed on them.
     empty_captions: int, captions left out because no word survived normalization.
@@ -80,31 +86,56 @@ class TrainingData:
     in_memory: bool
 
 
-class _ArrayRows:
-    """rows -> float32 [B, D] from the in-memory cache (one fancy-indexing copy per batch)."""
+class InMemoryFeatures:
+    """The whole feature cache held as one tensor; batches are gathered with TF ops.
 
-    def __init__(self, array):
-        self.array = array
-
-    def __call__(self, rows):
-        return self.array[rows]
-
-
-class _StreamedRows:
-    """rows -> float32 [B, D] read from features.h5 per batch, for caches above the memory limit.
-
-    The reader is opened lazily in the process that iterates the dataset; h5py serializes
-    access internally, so tf.data's threads may call this concurrently.
+    array: float32 [N, feature_dim] (NumPy or TF). The gather runs inside the tf.data
+    graph (`tf.gather`), with no Python call and no GIL per batch.
     """
 
-    def __init__(self, out_dir):
+    def __init__(self, array):
+        import tensorflow as tf
+
+        self.tensor = tf.convert_to_tensor(array, dtype=tf.float32)
+        self.feature_dim = int(self.tensor.shape[1])
+
+    def gather(self, rows):
+        """rows int32 [B] -> float32 [B, feature_dim] (graph-safe)."""
+        import tensorflow as tf
+
+        return tf.gather(self.tensor, rows)
+
+
+class StreamedFeatures:
+    """Feature rows read from features.h5 batch by batch, for caches above the memory limit.
+
+    Only the rows of the current batches are in memory (plus HDF5's chunk cache). The
+    reader is opened lazily in the process that iterates the dataset; h5py serializes
+    access internally, so tf.data's threads may call it concurrently.
+    """
+
+    def __init__(self, out_dir, feature_dim):
         self.out_dir = out_dir
+        self.feature_dim = int(feature_dim)
         self._reader = None
 
-    def __call__(self, rows):
+    def read(self, rows):
+        """rows int [B] (NumPy) -> float32 [B, feature_dim] (NumPy)."""
         if self._reader is None:
             self._reader = features.open_features(self.out_dir)
         return self._reader.read(rows)
+
+    def gather(self, rows):
+        """rows int32 [B] tensor -> float32 [B, feature_dim] tensor, through `tf.numpy_function`."""
+        import tensorflow as tf
+
+        image_features = tf.numpy_function(self.read, [rows], tf.float32, stateful=False)
+        return tf.ensure_shape(image_features, [None, self.feature_dim])
+
+    def close(self):
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
 
 def encode_caption(raw_caption, vocabulary, max_caption_length):
@@ -137,18 +168,27 @@ def encode_split(records, row_of_image, vocabulary, max_caption_length):
     return CaptionSplit(np.asarray(rows, dtype=np.int32), token_ids, len(records)), empty
 
 
-def make_caption_dataset(split, feature_rows, feature_dim, batch_size, shuffle_seed=None, shuffle_buffer=10000):
+def make_caption_dataset(split, feature_rows, batch_size, *, shuffle_seed=None, shuffle_buffer=10000,
+                         sort_window_batches=SORT_WINDOW_BATCHES):
     """The tf.data pipeline of one split for `model.fit`.
 
     Args:
         split: CaptionSplit.
-        feature_rows: callable int32 [B] -> float32 [B, feature_dim] (NumPy).
-        feature_dim: int.
-        batch_size: int; the last batch may be smaller.
-        shuffle_seed: int to shuffle (reshuffled every epoch, same sequence for a seed), None keeps the order.
+        feature_rows: InMemoryFeatures or StreamedFeatures: `.gather(rows int32 [B]) -> float32 [B, D]`
+            and `.feature_dim`.
+        batch_size: int, captions per batch (the global batch under a distribution strategy);
+            an epoch has ceil(len(split) / batch_size) batches, the last one may be smaller.
+        shuffle_seed: int to shuffle (reshuffled every epoch, the same sequence for a seed);
+            None keeps the captions in order (validation).
         shuffle_buffer: int, shuffle buffer size (the pairs are small: a full buffer is cheap).
+        sort_window_batches: int, when shuffling: the shuffled stream is cut into windows
+            of this many batches, each window is sorted by caption length and cut into
+            batches, and the batches are shuffled again. Batches then hold captions of
+            nearly one length, so padding (which the LSTM and the vocabulary-wide softmax
+            compute on like on real words) almost vanishes, while which captions meet in a
+            batch stays random. 1 turns it off.
     Returns:
-        tf.data.Dataset of `({"image_features": float32 [B, feature_dim], "caption_tokens": int32 [B, T]},
+        tf.data.Dataset of `({"image_features": float32 [B, D], "caption_tokens": int32 [B, T]},
         targets int32 [B, T])`, T = the batch's longest caption + 1, padded with 0; targets are
         the tokens shifted left by one (`models.decoder.make_training_pair`).
     """
@@ -156,27 +196,43 @@ def make_caption_dataset(split, feature_rows, feature_dim, batch_size, shuffle_s
 
     from models import decoder
 
+    if sort_window_batches < 1:
+        raise ValueError(f"sort_window_batches must be at least 1, got {sort_window_batches}")
     lengths = np.asarray([len(tokens) for tokens in split.token_ids], dtype=np.int64)
     flat = np.concatenate(split.token_ids) if split.token_ids else np.zeros((0,), np.int32)
     captions = tf.RaggedTensor.from_row_lengths(flat, lengths)
     dataset = tf.data.Dataset.from_tensor_slices((split.rows, captions))
-    # A slice of a ragged tensor is a dense vector wrapped in a ragged spec, which
-    # padded_batch refuses; passing it through a map gives it its plain dense spec.
-    dataset = dataset.map(lambda row, token_ids: (row, tf.convert_to_tensor(token_ids)))
+
+    def dense(row, token_ids):
+        # A slice of a ragged tensor is a dense vector wrapped in a ragged spec, which
+        # padded_batch refuses; passing it through a map gives it its plain dense spec.
+        return row, tf.convert_to_tensor(token_ids)
+
+    def sort_by_length(rows, token_ids):
+        order = tf.argsort(token_ids.row_lengths(), stable=True)
+        return tf.gather(rows, order), tf.gather(token_ids, order)
+
+    padding = dict(padded_shapes=([], [None]), padding_values=(0, np.int32(text.PAD_ID)))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
-    dataset = dataset.padded_batch(
-        batch_size, padded_shapes=([], [None]), padding_values=(0, np.int32(text.PAD_ID))
-    )
+        if sort_window_batches > 1:
+            # Windows are whole multiples of the batch size, so batches never straddle two
+            # windows and the epoch keeps ceil(captions / batch_size) batches.
+            dataset = dataset.ragged_batch(sort_window_batches * batch_size).map(sort_by_length).unbatch()
+        dataset = dataset.map(dense).padded_batch(batch_size, **padding)
+        if sort_window_batches > 1:
+            dataset = dataset.shuffle(sort_window_batches, seed=shuffle_seed + 1, reshuffle_each_iteration=True)
+    else:
+        dataset = dataset.map(dense).padded_batch(batch_size, **padding)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(-(-len(split) // batch_size)))
 
-    def gather(rows, token_ids):
-        image_features = tf.numpy_function(feature_rows, [rows], tf.float32, stateful=False)
-        image_features = tf.ensure_shape(image_features, [None, feature_dim])
+    def to_model_inputs(rows, token_ids):
+        image_features = feature_rows.gather(rows)
         caption_tokens, targets = decoder.make_training_pair(token_ids)
         inputs = {decoder.IMAGE_FEATURES_INPUT: image_features, decoder.CAPTION_TOKENS_INPUT: caption_tokens}
         return inputs, targets
 
-    dataset = dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(to_model_inputs, num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     # Elements come from in-memory tensors, not files: shard by element across workers.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -229,9 +285,9 @@ def load_training_data(out_dir, config):
     cache_bytes = num_rows * feature_dim * 4
     in_memory = cache_bytes <= config.train.max_cache_memory_gb * 2**30
     if in_memory:
-        feature_rows = _ArrayRows(features.read_features(out_dir).features)
+        feature_rows = InMemoryFeatures(features.read_features(out_dir).features)
     else:
-        feature_rows = _StreamedRows(out_dir)
+        feature_rows = StreamedFeatures(out_dir, feature_dim)
     return TrainingData(
         feature_rows=feature_rows, feature_dim=feature_dim, vocabulary=vocabulary,
         train=encoded["train"], val=encoded["val"], skipped_images=skipped,
@@ -286,15 +342,87 @@ def _check_settings(config):
             raise errors.PipelineError(f"{message}, got {value!r}")
 
 
-def _make_strategy(name):
+def build_model(config, vocab_size, feature_dim, steps_per_execution=STEPS_PER_EXECUTION):
+    """The decoder of `config.decoder`, compiled for training as `run_train` trains it.
+
+    Call inside `strategy.scope()` to distribute it. Adam with `train.learning_rate` and
+    `train.clipnorm`, `models.decoder.masked_loss`, `MaskedAccuracy`; several steps per
+    `tf.function` call (`steps_per_execution`, 1 with several replicas) to spare the
+    per-step Python round trip.
+    Returns a compiled `keras.Model` (inputs and outputs as `models.decoder.build_decoder`).
+    """
+    import keras
+    import tensorflow as tf
+
+    from models import decoder
+
+    if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        # Keras 3.15's multi-step loop over a distributed iterator fails under
+        # MirroredStrategy ("You must feed a value for placeholder tensor ...while/cond"):
+        # one step per call there.
+        steps_per_execution = 1
+    model = decoder.build_decoder(config.decoder, vocab_size, feature_dim)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=config.train.learning_rate, clipnorm=config.train.clipnorm),
+        loss=decoder.masked_loss,
+        metrics=[decoder.MaskedAccuracy()],
+        steps_per_execution=steps_per_execution,
+    )
+    return model
+
+
+def make_strategy(name):
+    """The tf.distribute strategy named by `train.strategy`.
+
+    "default": the current (single-device) strategy. "mirrored": one replica per GPU, or,
+    without GPUs, per logical CPU device (`tf.config.set_logical_device_configuration`).
+    "multiworker": `MultiWorkerMirroredStrategy` on the cluster of TF_CONFIG, checked first
+    (`check_tf_config`). Under "mirrored" and "multiworker" `train.batch_size` is the
+    global batch, split across replicas; each replica averages the loss over its own
+    non-pad tokens and the replicas' gradients are averaged.
+    """
     import tensorflow as tf
 
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([device.name for device in devices])
     if name == "multiworker":
-        # Reads the cluster from the TF_CONFIG environment variable.
+        check_tf_config(os.environ.get("TF_CONFIG"))
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def check_tf_config(raw):
+    """Raises PipelineError unless `raw` (the TF_CONFIG string or None) describes this worker.
+
+    Expected: {"cluster": {"worker": ["host:port", ...], "chief": [...]?}, "task": {"type":
+    "worker"|"chief", "index": int}}, the task's index within its job's address list.
+    """
+    example = ('TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+               '"task": {"type": "worker", "index": 0}}\'')
+    if not raw:
+        raise errors.PipelineError(
+            f"--strategy multiworker needs the TF_CONFIG environment variable on every worker, e.g. {example}"
+        )
+    try:
+        tf_config = json.loads(raw)
+    except ValueError as error:
+        raise errors.PipelineError(f"TF_CONFIG is not valid JSON ({error}); expected e.g. {example}") from None
+    cluster = tf_config.get("cluster") if isinstance(tf_config, dict) else None
+    task = tf_config.get("task") if isinstance(tf_config, dict) else None
+    if not isinstance(cluster, dict) or not cluster.get("worker") and not cluster.get("chief"):
+        raise errors.PipelineError(f"TF_CONFIG has no cluster with a 'worker' (or 'chief') address list; expected e.g. {example}")
+    for job, addresses in cluster.items():
+        if not isinstance(addresses, list) or not all(isinstance(a, str) and ":" in a for a in addresses):
+            raise errors.PipelineError(f"TF_CONFIG cluster[{job!r}] must be a list of 'host:port' strings, got {addresses!r}")
+    if not isinstance(task, dict) or task.get("type") not in ("worker", "chief"):
+        raise errors.PipelineError(f"TF_CONFIG task must be {{'type': 'worker' or 'chief', 'index': N}}, got {task!r}")
+    index, addresses = task.get("index"), cluster.get(task["type"], [])
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(addresses):
+        raise errors.PipelineError(
+            f"TF_CONFIG task index {index!r} does not name one of the {len(addresses)} "
+            f"{task['type']!r} address(es) of the cluster"
+        )
 
 
 def _is_chief(strategy):
@@ -421,6 +549,11 @@ def run_train(out_dir, overrides, resume=False):
     saved_config = config_module.PipelineConfig.load(out_dir)
     config = saved_config.replace(overrides)
     _check_settings(config)
+    import keras
+
+    # Before anything else touches TF: MultiWorkerMirroredStrategy must configure the
+    # collective ops at startup, and TF_CONFIG problems should stop the run first.
+    strategy = make_strategy(config.train.strategy)
     data = load_training_data(out_dir, config)
     config.decoder.vocab_size = len(data.vocabulary)
 
@@ -446,25 +579,14 @@ def run_train(out_dir, overrides, resume=False):
         history = []
     config.save(out_dir)
 
-    import keras
-
-    from models import decoder
-
     keras.utils.set_random_seed(config.seed)
-    strategy = _make_strategy(config.train.strategy)
     with strategy.scope():
-        model = decoder.build_decoder(config.decoder, config.decoder.vocab_size, data.feature_dim)
-        model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=config.train.learning_rate, clipnorm=config.train.clipnorm),
-            loss=decoder.masked_loss,
-            metrics=[decoder.MaskedAccuracy()],
-        )
+        model = build_model(config, config.decoder.vocab_size, data.feature_dim)
     batch_size = config.train.batch_size
     train_dataset = make_caption_dataset(
-        data.train, data.feature_rows, data.feature_dim, batch_size,
-        shuffle_seed=config.seed, shuffle_buffer=config.train.shuffle_buffer,
+        data.train, data.feature_rows, batch_size, shuffle_seed=config.seed, shuffle_buffer=config.train.shuffle_buffer,
     )
-    val_dataset = make_caption_dataset(data.val, data.feature_rows, data.feature_dim, batch_size)
+    val_dataset = make_caption_dataset(data.val, data.feature_rows, batch_size)
     print(
         f"train: {len(data.train)} train captions ({data.train.images} images), {len(data.val)} val captions "
         f"({data.val.images} images), vocabulary {config.decoder.vocab_size}, "
@@ -478,10 +600,14 @@ def run_train(out_dir, overrides, resume=False):
 
     callbacks = _make_callbacks(out_dir, config, history, _is_chief(strategy))
     fit_started = time.monotonic()
-    model.fit(
-        train_dataset, validation_data=val_dataset, epochs=config.train.epochs,
-        callbacks=callbacks, verbose=2, shuffle=False,  # the dataset shuffles itself, seeded
-    )
+    try:
+        model.fit(
+            train_dataset, validation_data=val_dataset, epochs=config.train.epochs,
+            callbacks=callbacks, verbose=2, shuffle=False,  # the dataset shuffles itself, seeded
+        )
+    finally:
+        if isinstance(data.feature_rows, StreamedFeatures):
+            data.feature_rows.close()
     fit_seconds = time.monotonic() - fit_started
     epochs_run = sum(1 for entry in history if entry["epoch"] > finished)
     config.save(out_dir)
