@@ -13,6 +13,12 @@ end-to-end call spent decoding captions (the target is under 0.25; ResNet50 shou
 OUT is a trained run (default artifacts/demo, made by `python run_pipeline.py`). Without
 one, or with --fresh, a small run is made in a temporary folder: generated demo images,
 random encoder weights, the default decoder size trained for one epoch.
+
+--synthetic (what the benchmark suite runs) measures the worst case at Flickr8k's sizes
+instead: the export's own graph around a random ResNet50 and an untrained decoder of the
+default size (embedding 256, units 512) over a 3,000-word vocabulary. An untrained decoder
+almost never writes `<end>`, so every beam runs the full `max_length` (20 words): decoding
+costs at least as much as for any trained model of that size.
 """
 
 import argparse
@@ -40,6 +46,44 @@ def _fresh_run(folder):
     return out
 
 
+SYNTHETIC_VOCABULARY = 3000
+
+
+def _synthetic_run(folder, beam_size=3):
+    """Saves the export graph of a random encoder + untrained default-size decoder; returns
+    (saved_model_dir, encoded images list[bytes], feature rows float32 [16, 2048], decode dict)."""
+    import io
+
+    import numpy
+    import tensorflow as tf
+    from PIL import Image
+
+    from models import captioner, decoder, encoder
+    from pipeline import config as config_module
+    from pipeline import export
+
+    settings = config_module.PipelineConfig().replace({"decode.beam_size": beam_size})
+    encoder_model = encoder.build_encoder("random", settings.encoder.image_size, seed=0)
+    decoder_model = decoder.build_decoder(settings.decoder, SYNTHETIC_VOCABULARY)
+    words = ["<pad>", "<start>", "<end>", "<unk>"] + [f"w{index}" for index in range(SYNTHETIC_VOCABULARY - 4)]
+    feature_captioner = captioner.FeatureCaptioner(decoder_model, words, settings.decode)
+    image_captioner = captioner.ImageCaptioner(encoder_model, feature_captioner, settings.encoder.image_size)
+    saved_model_dir = Path(folder) / "saved_model"
+    tf.saved_model.save(image_captioner, str(saved_model_dir), signatures=export.serving_signatures(image_captioner))
+
+    generator = numpy.random.default_rng(0)
+    images = []
+    for _ in range(BATCH_SIZE):  # camera-like JPEGs, 500x375 as in Flickr8k
+        pixels = generator.integers(0, 256, (375, 500, 3), dtype=numpy.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        images.append(buffer.getvalue())
+    decoded = tf.stack([encoder.decode_image(tf.constant(data), settings.encoder.image_size) for data in images])
+    feature_rows = encoder_model(decoded, training=False).numpy()
+    decode = {"beam_size": settings.decode.beam_size, "max_length": settings.decode.max_length}
+    return saved_model_dir, images, feature_rows, decode
+
+
 def _time_calls(function, repeats, warmup):
     """Seconds per call (list of float) of `function()` after `warmup` untimed calls."""
     for _ in range(warmup):
@@ -59,10 +103,8 @@ def _percentile(values, fraction):
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
-def measure(out_dir, repeats, batch_repeats):
-    """Runs the measurements on OUT/saved_model; returns the results (dict)."""
-    import tensorflow as tf
-
+def _run_inputs(out_dir):
+    """(saved_model_dir, images list[bytes], feature rows, decode dict) of a trained run."""
     from pipeline import datasets, features
 
     model_dir = Path(out_dir) / "saved_model"
@@ -71,13 +113,21 @@ def measure(out_dir, repeats, batch_repeats):
     image_ids = cache.image_ids[:BATCH_SIZE]
     if len(image_ids) < BATCH_SIZE:
         raise SystemExit(f"{out_dir}: needs at least {BATCH_SIZE} cached images, has {len(image_ids)}")
-    images = tf.constant([(dataset.image_dir / image_id).read_bytes() for image_id in image_ids])
-    feature_rows = tf.constant(cache.features[:BATCH_SIZE])
+    images = [(dataset.image_dir / image_id).read_bytes() for image_id in image_ids]
+    metadata_path = model_dir / "assets.extra" / "captioner.json"
+    decode = json.loads(metadata_path.read_text())["config"]["decode"] if metadata_path.is_file() else {}
+    return model_dir, images, cache.features[:BATCH_SIZE], decode
+
+
+def measure(model_dir, images, feature_rows, decode, repeats, batch_repeats):
+    """Times the SavedModel's two signatures on these inputs; returns the results (dict)."""
+    import tensorflow as tf
+
+    images = tf.constant(images)
+    feature_rows = tf.constant(feature_rows)
     loaded = tf.saved_model.load(str(model_dir))
     by_images = loaded.signatures["serving_default"]
     by_features = loaded.signatures["caption_features"]
-    metadata_path = model_dir / "assets.extra" / "captioner.json"
-    decode = json.loads(metadata_path.read_text())["config"]["decode"] if metadata_path.is_file() else {}
 
     print("serving_default, 1 image:", file=sys.stderr)
     single = _time_calls(lambda: by_images(images=images[:1]), repeats, warmup=3)
@@ -112,7 +162,18 @@ def measure(out_dir, repeats, batch_repeats):
         "decode_share_single": statistics.median(single_features) / statistics.median(single),
         "repeats": repeats,
         "batch_repeats": batch_repeats,
+        # the benchmark suite's names
+        "savedmodel_latency_ms": 1000 * statistics.median(single),
+        "savedmodel_decode_share": statistics.median(single_features) / statistics.median(single),
+        "savedmodel_batch16_images_per_s": BATCH_SIZE / batch_seconds,
     }
+
+
+def run(quick=False):
+    """The suite's entry point: the --synthetic measurement; returns the results (dict)."""
+    with tempfile.TemporaryDirectory(prefix="bench_serving_") as temporary:
+        inputs = _synthetic_run(temporary)
+        return measure(*inputs, repeats=10 if quick else 30, batch_repeats=3 if quick else 8)
 
 
 def print_table(results):
@@ -142,6 +203,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join("artifacts", "demo"), help="a trained run folder")
     parser.add_argument("--fresh", action="store_true", help="make a small run in a temporary folder instead")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="worst case at Flickr8k sizes: untrained default-size decoder, 3,000 words")
     parser.add_argument("--export", action="store_true", help="re-export OUT first (with --beam-size)")
     parser.add_argument("--beam-size", type=int, default=None, help="beam width for --export")
     parser.add_argument("--repeats", type=int, default=20, help="timed single-image calls")
@@ -151,13 +214,19 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory(prefix="bench_serving_") as temporary:
         out_dir = Path(args.out)
+        if args.synthetic:
+            results = measure(*_synthetic_run(temporary, args.beam_size or 3), args.repeats, args.batch_repeats)
+            print_table(results)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            return 0
         if args.fresh or not (out_dir / "decoder.keras").is_file():
             out_dir = _fresh_run(temporary)
         elif args.export or not (out_dir / "saved_model" / "saved_model.pb").is_file():
             from pipeline import export
 
             export.run_export(out_dir, {"decode.beam_size": args.beam_size})
-        results = measure(out_dir, args.repeats, args.batch_repeats)
+        results = measure(*_run_inputs(out_dir), args.repeats, args.batch_repeats)
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -78,12 +78,7 @@ def run_export(out_dir, overrides):
         start_id=text.START_ID, end_id=text.END_ID, unk_id=text.UNK_ID, pad_id=text.PAD_ID,
     )
     image_captioner = captioner_module.ImageCaptioner(encoder_model, feature_captioner, config.encoder.image_size)
-    signatures = {
-        SERVING_SIGNATURE: image_captioner.caption_images.get_concrete_function(
-            tf.TensorSpec([None], tf.string, name="images")),
-        FEATURES_SIGNATURE: image_captioner.caption_features.get_concrete_function(
-            tf.TensorSpec([None, encoder_module.FEATURE_DIM], tf.float32, name="features")),
-    }
+    signatures = serving_signatures(image_captioner)
 
     saved_model_dir = out_dir / SAVED_MODEL_DIR
     _log(started, f"tracing and saving (beam size {config.decode.beam_size}, "
@@ -104,6 +99,20 @@ def run_export(out_dir, overrides):
     for name, (inputs, outputs) in signature_table.items():
         print(f"  signature {name}: {_format_tensors(inputs)} -> {_format_tensors(outputs)}")
     return saved_model_dir
+
+
+def serving_signatures(image_captioner):
+    """The contract's signatures of an `ImageCaptioner`: {name: concrete function}.
+
+    `serving_default` takes `images` (tf.string [None]); `caption_features` takes
+    `features` (tf.float32 [None, 2048]); both return `captions` and `scores`.
+    """
+    return {
+        SERVING_SIGNATURE: image_captioner.caption_images.get_concrete_function(
+            tf.TensorSpec([None], tf.string, name="images")),
+        FEATURES_SIGNATURE: image_captioner.caption_features.get_concrete_function(
+            tf.TensorSpec([None, encoder_module.FEATURE_DIM], tf.float32, name="features")),
+    }
 
 
 def read_signatures(saved_model_dir):
