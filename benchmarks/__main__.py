@@ -1,0 +1,132 @@
+"""The benchmark suite: every benchmark of the project, in one run, as one JSON object.
+
+    python -m benchmarks --quick --json benchmarks.json
+
+Each benchmark runs in a fresh subprocess (its own TensorFlow threads and memory), one
+after the other so they do not compete for the CPU; the figures that are compared with
+each other (extract against its bound, training against the per-prefix baseline, bf16
+against fp32, ...) are measured side by side inside one benchmark, so ratios hold on a
+noisy machine even when absolute speeds do not. Prints a table with the targets.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# benchmark module -> what it measures
+BENCHMARKS = {
+    "bench_extract": "stage 1: extract vs the bare model vs the naive loop; bf16 vs fp32",
+    "bench_train": "stage 2: teacher forcing vs the per-prefix merge model",
+    "bench_serving": "SavedModel latency and the share of decoding",
+    "bench_memory": "training peak memory on a small and a 20x larger cache",
+    "bench_load": "HTTP server under load: latency and memory",
+}
+
+# figure -> (target description, test on the value or None)
+TARGETS = {
+    "extract_images_per_s": ("", None),
+    "extract_bound_images_per_s": ("", None),
+    "extract_naive_images_per_s": ("", None),
+    "extract_vs_bound": (">= 0.85", lambda value: value >= 0.85),
+    "extract_vs_naive": (">= 3", lambda value: value >= 3),
+    "extract_bf16_speedup": (">= 1.4", lambda value: value >= 1.4),
+    "extract_bf16_cosine": (">= 0.99", lambda value: value >= 0.99),
+    "train_captions_per_s": ("", None),
+    "train_prefix_baseline_captions_per_s": ("", None),
+    "train_speedup": (">= 10", lambda value: value >= 10),
+    "savedmodel_latency_ms": ("", None),
+    "savedmodel_batch16_images_per_s": ("", None),
+    "savedmodel_decode_share": ("< 0.25", lambda value: value < 0.25),
+    "train_peak_rss_mb_small": ("", None),
+    "train_peak_rss_mb_large": ("", None),
+    "train_peak_rss_ratio": ("< 1.3", lambda value: value < 1.3),
+    "serve_p50_ms": ("", None),
+    "serve_p99_ms": ("", None),
+    "serve_failed_good": ("== 0", lambda value: value == 0),
+    "serve_rss_growth": ("< 0.10", lambda value: value < 0.10),
+}
+
+
+def _run_one(name, quick, json_path):
+    """Child process: runs benchmarks.<name>.run(quick) and writes its dict as JSON."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    results = module.run(quick=quick)
+    Path(json_path).write_text(json.dumps(results, indent=2, default=float) + "\n")
+
+
+def run_suite(names, quick):
+    """Runs the named benchmarks one after another; returns {"figures", "runs"}."""
+    figures, runs = {}, {}
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    for name in names:
+        print(f"== {name}: {BENCHMARKS[name]}", flush=True)
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="captioner_bench_") as folder:
+            json_path = Path(folder) / "result.json"
+            command = [sys.executable, "-m", "benchmarks", "--run-one", name, "--child-json", str(json_path)]
+            if quick:
+                command.append("--quick")
+            completed = subprocess.run(command, env=environment)
+            seconds = time.monotonic() - started
+            if completed.returncode != 0 or not json_path.exists():
+                runs[name] = {"seconds": seconds, "error": f"exit code {completed.returncode}"}
+                print(f"   {name} failed (exit code {completed.returncode})", flush=True)
+                continue
+            results = json.loads(json_path.read_text())
+        runs[name] = {"seconds": round(seconds, 1), "results": results}
+        figures.update({key: value for key, value in results.items() if key in TARGETS})
+        print(f"   {name}: {seconds:.0f} s", flush=True)
+    return {"figures": figures, "runs": runs}
+
+
+def format_table(figures):
+    lines = [f"{'figure':<40} {'value':>12}  {'target':<8} verdict"]
+    for key, (target, test) in TARGETS.items():
+        if key not in figures:
+            continue
+        value = figures[key]
+        verdict = "" if test is None else ("meets" if test(value) else "MISSES")
+        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<40} {shown:>12}  {target:<8} {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the short form (a few minutes in all)")
+    parser.add_argument("--json", help="write the figures and every benchmark's full results here")
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run these benchmarks only")
+    parser.add_argument("--run-one", choices=sorted(BENCHMARKS), help=argparse.SUPPRESS)
+    parser.add_argument("--child-json", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run_one:
+        _run_one(args.run_one, args.quick, args.child_json)
+        return 0
+
+    started = time.monotonic()
+    report = run_suite(args.only or list(BENCHMARKS), args.quick)
+    report.update({
+        "quick": args.quick,
+        "seconds": round(time.monotonic() - started, 1),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+    })
+    print()
+    print(format_table(report["figures"]))
+    print(f"\n{len(report['runs'])} benchmarks in {report['seconds']:.0f} s "
+          f"(load average at the end {report['load_average_at_end'][0]:.1f} on {os.cpu_count()} cores)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=float) + "\n")
+    failed = [name for name, run in report["runs"].items() if "error" in run]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
