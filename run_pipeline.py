@@ -171,6 +171,11 @@ def main(argv=None):
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        # A full disk or an unwritable OUT surfaces deep inside h5py, Keras or TensorFlow.
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{' '.join(str(error.strerror or error).split())}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to continue where it stopped", file=sys.stderr)
         return 130

@@ -41,22 +41,23 @@ def atomic_path(path):
 
 
 def write_json(path, data):
-    """Writes `data` as indented UTF-8 JSON, atomically."""
-    with atomic_path(path) as temporary:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+    """Writes `data` as indented UTF-8 JSON, atomically; ArtifactError if the file cannot be written."""
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_text(path, text):
-    """Writes `text` as UTF-8, atomically."""
-    with atomic_path(path) as temporary:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+    """Writes `text` as UTF-8, atomically; ArtifactError names the file and the reason on failure
+    (no permission, disk full), and the previous version of the file, if any, is left as it was."""
+    from pipeline.errors import ArtifactError
+
+    try:
+        with atomic_path(path) as temporary:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+    except OSError as error:
+        raise ArtifactError(f"{path}: cannot write ({error.strerror or error})") from None
 
 
 def read_json(path, what):

@@ -1,17 +1,30 @@
 """`run_pipeline.py verify --out OUT`: checks the artifacts of a run against each other.
 
-Every problem is reported on one line (`problem: ...`); checks that pass print `ok: ...`.
-Exit code 0 when everything present is consistent, 2 otherwise. A stage's artifacts that
-are simply not there yet (no decoder before `train`) are reported as `skip:` lines, so
-verify can run after any stage.
+Each check prints one line: `ok: ...` when it passes, `problem: ...` when it does not,
+`skip: ...` when the artifact it needs is not there yet (no decoder before `train`), so
+verify can run after any stage. What is checked:
+
+    config.json     loads as a PipelineConfig
+    captions.json   loads; vocab.json loads
+    features.h5     readable, schema valid, attributes match config.json's encoder,
+                    finite rows, unique ids, exactly the ids of captions.json minus
+                    those listed in extract_errors.json
+    decoder.keras   loads; output size = vocabulary size = config's decoder.vocab_size;
+                    image input size = the cache's feature_dim
+    saved_model/    loads with TensorFlow alone, has both signatures, captions one cached
+                    vector with words of vocab.json; its self-description names the same
+                    vocabulary and encoder fingerprint as the run
+
+Exit code 0 when everything present is consistent, 2 otherwise. Nothing is written.
 """
 
-import json
 import sys
 from pathlib import Path
 
 from pipeline import config as config_module
 from pipeline import errors
+
+SIGNATURES = ("serving_default", "caption_features")
 
 
 class _Report:
@@ -19,66 +32,79 @@ class _Report:
         self.stream = stream
         self.problems = 0
 
+    def _line(self, kind, message):
+        # One line per finding, whatever the message (HDF5 and TF errors span several).
+        print(f"{kind}: {' '.join(str(message).split())}", file=self.stream, flush=True)
+
     def ok(self, message):
-        print(f"ok: {message}", file=self.stream)
+        self._line("ok", message)
 
     def skip(self, message):
-        print(f"skip: {message}", file=self.stream)
+        self._line("skip", message)
 
     def problem(self, message):
         self.problems += 1
-        print(f"problem: {message}", file=self.stream)
+        self._line("problem", message)
 
 
 def _check(report, what, function):
-    """Runs one check; a PipelineError or a damaged file becomes one problem line."""
+    """Runs one check and returns its value; any failure becomes one problem line and None.
+
+    Verify exists to examine damaged artifacts, and loaders of foreign files fail in many
+    ways (h5py RuntimeError, zipfile.BadZipFile, tf.errors.*, protobuf DecodeError), so
+    every Exception is reported rather than let through as a traceback.
+    """
     try:
         return function()
     except errors.PipelineError as error:
         report.problem(f"{what}: {error}")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        report.problem(f"{what}: {type(error).__name__}: {error}")
+    except Exception as error:  # noqa: BLE001 (see the docstring)
+        report.problem(f"{what}: cannot load ({type(error).__name__}: {error})")
     return None
 
 
 def run_verify(out_dir, stream=None):
-    """Checks OUT/; returns the exit code (0 consistent, 2 problems found)."""
+    """Checks OUT/ and prints one line per check to `stream` (stdout by default).
+
+    Returns the exit code: 0 when the artifacts present are consistent, 2 otherwise.
+    Raises PipelineError if `out_dir` is not a folder.
+    """
     from pipeline import datasets, features, text
 
     stream = stream or sys.stdout
     out_dir = Path(out_dir)
-    report = _Report(stream)
     if not out_dir.is_dir():
         raise errors.PipelineError(f"{out_dir}: no such folder")
+    report = _Report(stream)
 
-    config = _check(report, "config.json", lambda: config_module.PipelineConfig.load(out_dir))
+    config = _check(report, config_module.CONFIG_FILE, lambda: config_module.PipelineConfig.load(out_dir))
     if config is not None:
-        report.ok("config.json loads")
+        report.ok(f"{config_module.CONFIG_FILE} loads")
 
-    dataset = _check(report, "captions.json", lambda: datasets.read_captions_json(out_dir))
+    dataset = _check(report, datasets.CAPTIONS_FILE, lambda: datasets.read_captions_json(out_dir))
     if dataset is not None:
-        report.ok(f"captions.json: {len(dataset.images)} images")
+        report.ok(f"{datasets.CAPTIONS_FILE}: {len(dataset.images)} images")
 
-    vocabulary = _check(report, "vocab.json", lambda: text.Vocabulary.load(out_dir / "vocab.json"))
+    vocabulary = _check(report, text.VOCAB_FILE, lambda: text.Vocabulary.load(out_dir / text.VOCAB_FILE))
     if vocabulary is not None:
-        report.ok(f"vocab.json: {len(vocabulary)} words")
+        report.ok(f"{text.VOCAB_FILE}: {len(vocabulary)} words")
 
-    cache = _check(report, "features.h5", lambda: features.read_features(out_dir))
+    cache = _check(report, features.FEATURES_FILE, lambda: features.read_features(out_dir))
     if cache is not None:
-        report.ok(f"features.h5: {len(cache.image_ids)} rows of {cache.features.shape[1]} values")
+        report.ok(f"{features.FEATURES_FILE}: {len(cache.image_ids)} rows of {cache.features.shape[1]} values")
         _check_features(report, out_dir, config, dataset, cache)
 
     decoder_path = out_dir / "decoder.keras"
     if decoder_path.exists():
-        _check(report, "decoder.keras", lambda: _check_decoder(report, decoder_path, config, vocabulary))
+        _check(report, decoder_path.name, lambda: _check_decoder(report, decoder_path, config, vocabulary, cache))
     else:
-        report.skip("decoder.keras is not there yet (run `train`)")
+        report.skip(f"{decoder_path.name} is not there yet (run `train`)")
 
     saved_model = out_dir / "saved_model"
     if saved_model.exists():
-        _check(report, "saved_model", lambda: _check_saved_model(report, saved_model, cache, vocabulary))
+        _check(report, saved_model.name, lambda: _check_saved_model(report, saved_model, cache, vocabulary))
     else:
-        report.skip("saved_model/ is not there yet (run `export`)")
+        report.skip(f"{saved_model.name}/ is not there yet (run `export`)")
 
     if report.problems:
         print(f"{report.problems} problem(s) in {out_dir}", file=stream)
@@ -90,75 +116,102 @@ def run_verify(out_dir, stream=None):
 def _check_features(report, out_dir, config, dataset, cache):
     import numpy
 
-    from pipeline import features
+    from pipeline import train
 
+    name = "features.h5"
     if config is not None:
-        _check(report, "features.h5 attributes", lambda: features.check_attrs(cache.attrs, config.encoder))
-        if cache.features.shape[1] != config.encoder.feature_dim:
-            report.problem(
-                f"features.h5: rows have {cache.features.shape[1]} values, config.json says "
-                f"encoder.feature_dim = {config.encoder.feature_dim}"
-            )
-    if not numpy.isfinite(cache.features).all():
-        bad = int((~numpy.isfinite(cache.features)).any(axis=1).sum())
-        report.problem(f"features.h5: {bad} row(s) hold NaN or infinite values")
+        attributes_match = _check(
+            report, f"{name} against config.json",
+            lambda: train.check_feature_cache(cache.attrs, config.encoder, name) or True,
+        )
+        if attributes_match:
+            report.ok(f"{name} attributes match config.json's encoder settings")
+    finite = numpy.isfinite(cache.features).all(axis=1)
+    if not finite.all():
+        report.problem(f"{name}: {int((~finite).sum())} row(s) hold NaN or infinite values, "
+                       f"e.g. {cache.image_ids[int(numpy.argmin(finite))]!r}")
     if len(set(cache.image_ids)) != len(cache.image_ids):
-        report.problem("features.h5: image_ids holds duplicates")
+        report.problem(f"{name}: image_ids holds duplicates")
     if dataset is None:
         return
-    failed = set()
-    errors_path = Path(out_dir) / "extract_errors.json"
-    if errors_path.exists():
-        try:
-            failed = {entry["image_id"] for entry in json.loads(errors_path.read_text(encoding="utf-8"))}
-        except (ValueError, KeyError, TypeError) as error:
-            report.problem(f"extract_errors.json: damaged ({error})")
-    expected = {record.image_id for record in dataset.images} - failed
+    failed = _check(report, train.EXTRACT_ERRORS_FILE, lambda: train.failed_image_ids(out_dir))
+    listed = {record.image_id for record in dataset.images}
+    expected = listed - (failed or set())
     cached = set(cache.image_ids)
     missing = sorted(expected - cached)
-    foreign = sorted(cached - {record.image_id for record in dataset.images})
+    foreign = sorted(cached - listed)
     if missing:
-        report.problem(f"features.h5 lacks {len(missing)} image(s) of captions.json, e.g. {missing[0]!r} (rerun `extract`)")
+        report.problem(f"{name} lacks {len(missing)} image(s) of captions.json not listed in "
+                       f"{train.EXTRACT_ERRORS_FILE}, e.g. {missing[0]!r} (rerun `extract`)")
     if foreign:
-        report.problem(f"features.h5 holds {len(foreign)} image(s) not in captions.json, e.g. {foreign[0]!r}: a cache of another dataset?")
+        report.problem(f"{name} holds {len(foreign)} image(s) not in captions.json, e.g. {foreign[0]!r}: "
+                       "a cache of another dataset?")
     if not missing and not foreign:
-        report.ok("every image of captions.json has a feature row")
+        report.ok(f"every usable image of captions.json has a row in {name}")
 
 
-def _check_decoder(report, decoder_path, config, vocabulary):
+def _check_decoder(report, decoder_path, config, vocabulary, cache):
     import keras
+
+    from models import decoder  # noqa: F401  (registers the custom loss and metric)
 
     model = keras.saving.load_model(decoder_path, compile=False)
     output_size = int(model.outputs[0].shape[-1])
     if vocabulary is not None and output_size != len(vocabulary):
         report.problem(
-            f"decoder.keras writes {output_size} different tokens but vocab.json has {len(vocabulary)}: "
-            "the vocabulary of another run?"
+            f"{decoder_path.name} predicts {output_size} words but vocab.json has {len(vocabulary)}: "
+            "the vocabulary of another run? (rerun `train`)"
         )
     else:
-        report.ok(f"decoder.keras: {output_size} output tokens")
+        report.ok(f"{decoder_path.name}: {output_size} output words")
     if config is not None and config.decoder.vocab_size and config.decoder.vocab_size != output_size:
-        report.problem(f"config.json says decoder.vocab_size = {config.decoder.vocab_size}, decoder.keras has {output_size}")
+        report.problem(f"config.json says decoder.vocab_size = {config.decoder.vocab_size}, "
+                       f"{decoder_path.name} predicts {output_size} words")
+    input_sizes = {tensor.name: tensor.shape[-1] for tensor in model.inputs}
+    image_size = input_sizes.get(decoder.IMAGE_FEATURES_INPUT)
+    if cache is not None and image_size is not None and int(image_size) != cache.features.shape[1]:
+        report.problem(f"{decoder_path.name} takes {int(image_size)}-d image vectors but features.h5 holds "
+                       f"{cache.features.shape[1]}-d ones")
 
 
 def _check_saved_model(report, saved_model, cache, vocabulary):
+    import json
+
     import numpy
     import tensorflow
 
     loaded = tensorflow.saved_model.load(str(saved_model))
-    missing = {"serving_default", "caption_features"} - set(loaded.signatures)
+    missing = sorted(set(SIGNATURES) - set(loaded.signatures))
     if missing:
-        report.problem(f"saved_model: signature(s) {', '.join(sorted(missing))} missing")
+        report.problem(f"saved_model: signature(s) {', '.join(missing)} missing")
         return
     if cache is not None and len(cache.image_ids):
-        vector = cache.features[:1].astype(numpy.float32)
+        vector = cache.features[:1]
     else:
         vector = numpy.zeros((1, 2048), numpy.float32)
-    result = loaded.signatures["caption_features"](features=tensorflow.constant(vector))
+    result = loaded.signatures["caption_features"](features=tensorflow.constant(vector, tensorflow.float32))
     caption = result["captions"].numpy()[0].decode("utf-8")
+    unknown = []
     if vocabulary is not None:
-        unknown = [word for word in caption.split() if word not in set(vocabulary.words)]
+        known = set(vocabulary.words)
+        unknown = [word for word in caption.split() if word not in known]
         if unknown:
             report.problem(f"saved_model writes words not in vocab.json ({unknown[:3]}): exported from another run?")
-            return
-    report.ok(f"saved_model loads and captions one vector: {caption!r}")
+    if vocabulary is None or not unknown:
+        report.ok(f"saved_model loads and captions one vector: {caption!r}")
+
+    # The export's self-description (assets.extra/) must name this run's vocabulary and encoder.
+    metadata_path = saved_model / "assets.extra" / "captioner.json"
+    if not metadata_path.is_file():
+        report.skip("saved_model has no assets.extra/captioner.json to compare")
+        return
+    metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
+    exported_size = metadata.get("vocabulary_size")
+    if vocabulary is not None and exported_size != len(vocabulary):
+        report.problem(f"saved_model was exported with {exported_size} words but vocab.json has "
+                       f"{len(vocabulary)}: rerun `export`")
+    exported_fingerprint = (metadata.get("encoder") or {}).get("encoder_fingerprint")
+    cached_fingerprint = cache.attrs.get("encoder_fingerprint") if cache is not None else None
+    if exported_fingerprint and cached_fingerprint and exported_fingerprint != cached_fingerprint:
+        report.problem(f"saved_model's encoder (fingerprint {exported_fingerprint}) is not the one that made "
+                       f"features.h5 ({cached_fingerprint}): rerun `export`")
