@@ -5,6 +5,7 @@ SavedModel, so cached features and served captions see exactly the same pixels.
 """
 
 import hashlib
+import os
 import socket
 from pathlib import Path
 
@@ -20,15 +21,39 @@ ENCODER_NAME = "resnet50"
 FEATURE_DIM = 2048
 # Keras' mixed-precision policy names for `EncoderConfig.precision`; variables stay float32.
 PRECISION_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+# x86 feature flags (/proc/cpuinfo) of native bfloat16 matrix arithmetic, which oneDNN uses
+# for bfloat16 convolutions; without them bfloat16 is emulated and slower than float32.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+CPUINFO_PATH = "/proc/cpuinfo"
 
 
-def resolve_precision(precision):
-    """Maps "auto" to "fp16" when a GPU is visible and to "fp32" otherwise; checks the name.
+def cpu_flags(cpuinfo_path=CPUINFO_PATH):
+    """The CPU feature flags the Linux kernel reports (set of str); empty elsewhere or unreadable."""
+    try:
+        text = Path(cpuinfo_path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":  # the same on every core: the first one is enough
+            return set(value.split())
+    return set()
 
-    Returns one of the keys of PRECISION_POLICIES.
+
+def resolve_precision(precision, cpuinfo_path=CPUINFO_PATH):
+    """Resolves "auto" for this machine and checks the name; returns a key of PRECISION_POLICIES.
+
+    "auto" is "fp16" when a GPU is visible (mixed_float16: tensor cores), "bf16" on a CPU
+    with AMX-BF16 or AVX512-BF16 while oneDNN is on (TF's default on x86; the environment
+    variable TF_ENABLE_ONEDNN_OPTS=0 turns it off), and "fp32" otherwise.
     """
     if precision == "auto":
-        return "fp16" if tf.config.list_physical_devices("GPU") else "fp32"
+        if tf.config.list_physical_devices("GPU"):
+            return "fp16"
+        onednn_on = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() not in ("0", "false")
+        if onednn_on and cpu_flags(cpuinfo_path) & set(BF16_CPU_FLAGS):
+            return "bf16"
+        return "fp32"
     if precision not in PRECISION_POLICIES:
         raise errors.PipelineError(
             f"encoder.precision must be one of {', '.join(sorted(PRECISION_POLICIES))} or auto, got {precision!r}"

@@ -2,9 +2,11 @@
 
     run_extract(data_dir, out_dir, {"encoder.weights": "random"})
 
-The input pipeline is `tf.data`: files are read and decoded in parallel, batched to a
-fixed shape and prefetched, so decoding overlaps with the encoder. The encoder runs in
-one `tf.function` traced once for [batch_size, S, S, 3] (the last short batch is padded).
+The input pipeline is `tf.data`: files are read and decoded in parallel, batched and
+prefetched, so decoding overlaps with the encoder. The encoder runs in
+one `tf.function` traced once per model for [None, S, S, 3] (any batch size, so the last
+short batch needs no padding and no retrace), and a writer thread appends the encoded
+batches to the HDF5 file while the encoder works on the next one.
 
 Bad images never stop a run and never reach the cache: the pipeline drops every element
 whose read or decode fails (TF refuses truncated JPEGs: `decode_image` does not try to
@@ -15,8 +17,11 @@ the rest are listed with their reason in OUT/extract_errors.json.
 
 import hashlib
 import os
+import queue
 import sys
+import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,14 @@ from pipeline import config as config_module
 from pipeline import errors, features, io_utils, progress
 
 ERRORS_FILE = "extract_errors.json"
+# Batches tf.data keeps decoded ahead of the encoder: one encoder batch outlasts the
+# decoding of the next by far (ResNet50 costs ~20x the decode+resize of a photo).
+PREFETCH_BATCHES = 2
+# Encoded batches the writer thread may hold before the encoder waits for it: enough to
+# absorb a slow flush, little memory (32 x 2048 float32 = 256 KiB a batch).
+WRITE_QUEUE_BATCHES = 8
+# encoder model -> {image_size: tf.function}, so a model is traced once per process.
+_ENCODE_FUNCTIONS = weakref.WeakKeyDictionary()
 
 
 def run_extract(data_dir, out_dir, overrides, overwrite=False, num_shards=1, shard_index=0):
@@ -54,11 +67,18 @@ def run_extract(data_dir, out_dir, overrides, overwrite=False, num_shards=1, sha
         raise errors.PipelineError(f"--shard-index must be in 0..{num_shards - 1}, got {shard_index!r}")
     config = config_module.PipelineConfig.load(out_dir, required=False).replace(overrides)
     _check_encoder_config(config.encoder)
+    # Recorded resolved ("auto" -> "bf16" here, "fp16" on a GPU machine), in config.json as in
+    # the cache's attributes: the artifacts say what was computed, not what was asked.
+    config.encoder.precision = encoder_module.resolve_precision(config.encoder.precision)
     data_dir = Path(data_dir).resolve()
     dataset = datasets.load_dataset(data_dir, config.data)
     config.data.data_dir = str(data_dir)
     config.data.layout = dataset.layout
     config.data.image_dir = str(Path(dataset.image_dir).resolve())
+    cache_path = features.features_path(out_dir, num_shards, shard_index)
+    if cache_path.exists() and not overwrite:
+        # Before config.json is saved: a refused run must leave the settings of the cache.
+        features.check_attrs(features.read_attrs(cache_path), config.encoder, path=cache_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save(out_dir)  # a killed run still leaves the settings of its artifacts
     datasets.write_captions_json(out_dir, dataset)
@@ -68,8 +88,7 @@ def run_extract(data_dir, out_dir, overrides, overwrite=False, num_shards=1, sha
     if num_shards > 1:
         image_ids = [image_id for image_id in image_ids if shard_of(image_id, num_shards) == shard_index]
     result = extract_to_cache(
-        Path(config.data.image_dir), image_ids, features.features_path(out_dir, num_shards, shard_index),
-        config.encoder, seed=config.seed, overwrite=overwrite,
+        Path(config.data.image_dir), image_ids, cache_path, config.encoder, seed=config.seed, overwrite=overwrite,
     )
     listed = {record.image_id for record in dataset.images}
     missing = [
@@ -124,10 +143,12 @@ def _check_encoder_config(encoder_config):
 def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, overwrite=False, encoder_model=None):
     """Adds the features of `image_ids` missing from `cache_path` (created if absent).
 
-    image_dir: folder the ids are relative to. encoder_config: an EncoderConfig.
+    image_dir: folder the ids are relative to. encoder_config: an EncoderConfig; its
+        precision may be "auto" (resolved here, and recorded resolved in the cache).
     encoder_model: an already built encoder for these settings (tests, benchmarks), else
         one is built. Returns {"new", "cached", "failures": [{"image_id", "path",
-        "reason"}], "extract_seconds", "path"}.
+        "reason"}], "extract_seconds", "path"}; extract_seconds counts the encoding loop,
+        not the build of the encoder nor the tracing of its function.
     Raises ArtifactError (nothing written) if the cache holds other encoder settings
     and `overwrite` is false.
     """
@@ -153,7 +174,11 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
         encoder_model = encoder_module.build_encoder(
             encoder_config.weights, encoder_config.image_size, seed=seed, precision=encoder_config.precision
         )
+    else:
+        _check_model_precision(encoder_model, encoder_config.precision)
     fingerprint = encoder_module.encoder_fingerprint(encoder_model)
+    encode = encode_function(encoder_model, encoder_config.image_size)
+    encode.get_concrete_function()  # traces now (once per model), outside the timed loop
     if cache_exists and not overwrite:
         features.check_attrs(attrs, encoder_config, fingerprint=fingerprint, path=cache_path)
         writer = features.FeatureWriter.append_to(cache_path)
@@ -162,9 +187,9 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
     rows_before = writer.num_rows
     started = time.monotonic()
     with writer:
-        written = _encode_files(image_dir, pending, writer, encoder_model, encoder_config)
+        written = _encode_files(image_dir, pending, writer, encode, encoder_config)
         failed = [image_id for image_id in pending if image_id not in written]
-        failures = _recover(image_dir, failed, writer, encoder_model, encoder_config.image_size)
+        failures = _recover(image_dir, failed, writer, encode, encoder_config.image_size)
     return {
         "new": writer.num_rows - rows_before,
         "cached": len(image_ids) - len(pending),
@@ -174,71 +199,136 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
     }
 
 
-def make_encode_function(encoder_model, batch_size, image_size):
-    """A tf.function float32 [batch_size, S, S, 3] -> float32 [batch_size, 2048], traced once."""
-    signature = [tf.TensorSpec([batch_size, image_size, image_size, 3], tf.float32)]
+def _check_model_precision(encoder_model, precision):
+    # A caller's model computing at another precision than the one the cache will record.
+    policy = encoder_model.get_layer("resnet50").dtype_policy.name
+    if policy != encoder_module.PRECISION_POLICIES[precision]:
+        raise ValueError(f"encoder_model computes with dtype policy {policy!r}, but precision={precision!r} was asked")
 
-    @tf.function(input_signature=signature)
-    def encode(images):
-        return encoder_model(images, training=False)
 
-    return encode
+def encode_function(encoder_model, image_size):
+    """The encoder as a tf.function: float32 [B, S, S, 3] -> float32 [B, 2048], any B.
+
+    One function per (model, S) for the life of the model, and the batch dimension is
+    left unknown: the last short batch and single recovered images run the same graph
+    (no padding, no retracing), and a second extraction with the same model (benchmarks,
+    tests) skips the seconds of tracing and graph optimisation.
+    """
+    per_model = _ENCODE_FUNCTIONS.setdefault(encoder_model, {})
+    if image_size not in per_model:
+        # A weak reference, so the cache entry does not keep its own key alive.
+        model_reference = weakref.ref(encoder_model)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)])
+        def encode(images):
+            return model_reference()(images, training=False)
+
+        per_model[image_size] = encode
+    return per_model[image_size]
 
 
 def image_dataset(image_dir, image_ids, image_size, batch_size):
-    """tf.data of (ids tf.string [batch_size], images float32 [batch_size, S, S, 3], count int32).
+    """tf.data of (ids tf.string [b], images float32 [b, S, S, 3]) in the order of `image_ids`.
 
-    Batches are padded to batch_size (count says how many rows are real) so the encoder
-    sees one shape. Elements whose file cannot be read or decoded are dropped.
+    b is batch_size except in the last batch. Elements whose file cannot be read or
+    decoded are dropped.
     """
     paths = [os.path.join(str(image_dir), image_id) for image_id in image_ids]
 
     def load(image_id, path):
         return image_id, encoder_module.decode_image(tf.io.read_file(path), image_size)
 
-    def pad(ids, images):
-        count = tf.shape(images)[0]
-        missing = batch_size - count
-        images = tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]])
-        ids = tf.pad(ids, [[0, missing]])
-        images.set_shape([batch_size, image_size, image_size, 3])
-        ids.set_shape([batch_size])
-        return ids, images, count
-
     data = tf.data.Dataset.from_tensor_slices((tf.constant(image_ids, tf.string), tf.constant(paths, tf.string)))
     # Order is kept (deterministic) so two runs write the same file; decoding still runs
-    # in parallel and prefetch hides the slow image behind the rest of the batch.
+    # in parallel, on tf.data's threads while the encoder computes, and prefetch keeps
+    # whole batches ready so the encoder never waits for a slow image.
     data = data.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     data = data.ignore_errors()
     data = data.batch(batch_size)
-    data = data.map(pad, num_parallel_calls=tf.data.AUTOTUNE)
-    return data.prefetch(2)
+    options = tf.data.Options()
+    # One thread per image op: parallelism across images (num_parallel_calls) costs no
+    # synchronisation, whereas splitting one resize over cores steals them from the encoder.
+    options.threading.max_intra_op_parallelism = 1
+    return data.with_options(options).prefetch(PREFETCH_BATCHES)
 
 
-def _encode_files(image_dir, image_ids, writer, encoder_model, encoder_config):
+def _encode_files(image_dir, image_ids, writer, encode, encoder_config):
     """Encodes `image_ids` through the tf.data pipeline; returns the set of ids written."""
     written = set()
     if not image_ids:
         return written
-    batch_size, image_size = encoder_config.batch_size, encoder_config.image_size
-    encode = make_encode_function(encoder_model, batch_size, image_size)
-    data = image_dataset(image_dir, image_ids, image_size, batch_size)
+    data = image_dataset(image_dir, image_ids, encoder_config.image_size, encoder_config.batch_size)
     # Order is deterministic, so when a batch lands every id before its last one is
     # decided (written or dropped as bad): progress counts those too.
     positions = {image_id: position for position, image_id in enumerate(image_ids)}
     with progress.Progress(total=len(image_ids), label="extract", unit="images") as reporter:
-        for ids, images, count in data:
-            count = int(count)
-            vectors = encode(images).numpy()[:count]
-            batch_ids = [value.decode("utf-8") for value in ids.numpy()[:count]]
-            writer.append(batch_ids, vectors)
-            written.update(batch_ids)
-            reporter.update(positions[batch_ids[-1]] + 1 - reporter.done)
+        with BackgroundWriter(writer) as background:
+            for ids, images in data:
+                vectors = encode(images).numpy()
+                batch_ids = [value.decode("utf-8") for value in ids.numpy()]
+                background.append(batch_ids, vectors)
+                written.update(batch_ids)
+                reporter.update(positions[batch_ids[-1]] + 1 - reporter.done)
         reporter.update(len(image_ids) - reporter.done)
     return written
 
 
-def _recover(image_dir, image_ids, writer, encoder_model, image_size):
+class BackgroundWriter:
+    """Appends batches to a `features.FeatureWriter` on a thread, so the encoder never waits for the disk.
+
+    `append(image_ids, vectors float32 [b, 2048])` queues a batch, blocking only while
+    `max_batches` batches already wait. Batches are written in order, each by
+    `FeatureWriter.append`, so the cache's crash safety is unchanged. A write error is
+    raised by the next `append` or by `close`; `close` (or leaving the `with` block)
+    writes every queued batch and joins the thread.
+    """
+
+    _END = object()
+
+    def __init__(self, writer, max_batches=WRITE_QUEUE_BATCHES):
+        self._writer = writer
+        self._queue = queue.Queue(maxsize=max_batches)
+        self._error = None
+        self._error_raised = False
+        self._thread = threading.Thread(target=self._run, name="feature-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if self._error is not None:
+                continue  # after a failure nothing more is written, but producers never block
+            try:
+                self._writer.append(*item)
+            except BaseException as error:  # handed to the producer's thread
+                self._error = error
+
+    def append(self, image_ids, vectors):
+        self._raise_error()
+        self._queue.put((image_ids, vectors))
+
+    def close(self):
+        if self._thread.is_alive():
+            self._queue.put(self._END)
+            self._thread.join()
+        self._raise_error()
+
+    def _raise_error(self):
+        if self._error is not None and not self._error_raised:
+            self._error_raised = True
+            raise self._error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+        return False
+
+
+def _recover(image_dir, image_ids, writer, encode, image_size):
     """Diagnoses images the TF pipeline dropped; encodes those PIL can decode.
 
     Returns the failures: [{"image_id", "path", "reason"}].
@@ -251,8 +341,7 @@ def _recover(image_dir, image_ids, writer, encoder_model, image_size):
             failures.append({"image_id": image_id, "path": str(path), "reason": reason})
             continue
         image = encoder_module.resize_image(tf.constant(pixels), image_size)
-        vector = encoder_model(image[tf.newaxis], training=False)
-        writer.append([image_id], np.asarray(vector, dtype=np.float32))
+        writer.append([image_id], encode(image[tf.newaxis]).numpy())
     return failures
 
 

@@ -63,7 +63,8 @@ def features_path(out_dir, num_shards=1, shard_index=0):
 def expected_attrs(encoder_config, fingerprint=None):
     """The attributes a cache made with `encoder_config` (an EncoderConfig) carries.
 
-    `encoder_config.precision` should already be resolved ("auto" -> "fp32"/"fp16").
+    `encoder_config.precision` should already be resolved ("auto" -> "bf16"/"fp16"/"fp32",
+    `models.encoder.resolve_precision`): the attribute records what was computed.
     """
     import h5py as h5py_module
     import keras
@@ -110,7 +111,11 @@ def check_attrs(attrs, encoder_config, fingerprint=None, path=FEATURES_FILE):
         if name == "weights" and _is_file(cached) and _is_file(requested):
             continue  # the same weights may have moved; the fingerprint decides
         if cached != requested:
-            _mismatch(path, name, cached, requested)
+            # Rows of one cache come from one arithmetic, so its `precision` attribute
+            # stays true; bf16 and fp32 vectors differ by ~1e-3 relative, which a
+            # decoder would not notice, but a mixed file could no longer say what it holds.
+            hint = f" or --precision {cached}" if name == "precision" else ""
+            _mismatch(path, name, cached, requested, hint)
     cached_fingerprint = attrs.get("encoder_fingerprint")
     if fingerprint is not None and cached_fingerprint and cached_fingerprint != fingerprint:
         _mismatch(path, "encoder_fingerprint", cached_fingerprint, fingerprint)
@@ -120,10 +125,10 @@ def _is_file(weights):
     return weights not in ("imagenet", "random")
 
 
-def _mismatch(path, name, cached, requested):
+def _mismatch(path, name, cached, requested, hint=""):
     raise errors.ArtifactError(
         f"{path}: the feature cache was made with {name}={cached!r} but this run asks for "
-        f"{name}={requested!r}; rerun with --overwrite to replace it, or choose another --out"
+        f"{name}={requested!r}; rerun with --overwrite to replace it{hint}, or choose another --out"
     )
 
 
@@ -284,8 +289,11 @@ class FeatureWriter:
     @classmethod
     def create(cls, path, attrs):
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = h5py.File(path, "w")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = h5py.File(path, "w")
+        except OSError as error:
+            raise _write_error(path, error) from None
         feature_dim = int(attrs["feature_dim"])
         handle.create_dataset(
             "features", shape=(0, feature_dim), maxshape=(None, feature_dim),
@@ -320,14 +328,17 @@ class FeatureWriter:
         if count == 0:
             return
         stop = self.num_rows + count
-        self._features.resize(stop, axis=0)
-        self._image_ids.resize(stop, axis=0)
-        self._features[self.num_rows:stop] = features.astype(self._features.dtype, copy=False)
-        self._image_ids[self.num_rows:stop] = list(image_ids)
-        self._handle.flush()
-        # Only now, with both datasets on disk, do the rows count.
-        self._handle.attrs["num_rows"] = stop
-        self._handle.flush()
+        try:
+            self._features.resize(stop, axis=0)
+            self._image_ids.resize(stop, axis=0)
+            self._features[self.num_rows:stop] = features.astype(self._features.dtype, copy=False)
+            self._image_ids[self.num_rows:stop] = list(image_ids)
+            self._handle.flush()
+            # Only now, with both datasets on disk, do the rows count.
+            self._handle.attrs["num_rows"] = stop
+            self._handle.flush()
+        except (OSError, RuntimeError) as error:  # h5py raises RuntimeError when a flush fails (disk full)
+            raise _write_error(self.path, error) from None
         self.num_rows = stop
 
     def set_attr(self, name, value):
@@ -336,14 +347,32 @@ class FeatureWriter:
 
     def close(self):
         if self._handle.id.valid:
-            self._handle.close()
+            try:
+                self._handle.close()
+            except (OSError, RuntimeError) as error:
+                raise _write_error(self.path, error) from None
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc_info):
-        self.close()
+    def __exit__(self, exc_type, exc_value, traceback):
+        try:
+            self.close()
+        except errors.ArtifactError:
+            if exc_type is None:
+                raise  # else the write error already on its way says more than the close's echo of it
         return False
+
+
+def _write_error(path, error):
+    """ArtifactError for a failed HDF5 write; h5py's message holds the OS reason (e.g. 'File too large')."""
+    message = " ".join(str(error).split())
+    reason = next((part.split("=", 1)[1].strip(" '") for part in message.split(", ")
+                   if part.startswith("error message =")), message)
+    return errors.ArtifactError(
+        f"{path}: cannot write the feature cache ({reason}); the rows written so far are kept and "
+        "a rerun of `extract` continues from them"
+    )
 
 
 def merge_shards(out_dir):

@@ -199,3 +199,52 @@ def test_decode_image_rejects_what_is_not_a_whole_image():
     for data in (b"", b"plain text, not an image", jpeg[: len(jpeg) // 2]):
         with pytest.raises(tf.errors.InvalidArgumentError):
             encoder.decode_image(data, 32)
+
+
+def test_auto_precision_follows_the_cpu_flags(tmp_path, monkeypatch):
+    from models import encoder
+
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    header = "processor\t: 0\nmodel name\t: Some CPU\n"
+    cpuinfo.write_text(header + "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n\n" + "processor\t: 1\n")
+    assert encoder.cpu_flags(cpuinfo) >= {"avx2", "avx512_bf16"}
+    assert encoder.resolve_precision("auto", cpuinfo) == "bf16"
+    cpuinfo.write_text(header + "flags\t\t: fpu sse2 avx2 amx_tile amx_bf16\n")
+    assert encoder.resolve_precision("auto", cpuinfo) == "bf16"
+    cpuinfo.write_text(header + "flags\t\t: fpu sse2 avx2 avx512f avx512_fp16\n")
+    assert encoder.resolve_precision("auto", cpuinfo) == "fp32"
+    assert encoder.resolve_precision("auto", tmp_path / "absent") == "fp32"  # not Linux
+    # Explicit names pass through whatever the machine.
+    assert encoder.resolve_precision("fp16", cpuinfo) == "fp16"
+    # Without oneDNN, TF emulates bfloat16 convolutions: slower than float32.
+    cpuinfo.write_text(header + "flags\t\t: avx512_bf16 amx_bf16\n")
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert encoder.resolve_precision("auto", cpuinfo) == "fp32"
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
+    # The real /proc/cpuinfo (the development host has amx_bf16 and avx512_bf16: "bf16").
+    machine_flags = encoder.cpu_flags()
+    assert bool(machine_flags) == Path(encoder.CPUINFO_PATH).is_file()
+    import tensorflow as tf
+
+    expected = "bf16" if machine_flags & set(encoder.BF16_CPU_FLAGS) else "fp32"
+    assert encoder.resolve_precision("auto") == ("fp16" if tf.config.list_physical_devices("GPU") else expected)
+
+
+def test_bf16_encoder_computes_in_bfloat16_without_changing_the_global_policy(encoder_model):
+    import keras
+
+    from models import encoder
+
+    model = encoder.build_encoder("random", IMAGE_SIZE, seed=0, precision="bf16")
+    assert keras.config.dtype_policy().name == "float32"
+    assert keras.layers.Dense(2).compute_dtype == "float32"  # a decoder built next is float32
+    convolution = model.get_layer("resnet50").get_layer("conv2_block1_1_conv")
+    assert convolution.compute_dtype == "bfloat16" and convolution.variable_dtype == "float32"
+    # Same weights as fp32 (precision is arithmetic only), float32 output close to fp32's.
+    assert encoder.encoder_fingerprint(model) == encoder.encoder_fingerprint(encoder_model)
+    pixels = (np.random.default_rng(4).random((2, IMAGE_SIZE, IMAGE_SIZE, 3)) * 255).astype(np.float32)
+    reduced, full = np.asarray(model(pixels)), np.asarray(encoder_model(pixels))
+    assert reduced.dtype == np.float32 and not np.array_equal(reduced, full)
+    cosine = (reduced * full).sum(1) / (np.linalg.norm(reduced, axis=1) * np.linalg.norm(full, axis=1))
+    assert cosine.min() >= 0.99

@@ -196,6 +196,9 @@ def test_overwrite_replaces_the_cache_with_float16(awkward_data, awkward_run, co
     assert summary["new"] == len(usable)
     with h5py.File(out / "features.h5", "r") as handle:
         assert handle["features"].dtype == np.float16 and handle.attrs["dtype"] == "float16"
+        half_storage = handle["features"].id.get_storage_size()
+    with h5py.File(awkward_run[0] / "features.h5", "r") as handle:
+        assert half_storage * 2 == handle["features"].id.get_storage_size()
     cache = features.read_features(out)
     assert cache.features.dtype == np.float32
     # Determinism: a second run from scratch, same rows in the same order; float16 rounding only.
@@ -311,3 +314,44 @@ def test_sharded_extraction_merges_into_the_unsharded_cache(awkward_data, awkwar
     np.testing.assert_allclose(merged.features, whole.features[[rows[image_id] for image_id in merged.image_ids]],
                                rtol=1e-4, atol=1e-4)
     assert merged.attrs["encoder_fingerprint"] == whole.attrs["encoder_fingerprint"]
+
+
+def test_bf16_extraction_records_its_precision_and_matches_fp32(awkward_data, awkward_run, copy_run, tmp_path):
+    import keras
+
+    from models import encoder
+    from pipeline import extract, features
+
+    data_dir, usable, _ = awkward_data
+    out = tmp_path / "bf16"
+    summary = extract.run_extract(data_dir, out, {**OVERRIDES, "encoder.precision": "bf16"})
+    assert summary["new"] == len(usable) and summary["errors"] == 4
+    # The mixed policy was set for the encoder's layers only, not left behind for later models.
+    assert keras.config.dtype_policy().name == "float32"
+    with h5py.File(out / "features.h5", "r") as handle:
+        assert handle["features"].dtype == np.float32 and handle.attrs["precision"] == "bf16"
+    assert json.loads((out / "config.json").read_text())["encoder"]["precision"] == "bf16"
+    bf16, fp32 = features.read_features(out), features.read_features(awkward_run[0])
+    assert bf16.image_ids == fp32.image_ids
+    assert not np.array_equal(bf16.features, fp32.features)  # it did compute in bfloat16
+    cosine = (bf16.features * fp32.features).sum(1) / (
+        np.linalg.norm(bf16.features, axis=1) * np.linalg.norm(fp32.features, axis=1))
+    assert cosine.mean() >= 0.99 and cosine.min() >= 0.98, cosine
+
+    # A cache of one precision is not extended at another; "auto" means this machine's choice.
+    with pytest.raises(ArtifactError, match="precision='bf16'.*precision='fp32'") as raised:
+        extract.run_extract(data_dir, copy_run(out), {**OVERRIDES, "encoder.precision": "fp32"})
+    assert "--precision bf16" in str(raised.value)
+    fp32_out = copy_run(awkward_run[0])
+    with pytest.raises(ArtifactError, match="precision='fp32'.*precision='bf16'"):
+        extract.run_extract(data_dir, fp32_out, {**OVERRIDES, "encoder.precision": "bf16"})
+    # A refused run leaves the settings that made the artifacts in config.json.
+    assert json.loads((fp32_out / "config.json").read_text())["encoder"]["precision"] == "fp32"
+    auto_out = tmp_path / "auto"
+    shutil.copytree(out, auto_out)
+    if encoder.resolve_precision("auto") == "bf16":  # this machine: AMX-BF16 (see test_encoder)
+        assert extract.run_extract(data_dir, auto_out, {**OVERRIDES, "encoder.precision": "auto"})["new"] == 0
+        assert json.loads((auto_out / "config.json").read_text())["encoder"]["precision"] == "bf16"
+    else:
+        with pytest.raises(ArtifactError, match="precision="):
+            extract.run_extract(data_dir, auto_out, {**OVERRIDES, "encoder.precision": "auto"})
