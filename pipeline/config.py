@@ -40,7 +40,7 @@ class EncoderConfig:
     pooling: str = "avg"
     feature_dim: int = 2048
     batch_size: int = 32
-    precision: str = "fp32"  # "fp32", "bf16", "fp16" or "auto"
+    precision: str = "fp32"  # "fp32", "bf16", "fp16" or "auto" (fp16 on a GPU, bf16 on CPUs with AMX or AVX512-BF16, else fp32)
     feature_dtype: str = "float32"  # storage dtype in features.h5: "float32" or "float16"
 
 
