@@ -7,7 +7,7 @@ captions of ~12 words drawn Zipf-like from a ~3,000-word vocabulary) with the sa
 embedding and LSTM sizes:
 
 * **teacher forcing** (ours): one sample per caption, the real tf.data pipeline of
-  `pipeline.train.make_caption_dataset` and the model of `models.decoder.build_decoder`,
+  `pipeline.train.make_training_dataset` and the model of `models.decoder.build_decoder`,
   a masked loss over every position, batches padded to their own longest caption.
 * **merge model** (tutorials): a Python generator yields one sample per word position,
   (image vector, caption prefix pre-padded to the longest caption) -> next word; the model
@@ -71,10 +71,10 @@ def bench_teacher_forcing(features, rows, token_rows, args):
     from pipeline import train
 
     split = train.CaptionSplit(rows, token_rows, images=NUM_IMAGES)
-    dataset = train.make_caption_dataset(
-        split, train.InMemoryFeatures(features), args.batch_size, shuffle_seed=0, shuffle_buffer=10000,
+    dataset = train.make_training_dataset(
+        split, train.InMemoryFeatures(features), args.batch_size, shuffle_seed=0,
         sort_window_batches=args.sort_window_batches,
-    ).repeat()
+    )
     config = config_module.PipelineConfig()
     config.decoder = config_module.DecoderConfig(embedding_dim=args.embedding_dim, units=args.units, dropout=0.5)
     model = train.build_model(config, VOCAB_SIZE, FEATURE_DIM, steps_per_execution=args.steps_per_execution)

@@ -62,7 +62,6 @@ class TrainConfig:
     early_stopping_patience: int = 3
     reduce_lr_patience: int = 1
     reduce_lr_factor: float = 0.5
-    shuffle_buffer: int = 10000
     strategy: str = "default"  # "default", "mirrored" or "multiworker"
     max_cache_memory_gb: float = 4.0  # larger caches stream from HDF5 instead of loading whole
 

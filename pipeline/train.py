@@ -12,13 +12,15 @@ Reads `OUT/config.json`, `OUT/captions.json`, `OUT/vocab.json` and `OUT/features
 
 Data path: one sample per caption (teacher forcing over the whole caption, see
 `models.decoder`). Captions become `<start> w1 .. wn <end>` id rows, kept as one ragged
-tensor next to an int32 vector of feature-row indices; `tf.data` shuffles those small
-(row index, token ids) pairs, sorts windows of 16 batches by length (so batches carry
-almost no padding), pads each batch to its own longest caption, and only then gathers
-the batch's image vectors: with `tf.gather` from one in-memory tensor, or, for a cache
-larger than `train.max_cache_memory_gb`, from the HDF5 file batch by batch
-(`StreamedFeatures`), giving the same batches. A 2048-d vector is never copied per
-caption into Python lists.
+tensor next to an int32 vector of feature-row indices. Each epoch permutes the caption
+indices with stateless random ops keyed by (seed, epoch), sorts windows of 16 batches by
+length (so batches carry almost no padding), cuts batches, puts each window's batches in
+random order, pads each batch to its own longest caption, and only then gathers the
+batch's image vectors: with `tf.gather` from one in-memory tensor, or, for a cache larger
+than `train.max_cache_memory_gb`, from the HDF5 file batch by batch (`StreamedFeatures`),
+giving the same batches. A 2048-d vector is never copied per caption into Python lists.
+Training reads one endless stream of epochs (`make_training_dataset`), so epoch e is the
+same batches whatever the distribution strategy and whether or not the run was resumed.
 """
 
 import dataclasses
@@ -168,63 +170,69 @@ def encode_split(records, row_of_image, vocabulary, max_caption_length):
     return CaptionSplit(np.asarray(rows, dtype=np.int32), token_ids, len(records)), empty
 
 
-def make_caption_dataset(split, feature_rows, batch_size, *, shuffle_seed=None, shuffle_buffer=10000,
-                         sort_window_batches=SORT_WINDOW_BATCHES):
-    """The tf.data pipeline of one split for `model.fit`.
+def _caption_batches(split, batch_size, shuffle_seed, sort_window_batches):
+    """The batching of one split as a function of the epoch number.
 
-    Args:
-        split: CaptionSplit.
-        feature_rows: InMemoryFeatures or StreamedFeatures: `.gather(rows int32 [B]) -> float32 [B, D]`
-            and `.feature_dim`.
-        batch_size: int, captions per batch (the global batch under a distribution strategy);
-            an epoch has ceil(len(split) / batch_size) batches, the last one may be smaller.
-        shuffle_seed: int to shuffle (reshuffled every epoch, the same sequence for a seed);
-            None keeps the captions in order (validation).
-        shuffle_buffer: int, shuffle buffer size (the pairs are small: a full buffer is cheap).
-        sort_window_batches: int, when shuffling: the shuffled stream is cut into windows
-            of this many batches, each window is sorted by caption length and cut into
-            batches, and the batches are shuffled again. Batches then hold captions of
-            nearly one length, so padding (which the LSTM and the vocabulary-wide softmax
-            compute on like on real words) almost vanishes, while which captions meet in a
-            batch stays random. 1 turns it off.
-    Returns:
-        tf.data.Dataset of `({"image_features": float32 [B, D], "caption_tokens": int32 [B, T]},
-        targets int32 [B, T])`, T = the batch's longest caption + 1, padded with 0; targets are
-        the tokens shifted left by one (`models.decoder.make_training_pair`).
+    Returns (epoch_batches, num_batches): `epoch_batches(epoch)` (epoch: int64 scalar,
+    Python or tensor) -> tf.data.Dataset of `(rows int32 [b], token_ids int32 [b, L])`, L the
+    batch's longest caption, padded with PAD_ID; num_batches = ceil(len(split) / batch_size).
+
+    Epoch `e` is a pure function of (shuffle_seed, e), computed with stateless random ops.
+    A `reshuffle_each_iteration` shuffle would instead key the order to how many iterators
+    the dataset has seen, and Keras 3 opens an extra iterator (a peek to build the model)
+    under a distribution strategy, so a mirrored run and a single-device run with one seed
+    would train on differently ordered batches; a resumed run would repeat epoch 1's order.
     """
     import tensorflow as tf
 
-    from models import decoder
-
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if sort_window_batches < 1:
         raise ValueError(f"sort_window_batches must be at least 1, got {sort_window_batches}")
+    num_captions = len(split)
+    num_batches = -(-num_captions // batch_size)
     lengths = np.asarray([len(tokens) for tokens in split.token_ids], dtype=np.int64)
-    flat = np.concatenate(split.token_ids) if split.token_ids else np.zeros((0,), np.int32)
+    flat = np.concatenate(split.token_ids).astype(np.int32) if split.token_ids else np.zeros((0,), np.int32)
     captions = tf.RaggedTensor.from_row_lengths(flat, lengths)
-    dataset = tf.data.Dataset.from_tensor_slices((split.rows, captions))
+    rows = tf.constant(np.asarray(split.rows, dtype=np.int32))
+    caption_lengths = tf.constant(lengths)
+    longest = int(lengths.max()) if num_captions else 0
+    window_captions = sort_window_batches * batch_size
 
-    def dense(row, token_ids):
-        # A slice of a ragged tensor is a dense vector wrapped in a ragged spec, which
-        # padded_batch refuses; passing it through a map gives it its plain dense spec.
-        return row, tf.convert_to_tensor(token_ids)
+    def epoch_batches(epoch):
+        order = tf.range(num_captions, dtype=tf.int64)
+        batch_order = tf.range(num_batches, dtype=tf.int64)
+        if shuffle_seed is not None:
+            seed = tf.stack([tf.constant(shuffle_seed, tf.int64), tf.cast(epoch, tf.int64)])
+            order = tf.random.experimental.stateless_shuffle(order, seed=seed)
+            if sort_window_batches > 1:
+                # Sort each window of `sort_window_batches` batches by caption length
+                # (stable, so equal lengths keep their random order), cut it into
+                # batches, then put the window's batches in a random order.
+                window = tf.range(num_captions, dtype=tf.int64) // window_captions
+                key = window * (longest + 1) + tf.gather(caption_lengths, order)
+                order = tf.gather(order, tf.argsort(key, stable=True))
+                jitter = tf.random.stateless_uniform(
+                    [num_batches], seed=tf.random.experimental.stateless_fold_in(seed, 1), dtype=tf.float64)
+                batch_window = tf.cast(batch_order // sort_window_batches, tf.float64)
+                batch_order = tf.cast(tf.argsort(batch_window + jitter, stable=True), tf.int64)
 
-    def sort_by_length(rows, token_ids):
-        order = tf.argsort(token_ids.row_lengths(), stable=True)
-        return tf.gather(rows, order), tf.gather(token_ids, order)
+        def batch(index):
+            start = index * batch_size
+            members = order[start:tf.minimum(start + batch_size, num_captions)]
+            token_ids = tf.gather(captions, members).to_tensor(default_value=np.int32(text.PAD_ID))
+            return tf.gather(rows, members), token_ids
 
-    padding = dict(padded_shapes=([], [None]), padding_values=(0, np.int32(text.PAD_ID)))
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
-        if sort_window_batches > 1:
-            # Windows are whole multiples of the batch size, so batches never straddle two
-            # windows and the epoch keeps ceil(captions / batch_size) batches.
-            dataset = dataset.ragged_batch(sort_window_batches * batch_size).map(sort_by_length).unbatch()
-        dataset = dataset.map(dense).padded_batch(batch_size, **padding)
-        if sort_window_batches > 1:
-            dataset = dataset.shuffle(sort_window_batches, seed=shuffle_seed + 1, reshuffle_each_iteration=True)
-    else:
-        dataset = dataset.map(dense).padded_batch(batch_size, **padding)
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(-(-len(split) // batch_size)))
+        return tf.data.Dataset.from_tensor_slices(batch_order).map(batch)
+
+    return epoch_batches, num_batches
+
+
+def _to_model_batches(dataset, feature_rows):
+    """(rows, token_ids) batches -> the model's (inputs, targets) batches, prefetched."""
+    import tensorflow as tf
+
+    from models import decoder
 
     def to_model_inputs(rows, token_ids):
         image_features = feature_rows.gather(rows)
@@ -237,6 +245,64 @@ def make_caption_dataset(split, feature_rows, batch_size, *, shuffle_seed=None, 
     # Elements come from in-memory tensors, not files: shard by element across workers.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def make_caption_dataset(split, feature_rows, batch_size, *, shuffle_seed=None, epoch=0,
+                         sort_window_batches=SORT_WINDOW_BATCHES):
+    """One epoch of one split as a tf.data pipeline (validation, tests, benchmarks).
+
+    Args:
+        split: CaptionSplit.
+        feature_rows: InMemoryFeatures or StreamedFeatures: `.gather(rows int32 [B]) -> float32 [B, D]`
+            and `.feature_dim`.
+        batch_size: int, captions per batch (the global batch under a distribution strategy);
+            an epoch has ceil(len(split) / batch_size) batches, the last one may be smaller.
+        shuffle_seed: int to shuffle; None keeps the captions in order (validation).
+        epoch: int (or int64 scalar tensor), which epoch's order to give: with one seed,
+            every epoch has its own order, and epoch `e` is the same batches in every
+            process, under every distribution strategy, resumed or not.
+        sort_window_batches: int, when shuffling: the shuffled captions are cut into windows
+            of this many batches, each window is sorted by caption length and cut into
+            batches, and the window's batches are put in random order. Batches then hold
+            captions of nearly one length, so padding (which the LSTM and the vocabulary-wide
+            softmax compute on like on real words) almost vanishes, while which captions meet
+            in a batch stays random. 1 turns it off.
+    Returns:
+        tf.data.Dataset of `({"image_features": float32 [B, D], "caption_tokens": int32 [B, T]},
+        targets int32 [B, T])`, T = the batch's longest caption + 1, padded with 0; targets are
+        the tokens shifted left by one (`models.decoder.make_training_pair`).
+    """
+    import tensorflow as tf
+
+    epoch_batches, num_batches = _caption_batches(split, batch_size, shuffle_seed, sort_window_batches)
+    dataset = epoch_batches(tf.constant(epoch, tf.int64))
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_batches))
+    return _to_model_batches(dataset, feature_rows)
+
+
+def make_training_dataset(split, feature_rows, batch_size, *, shuffle_seed, initial_epoch=0,
+                          sort_window_batches=SORT_WINDOW_BATCHES):
+    """The endless training stream: epochs `initial_epoch`, `initial_epoch + 1`, ... back to back.
+
+    Epoch `e` holds exactly the batches of `make_caption_dataset(..., shuffle_seed, epoch=e)`;
+    train on it with `model.fit(..., steps_per_epoch=ceil(len(split) / batch_size))` and a
+    `steps_per_execution` dividing that (`steps_per_execution_for`), so no execution spans
+    two epochs. Element spec as `make_caption_dataset`.
+    """
+    import tensorflow as tf
+
+    epoch_batches, _ = _caption_batches(split, batch_size, shuffle_seed, sort_window_batches)
+    dataset = tf.data.Dataset.counter(start=initial_epoch, dtype=tf.int64).flat_map(epoch_batches)
+    return _to_model_batches(dataset, feature_rows)
+
+
+def steps_per_execution_for(steps_per_epoch, limit=STEPS_PER_EXECUTION):
+    """The largest steps per tf.function call <= `limit` that divides `steps_per_epoch` (int >= 1).
+
+    On the endless training stream Keras runs whole executions, so a count not dividing
+    the epoch would carry batches of the next epoch into this one.
+    """
+    return next(count for count in range(max(1, min(limit, steps_per_epoch)), 0, -1) if steps_per_epoch % count == 0)
 
 
 def load_training_data(out_dir, config):
@@ -324,7 +390,6 @@ def _check_settings(config):
         (train.batch_size >= 1, "train.batch_size (--batch-size) must be at least 1", train.batch_size),
         (train.learning_rate > 0, "train.learning_rate (--learning-rate) must be positive", train.learning_rate),
         (train.clipnorm > 0, "train.clipnorm must be positive", train.clipnorm),
-        (train.shuffle_buffer >= 1, "train.shuffle_buffer must be at least 1", train.shuffle_buffer),
         (train.max_cache_memory_gb > 0, "train.max_cache_memory_gb must be positive", train.max_cache_memory_gb),
         (text_config.max_caption_length >= 1, "text.max_caption_length (--max-caption-length) must be at least 1",
          text_config.max_caption_length),
@@ -342,11 +407,53 @@ def _check_settings(config):
             raise errors.PipelineError(f"{message}, got {value!r}")
 
 
+_GLOBAL_TOKEN_MEAN_LOSS = []
+
+
+def global_token_mean_loss_function():
+    """The training loss: `models.decoder.masked_loss` normalized by the global batch's tokens.
+
+    Returns a registered Keras loss `loss(targets int [B, T], logits float32 [B, T, V]) ->
+    float32 scalar`. On one device it is `masked_loss`: the sum of per-token losses over
+    non-pad targets / their number. Under a distribution strategy each replica sees a
+    slice of the global batch; Keras divides each replica's loss by the number of
+    replicas R and sums their gradients. A per-replica `masked_loss` would then train on
+    the mean of the replicas' token means, which weights a token of a replica with few
+    tokens more than one of a replica with many. Here each replica returns
+    R * (its token-loss sum) / (non-pad targets of the whole global batch, summed across
+    replicas), so the summed gradient is exactly the gradient of the global token mean,
+    and the reported loss (the replicas' mean) is the global token mean as well.
+    """
+    if _GLOBAL_TOKEN_MEAN_LOSS:
+        return _GLOBAL_TOKEN_MEAN_LOSS[0]
+    import keras
+    import tensorflow as tf
+
+    from models import decoder
+
+    # Registered so a compiled decoder.keras reloads once this module is imported
+    # (run_train's readers load with compile=False and need nothing).
+    @keras.saving.register_keras_serializable(package="captioner")
+    def global_token_mean_loss(targets, logits):
+        local_mean = decoder.masked_loss(targets, logits)
+        replica_context = tf.distribute.get_replica_context()
+        num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replica_context is None or num_replicas == 1:
+            return local_mean
+        local_tokens = tf.reduce_sum(tf.cast(tf.not_equal(tf.cast(targets, tf.int32), text.PAD_ID), tf.float32))
+        global_tokens = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, local_tokens)
+        return local_mean * tf.math.divide_no_nan(local_tokens * float(num_replicas), global_tokens)
+
+    _GLOBAL_TOKEN_MEAN_LOSS.append(global_token_mean_loss)
+    return global_token_mean_loss
+
+
 def build_model(config, vocab_size, feature_dim, steps_per_execution=STEPS_PER_EXECUTION):
     """The decoder of `config.decoder`, compiled for training as `run_train` trains it.
 
     Call inside `strategy.scope()` to distribute it. Adam with `train.learning_rate` and
-    `train.clipnorm`, `models.decoder.masked_loss`, `MaskedAccuracy`; several steps per
+    `train.clipnorm`, `models.decoder.masked_loss` over the global batch's tokens
+    (`global_token_mean_loss_function`), `MaskedAccuracy`; several steps per
     `tf.function` call (`steps_per_execution`, 1 with several replicas) to spare the
     per-step Python round trip.
     Returns a compiled `keras.Model` (inputs and outputs as `models.decoder.build_decoder`).
@@ -364,7 +471,7 @@ def build_model(config, vocab_size, feature_dim, steps_per_execution=STEPS_PER_E
     model = decoder.build_decoder(config.decoder, vocab_size, feature_dim)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=config.train.learning_rate, clipnorm=config.train.clipnorm),
-        loss=decoder.masked_loss,
+        loss=global_token_mean_loss_function(),
         metrics=[decoder.MaskedAccuracy()],
         steps_per_execution=steps_per_execution,
     )
@@ -378,8 +485,8 @@ def make_strategy(name):
     without GPUs, per logical CPU device (`tf.config.set_logical_device_configuration`).
     "multiworker": `MultiWorkerMirroredStrategy` on the cluster of TF_CONFIG, checked first
     (`check_tf_config`). Under "mirrored" and "multiworker" `train.batch_size` is the
-    global batch, split across replicas; each replica averages the loss over its own
-    non-pad tokens and the replicas' gradients are averaged.
+    global batch, split across replicas; the loss is averaged over the non-pad tokens of
+    the whole global batch (`global_token_mean_loss_function`), as on one device.
     """
     import tensorflow as tf
 
@@ -579,12 +686,16 @@ def run_train(out_dir, overrides, resume=False):
         history = []
     config.save(out_dir)
 
+    batch_size = config.train.batch_size
+    steps_per_epoch = -(-len(data.train) // batch_size)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model = build_model(config, config.decoder.vocab_size, data.feature_dim)
-    batch_size = config.train.batch_size
-    train_dataset = make_caption_dataset(
-        data.train, data.feature_rows, batch_size, shuffle_seed=config.seed, shuffle_buffer=config.train.shuffle_buffer,
+        model = build_model(config, config.decoder.vocab_size, data.feature_dim,
+                            steps_per_execution=steps_per_execution_for(steps_per_epoch))
+    # Endless, epoch e's order fixed by (seed, e): a resumed run trains on the batches
+    # the uninterrupted run would have, and so does every distribution strategy.
+    train_dataset = make_training_dataset(
+        data.train, data.feature_rows, batch_size, shuffle_seed=config.seed, initial_epoch=finished,
     )
     val_dataset = make_caption_dataset(data.val, data.feature_rows, batch_size)
     print(
@@ -602,7 +713,7 @@ def run_train(out_dir, overrides, resume=False):
     fit_started = time.monotonic()
     try:
         model.fit(
-            train_dataset, validation_data=val_dataset, epochs=config.train.epochs,
+            train_dataset, steps_per_epoch=steps_per_epoch, validation_data=val_dataset, epochs=config.train.epochs,
             callbacks=callbacks, verbose=2, shuffle=False,  # the dataset shuffles itself, seeded
         )
     finally:
