@@ -1,0 +1,357 @@
+"""The HTTP server under load: latency, correctness and memory with concurrent clients.
+
+    python -m benchmarks.bench_load [--out OUT] [--requests 400] [--clients 8] [--quick] [--json FILE]
+
+Starts `run_pipeline.py serve` in a subprocess (so its resident memory is its own, read
+with psutil from its pid), sends image requests through `serving_default` from 8 client
+threads, a tenth of them malformed, and reports:
+  - `serve_p50_ms`, `serve_p99_ms`: latency of the good requests as clients see it
+    (queueing for the one-at-a-time model included),
+  - `serve_requests`, `serve_failed_good` (good requests without a 200 and their expected
+    caption), `serve_wrong_bad` (bad ones without a 4xx and a JSON error),
+  - `serve_rss_growth`: mean server RSS over the last quarter of the run / first quarter - 1.
+The expected caption of each input is the server's own answer in a sequential warm-up,
+so the load checks that concurrency changes no answer.
+
+OUT is a trained run with `saved_model/` (default artifacts/demo, made by `python
+run_pipeline.py`); without one, the synthetic export of `benchmarks.bench_serving` is used.
+`tests/test_load.py` drives the same machinery with mostly cheap feature requests.
+"""
+
+import argparse
+import base64
+import dataclasses
+import http.client
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+PREDICT = "/v1/models/captioner:predict"
+CLIENTS = 8
+BAD_FRACTION = 10  # every tenth request is malformed
+SERVER_START_SECONDS = 120
+RSS_SAMPLE_SECONDS = 0.05
+REQUEST_TIMEOUT_SECONDS = 120
+
+
+@dataclasses.dataclass
+class LoadRequest:
+    """One request of the load: `body` (bytes) to POST to predict and what must come back.
+
+    `captions` (list of str) for a good request (status 200, these captions in order);
+    None for a malformed one (any 4xx with a JSON object `{"error": str}`).
+    """
+
+    kind: str
+    body: bytes
+    captions: list = None
+
+
+@dataclasses.dataclass
+class LoadResult:
+    """What `run_load` saw: per-request outcomes and the server's RSS samples."""
+
+    latencies_ms: list  # of the good requests that succeeded
+    failed_good: list  # (index, kind, reason)
+    wrong_bad: list  # (index, kind, reason)
+    rss_samples: list  # (seconds since start, bytes)
+    seconds: float
+
+    def rss_growth(self):
+        """Mean RSS of the last quarter of the run / mean of the first quarter - 1 (float)."""
+        quarter = self.seconds / 4
+        first = [rss for moment, rss in self.rss_samples if moment <= quarter]
+        last = [rss for moment, rss in self.rss_samples if moment >= self.seconds - quarter]
+        if not first or not last:
+            raise RuntimeError(f"too few RSS samples ({len(self.rss_samples)}) in a {self.seconds:.2f} s run")
+        return statistics.mean(last) / statistics.mean(first) - 1.0
+
+
+class ServerProcess:
+    """`run_pipeline.py serve` on a free port, in a subprocess; a context manager.
+
+    `host` None leaves the command's default (loopback), which the tests check.
+    """
+
+    def __init__(self, model_dir, max_body_mb=16.0, max_images=32, host=None):
+        command = [sys.executable, str(REPOSITORY / "run_pipeline.py"), "serve", "--model", str(model_dir),
+                   "--port", "0", "--max-body-mb", str(max_body_mb), "--max-images", str(max_images)]
+        if host is not None:
+            command += ["--host", host]
+        environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+        # The server logs a line per request on stderr: to a file, so a full pipe never blocks it.
+        self._log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(command, cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=self._log,
+                                        env=environment, text=True)
+        self.host, self.port = self._wait_for_url()
+
+    def _wait_for_url(self):
+        # run_serve prints "  upload page: http://127.0.0.1:PORT/" once it is listening.
+        lines = []
+        timer = threading.Timer(SERVER_START_SECONDS, self.process.kill)
+        timer.start()
+        try:
+            for line in self.process.stdout:
+                lines.append(line)
+                if "upload page:" in line:
+                    address = line.split("http://", 1)[1].strip().rstrip("/")
+                    host, port = address.rsplit(":", 1)
+                    threading.Thread(target=self.process.stdout.read, daemon=True).start()  # drain
+                    return host, int(port)
+        finally:
+            timer.cancel()
+        self.stop()
+        raise RuntimeError(f"the server did not start (exit code {self.process.poll()}): {''.join(lines)}"
+                           f"{self.log_text()[-2000:]}")
+
+    def rss(self):
+        import psutil
+
+        return psutil.Process(self.process.pid).memory_info().rss
+
+    def log_text(self):
+        self._log.seek(0)
+        return self._log.read().decode("utf-8", "replace")
+
+    def stop(self):
+        """Ctrl-C (SIGINT), as a user stops it; kills it if it has not exited 30 s later. Returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+        self._log.close()
+        return False
+
+
+def b64(image_bytes):
+    return base64.b64encode(image_bytes).decode("ascii")
+
+
+def image_body(images):
+    """Predict body (bytes) of a `serving_default` request for `images` (list of bytes)."""
+    return json.dumps({"instances": [{"b64": b64(image)} for image in images]}).encode()
+
+
+def features_body(rows):
+    """Predict body (bytes) of a `caption_features` request for `rows` (list of 2048 floats each)."""
+    return json.dumps({"signature_name": "caption_features", "instances": [list(map(float, row)) for row in rows]}).encode()
+
+
+def malformed_requests(valid_image, max_images, max_body_bytes):
+    """One LoadRequest of each kind of malformed predict request (list), `captions` None."""
+    return [
+        LoadRequest("bad-json", b'{"instances": [{"b64": '),
+        LoadRequest("bad-base64", json.dumps({"instances": [{"b64": "@@ not base64 @@"}]}).encode()),
+        LoadRequest("not-an-image", image_body([b"plain text, not an image at all"])),
+        LoadRequest("missing-instances", json.dumps({"signature_name": "serving_default"}).encode()),
+        LoadRequest("too-many-instances", image_body([valid_image] * (max_images + 1))),
+        LoadRequest("oversized-body", b" " * (max_body_bytes + 1)),
+    ]
+
+
+def plan(good, bad, total):
+    """`total` requests cycling through `good`, with every BAD_FRACTION-th one taken from `bad` instead."""
+    requests = []
+    for index in range(total):
+        if index % BAD_FRACTION == BAD_FRACTION - 1:
+            requests.append(bad[(index // BAD_FRACTION) % len(bad)])
+        else:
+            requests.append(good[index % len(good)])
+    return requests
+
+
+def post(connection, body):
+    """(status, parsed JSON or None, whether the server closes the connection) of one predict POST."""
+    connection.request("POST", PREDICT, body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    payload = response.read()
+    try:
+        answer = json.loads(payload)
+    except ValueError:
+        answer = None
+    return response.status, answer, response.will_close
+
+
+def check(request, status, answer):
+    """Why the answer is wrong for `request` (str), or None if it is right."""
+    if request.captions is None:
+        if not 400 <= status < 500:
+            return f"status {status}, expected a 4xx"
+        if not isinstance(answer, dict) or set(answer) != {"error"} or not isinstance(answer["error"], str):
+            return f"answer {str(answer)[:200]} is not {{'error': str}}"
+        return None
+    if status != 200:
+        return f"status {status}: {str(answer)[:300]}"
+    try:
+        captions = [prediction["caption"] for prediction in answer["predictions"]]
+    except (TypeError, KeyError):
+        return f"malformed answer {str(answer)[:300]}"
+    if captions != request.captions:
+        return f"captions {captions} != expected {request.captions}"
+    return None
+
+
+def run_load(server, requests, clients=CLIENTS):
+    """Sends `requests` (list of LoadRequest) to `server` (a ServerProcess) from `clients` threads.
+
+    Client k sends requests k, k + clients, ... in order over one keep-alive connection
+    (a new one after the server closes it). Returns a LoadResult.
+    """
+    outcomes = [None] * len(requests)  # (latency ms, reason or None)
+    stop_sampling = threading.Event()
+    samples = []
+    started = time.perf_counter()
+
+    def sample():
+        while not stop_sampling.is_set():
+            samples.append((time.perf_counter() - started, server.rss()))
+            stop_sampling.wait(RSS_SAMPLE_SECONDS)
+
+    def client(first):
+        connection = None
+        for index in range(first, len(requests), clients):
+            if connection is None:
+                connection = http.client.HTTPConnection(server.host, server.port, timeout=REQUEST_TIMEOUT_SECONDS)
+            sent = time.perf_counter()
+            try:
+                status, answer, closing = post(connection, requests[index].body)
+            except (OSError, http.client.HTTPException) as error:
+                outcomes[index] = (None, f"{type(error).__name__}: {error}")
+                connection.close()
+                connection = None
+                continue
+            outcomes[index] = ((time.perf_counter() - sent) * 1000.0, check(requests[index], status, answer))
+            if closing:
+                connection.close()
+                connection = None
+        if connection is not None:
+            connection.close()
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    threads = [threading.Thread(target=client, args=(first,), daemon=True) for first in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    stop_sampling.set()
+    sampler.join()
+    samples.append((seconds, server.rss()))
+    latencies, failed_good, wrong_bad = [], [], []
+    for index, (request, (latency, reason)) in enumerate(zip(requests, outcomes)):
+        good = request.captions is not None
+        if reason is not None:
+            (failed_good if good else wrong_bad).append((index, request.kind, reason))
+        elif good:
+            latencies.append(latency)
+    return LoadResult(latencies, failed_good, wrong_bad, samples, seconds)
+
+
+def percentile(values, fraction):
+    """The value at `fraction` (0..1) of the sorted `values`, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(fraction * len(ordered))) - 1))]
+
+
+def summary(result, requests):
+    return {
+        "serve_requests": len(requests),
+        "serve_good_requests": sum(request.captions is not None for request in requests),
+        "serve_failed_good": len(result.failed_good),
+        "serve_wrong_bad": len(result.wrong_bad),
+        "serve_p50_ms": round(percentile(result.latencies_ms, 0.50), 2) if result.latencies_ms else None,
+        "serve_p99_ms": round(percentile(result.latencies_ms, 0.99), 2) if result.latencies_ms else None,
+        "serve_rss_growth": round(result.rss_growth(), 4),
+        "serve_rss_mb_end": round(result.rss_samples[-1][1] / 2**20, 1),
+        "serve_seconds": round(result.seconds, 2),
+        "serve_clients": CLIENTS,
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def _model_and_images(out_dir, folder):
+    """(saved_model_dir, list of image bytes) of a trained run, or of bench_serving's synthetic export."""
+    if out_dir is not None and (Path(out_dir) / "saved_model" / "saved_model.pb").is_file():
+        from pipeline import datasets
+
+        dataset = datasets.read_captions_json(out_dir)
+        images = [(dataset.image_dir / record.image_id).read_bytes() for record in dataset.images[:8]]
+        return Path(out_dir) / "saved_model", images
+    from benchmarks import bench_serving
+
+    model_dir, images, _, _ = bench_serving._synthetic_run(folder)
+    return model_dir, images[:8]
+
+
+def measure(model_dir, images, total_requests, max_images=4, max_body_mb=0.5):
+    """Image-only load on a fresh server process; returns the summary (dict)."""
+    with ServerProcess(model_dir, max_body_mb=max_body_mb, max_images=max_images) as server:
+        connection = http.client.HTTPConnection(server.host, server.port, timeout=REQUEST_TIMEOUT_SECONDS)
+        good = []
+        for image in images:  # warm-up, one at a time: each input's expected caption
+            status, answer, _ = post(connection, image_body([image]))
+            if status != 200:
+                raise RuntimeError(f"warm-up request failed with {status}: {answer}")
+            good.append(LoadRequest("image", image_body([image]), [answer["predictions"][0]["caption"]]))
+        connection.close()
+        bad = malformed_requests(images[0], max_images, int(max_body_mb * 2**20))
+        requests = plan(good, bad, total_requests)
+        result = run_load(server, requests)
+        results = summary(result, requests)
+        results["serve_exit_code"] = server.stop()
+    results["model_dir"] = str(model_dir)
+    results["failures"] = [list(failure) for failure in (result.failed_good + result.wrong_bad)[:10]]
+    return results
+
+
+def run(quick=False, out_dir="artifacts/demo", total_requests=None):
+    """The suite's entry point; returns the results (dict)."""
+    total_requests = total_requests or (200 if quick else 1000)
+    with tempfile.TemporaryDirectory(prefix="bench_load_") as temporary:
+        model_dir, images = _model_and_images(out_dir, temporary)
+        return measure(model_dir, images, total_requests)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="artifacts/demo", help="trained run with saved_model/ (else synthetic)")
+    parser.add_argument("--requests", type=int, default=None, help="requests in all (default 1000, --quick 200)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    results = run(quick=args.quick, out_dir=args.out, total_requests=args.requests)
+    print(f"{results['serve_requests']} requests ({results['serve_good_requests']} good) from {CLIENTS} clients "
+          f"in {results['serve_seconds']:.1f} s on {results['cpu_count']} CPUs")
+    print(f"  good: p50 {results['serve_p50_ms']:.1f} ms, p99 {results['serve_p99_ms']:.1f} ms, "
+          f"{results['serve_failed_good']} failed; bad answered wrongly: {results['serve_wrong_bad']}")
+    print(f"  server RSS growth, first to last quarter: {100 * results['serve_rss_growth']:+.2f}% "
+          f"(ends at {results['serve_rss_mb_end']:.0f} MB)")
+    for failure in results["failures"]:
+        print(f"  failure: {failure}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0 if results["serve_failed_good"] == 0 and results["serve_wrong_bad"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
