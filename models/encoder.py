@@ -25,6 +25,10 @@ PRECISION_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixe
 # for bfloat16 convolutions; without them bfloat16 is emulated and slower than float32.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 CPUINFO_PATH = "/proc/cpuinfo"
+# Decoding allocates width x height x 3 bytes whatever the file's size: a 600-byte JPEG
+# can declare 12000 x 12000 pixels. Images whose header declares more are refused before
+# decoding, inside the graph too (extraction, the SavedModel, TF Serving).
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 def cpu_flags(cpuinfo_path=CPUINFO_PATH):
@@ -163,9 +167,62 @@ def decode_image(image_bytes, image_size):
 
     Raises tf.errors.InvalidArgumentError on bytes that are not a complete image.
     """
-    image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8, expand_animations=False)
+    within_limit = tf.debugging.assert_less_equal(
+        declared_pixels(image_bytes), tf.constant(MAX_IMAGE_PIXELS, tf.int64),
+        message=f"the image declares more than {MAX_IMAGE_PIXELS // 1_000_000} megapixels",
+    )
+    with tf.control_dependencies([within_limit]):
+        image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8, expand_animations=False)
     image.set_shape([None, None, 3])
     return resize_image(image, image_size)
+
+
+def declared_pixels(image_bytes):
+    """Width x height that an image's header declares, read without decoding, in TF ops.
+
+    Args:
+        image_bytes: tf.string scalar.
+
+    Returns:
+        int64 scalar: the declared pixel count of a JPEG (via `tf.image.extract_jpeg_shape`),
+        PNG (IHDR), GIF (logical screen, per frame) or BMP (info header); 0 for anything
+        else or a header too short to say, which the decoder then refuses on its own.
+    """
+    header_size = 26
+    header = tf.strings.substr(
+        image_bytes + tf.constant(b"\0" * header_size), 0, header_size)
+    raw = tf.cast(tf.io.decode_raw(header, tf.uint8), tf.int64)  # [26], zero-padded
+
+    def starts_with(signature):
+        return tf.reduce_all(tf.equal(raw[: len(signature)], tf.constant(list(signature), tf.int64)))
+
+    def big_endian_32(offset):
+        return raw[offset] * 2**24 + raw[offset + 1] * 2**16 + raw[offset + 2] * 2**8 + raw[offset + 3]
+
+    def little_endian(offset, size):
+        value = tf.add_n([raw[offset + index] * 2 ** (8 * index) for index in range(size)])
+        if size == 4:  # BMP sizes are signed (a negative height means top-down rows)
+            value = tf.where(value >= 2**31, 2**32 - value, value)
+        return value
+
+    def jpeg_pixels():
+        shape = tf.cast(tf.image.extract_jpeg_shape(image_bytes), tf.int64)
+        return shape[0] * shape[1]
+
+    long_enough = tf.strings.length(image_bytes) >= header_size
+    return tf.case(
+        [
+            (starts_with(b"\xff\xd8"), jpeg_pixels),
+            (tf.logical_and(long_enough, starts_with(b"\x89PNG")),
+             lambda: big_endian_32(16) * big_endian_32(20)),
+            (tf.logical_and(long_enough, starts_with(b"GIF8")),
+             lambda: little_endian(6, 2) * little_endian(8, 2)),
+            (tf.logical_and(long_enough, starts_with(b"BM")),
+             lambda: little_endian(18, 4) * little_endian(22, 4)),
+        ],
+        default=lambda: tf.constant(0, tf.int64),
+        exclusive=False,
+    )
 
 
 def resize_image(image, image_size):

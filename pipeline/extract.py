@@ -357,17 +357,23 @@ def _decode_fallback(path):
         return None, f"unreadable: {error.strerror or error}"
     if not data:
         return None, "empty: the file has 0 bytes"
+    too_large = f"too large: over the limit of {encoder_module.MAX_IMAGE_PIXELS // 1_000_000} megapixels"
     try:
-        tf.io.decode_image(data, channels=3, expand_animations=False)
+        # The same header check and decode as the pipeline's, eagerly, for the reason.
+        encoder_module.decode_image(tf.constant(data), 8)
         tf_reason = "TensorFlow dropped it while reading"
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.UnimplementedError) as error:
         tf_reason = _tf_message(error)
+        if "megapixels" in tf_reason:
+            return None, f"{too_large} (the header declares {_declared_megapixels(data)})"
     import io
 
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > encoder_module.MAX_IMAGE_PIXELS:
+                return None, f"{too_large} ({image.width} x {image.height})"
             image.load()  # decodes fully: a truncated file raises here, not later
             pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
         return pixels, None
@@ -375,6 +381,13 @@ def _decode_fallback(path):
         return None, f"not an image: {tf_reason}"
     except Exception as error:  # PIL raises many types for damaged data
         return None, f"undecodable (truncated or corrupt): {tf_reason}; PIL: {error}"
+
+
+def _declared_megapixels(data):
+    try:
+        return f"{int(encoder_module.declared_pixels(tf.constant(data))) / 1e6:.0f} megapixels"
+    except tf.errors.OpError:
+        return "an unreadable size"
 
 
 def _tf_message(error):

@@ -350,7 +350,11 @@ class CaptionRequestHandler(http.server.BaseHTTPRequestHandler):
         scores = [score if math.isfinite(score) else None for score in scores]
         if columnar:
             return {"outputs": {"captions": captions, "scores": scores}}
-        return {"predictions": [{"caption": text, "score": score} for text, score in zip(captions, scores)]}
+        # `caption`/`score` are this API's names; TF Serving names each prediction's fields
+        # after the SavedModel's outputs (`captions`, `scores`): both are sent, so a client
+        # reading `captions`/`scores` runs unchanged against TensorFlow Serving.
+        return {"predictions": [{"caption": text, "score": score, "captions": text, "scores": score}
+                                for text, score in zip(captions, scores)]}
 
     def _metadata(self):
         metadata = self.server.captioner.metadata

@@ -248,3 +248,29 @@ def test_bf16_encoder_computes_in_bfloat16_without_changing_the_global_policy(en
     assert reduced.dtype == np.float32 and not np.array_equal(reduced, full)
     cosine = (reduced * full).sum(1) / (np.linalg.norm(reduced, axis=1) * np.linalg.norm(full, axis=1))
     assert cosine.min() >= 0.99
+
+
+def test_decode_image_refuses_a_header_that_declares_too_many_pixels():
+    """A tiny PNG whose IHDR declares 20000 x 20000 is refused before decoding (graph-side)."""
+    import io
+    import struct
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from models import encoder
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (10, 10), (1, 2, 3)).save(buffer, format="PNG")
+    bomb = bytearray(buffer.getvalue())
+    bomb[16:24] = struct.pack(">II", 20000, 20000)
+    assert int(encoder.declared_pixels(tf.constant(bytes(bomb)))) == 20000 * 20000
+    decode = tf.function(lambda data: encoder.decode_image(data, 8), input_signature=[tf.TensorSpec([], tf.string)])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="megapixels"):
+        decode(tf.constant(bytes(bomb)))
+    for image_format, mode in (("JPEG", "RGB"), ("PNG", "RGB"), ("GIF", "P"), ("BMP", "RGB")):
+        buffer = io.BytesIO()
+        Image.new(mode, (37, 23)).save(buffer, format=image_format)
+        assert int(encoder.declared_pixels(tf.constant(buffer.getvalue()))) == 37 * 23, image_format
+        assert decode(tf.constant(buffer.getvalue())).shape == (8, 8, 3)
+    assert int(encoder.declared_pixels(tf.constant(b"abc"))) == 0

@@ -75,6 +75,9 @@ def assert_prediction(answer, expected_pairs):
     """`answer["predictions"]` matches [(caption, score)] in order."""
     predictions = answer["predictions"]
     assert [prediction["caption"] for prediction in predictions] == [pair[0] for pair in expected_pairs]
+    # TF Serving's field names (the SavedModel's outputs) carry the same values.
+    assert all(prediction["captions"] == prediction["caption"] and prediction["scores"] == prediction["score"]
+               for prediction in predictions)
     # Batches of different sizes may round differently inside ResNet50's matrix products.
     assert [prediction["score"] for prediction in predictions] == pytest.approx(
         [pair[1] for pair in expected_pairs], abs=1e-3)
