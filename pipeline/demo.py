@@ -6,7 +6,8 @@ hundred images, and ends by saying where everything is and what to try next.
 
 The encoder uses seeded *random* weights: the demo must run with no download, and the
 shapes were designed (and measured) so that a decoder can still learn to name the
-background, the colour and, less reliably, the shape, count and size from those features.
+background, the size and, less reliably, the object colour, shape and count from those
+features.
 Nothing here is a substitute for ImageNet weights on real photographs.
 """
 
@@ -28,14 +29,23 @@ DEMO_EXTRACT_OVERRIDES = {
 }
 # Stage 2: a decoder sized for 1,800 training captions over a vocabulary of ~50 words.
 # The epoch limit, not early stopping, ends training: learning-rate cuts keep finding
-# tiny val_loss gains, and on this data epochs past ~24 bought < 3% of val_loss.
+# tiny val_loss gains. Measured on the demo's 60 test images (random-weight features,
+# seed 0; README): against units 192, dropout 0.3, learning rate 2e-3, these settings
+# name the object colour right in 58% of captions instead of 38%, write 60% distinct
+# captions instead of 50%, and keep the grounding gap (BLEU-4 minus shuffled BLEU-4) at
+# 0.14 (seed 1: 58%, 63%, 0.15; training is not bit-reproducible, a rerun of seed 0
+# gave 62%, 70%, 0.16). Dropout is the main lever: at units 192, object colour 38% with
+# dropout 0.3 (which drops image-vector dimensions too), 55% with 0.1, 60% with 0.
+# The image enters as the LSTM's initial state: fed as a first step instead (Show and
+# Tell), the decoder ignored the image within this budget (shuffled BLEU-4 = BLEU-4).
 DEMO_TRAIN_OVERRIDES = {
+    "decoder.image_input": "init_state",
     "decoder.embedding_dim": 64,
-    "decoder.units": 192,
-    "decoder.dropout": 0.3,
+    "decoder.units": 256,
+    "decoder.dropout": 0.1,
     "train.epochs": 24,
     "train.batch_size": 64,
-    "train.learning_rate": 2e-3,
+    "train.learning_rate": 3e-3,
     "train.early_stopping_patience": 4,
 }
 DEMO_DECODE_OVERRIDES = {}

@@ -1,13 +1,20 @@
 """The embedded demo dataset: synthetic scenes of coloured shapes, generated, not downloaded.
 
 Each image is a plain background holding one to three copies of one shape in one colour,
-all small or all large. Its five captions name what is drawn in five different sentence
-templates with synonyms, so that BLEU against five references rewards naming the right
-colours and shape rather than copying one fixed sentence:
+all small or all large. Its five captions name everything drawn, always in one order
+(count, size, object colour, shape, background), in five different sentence frames with
+synonyms, so that BLEU against five references rewards naming the right attributes
+rather than copying one fixed sentence:
 
     two large red circles on a blue background
-    a blue picture with a pair of red discs
+    there is a pair of big red discs on blue
     ...
+
+One order makes each attribute a word the decoder predicts at one point of the sentence
+from the image. With the earlier frames, which often put the background first and left
+the size out of three in seven, the demo decoder named the size right in about 20% of
+test captions and the object colour in 27%; with these, 77% and 38% at the same
+settings (README).
 
 The attributes were chosen by measuring what ResNet50 features with *random* weights (the
 demo cannot download ImageNet weights) let a linear probe recover on held-out images; the
@@ -18,8 +25,9 @@ measured table is in the README. Output is the Kaggle Flickr8k layout that
     DEST/captions.txt          CSV, header "image,caption", five rows per image
     DEST/DEMO.json             generator version, seed, count and every image's scene
 
-Everything comes from one `numpy.random.Generator` and PIL drawing without fonts, and the
-JPEGs are written with fixed settings, so one seed and count give the same bytes.
+Everything comes from one seed (two `numpy.random.Generator` streams spawned from it: scenes
+and wording) and PIL drawing without fonts, and the JPEGs are written with fixed settings,
+so one seed and count give the same bytes.
 """
 
 import csv
@@ -31,7 +39,7 @@ from PIL import Image, ImageDraw
 
 from pipeline import errors, io_utils
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MARKER_FILE = "DEMO.json"
 MARKER_FORMAT = "captioner.demo"
 IMAGE_DIR = "Images"
@@ -72,15 +80,16 @@ SHAPE_NOUNS = {
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
 COUNT_WORDS = {1: ("a", "one", "a single"), 2: ("two", "a pair of"), 3: ("three", "a group of three")}
 
-# One sentence per template; {count} {size} {color} {shapes} {background} {is_are}.
+# One sentence per template; {count} {size} {color} {shapes} {background} {is_are}. The
+# frames vary, the order of the attributes never does.
 TEMPLATES = (
     "{count} {size} {color} {shapes} on a {background} background",
-    "a {background} picture with {count} {color} {shapes}",
-    "{count} {color} {shapes} against a {background} backdrop",
+    "{count} {size} {color} {shapes} against a {background} backdrop",
     "there {is_are} {count} {size} {color} {shapes} on {background}",
     "an image of {count} {size} {color} {shapes} over a {background} background",
-    "a {background} background with {count} {color} {shapes} on it",
-    "{count} {size} {shapes} colored {color} on a plain {background} background",
+    "a picture of {count} {size} {color} {shapes} on a plain {background} background",
+    "{count} {size} {color} {shapes} in front of a {background} background",
+    "{count} {size} {color} {shapes} set against {background}",
 )
 
 
@@ -118,13 +127,16 @@ def generate_demo_dataset(dest_dir, seed=0, num_images=DEFAULT_NUM_IMAGES):
     if marker_path.exists():
         marker_path.unlink()
 
-    generator = np.random.default_rng(seed)
+    # Two independent streams: the wording can change without changing the pictures (and
+    # so without invalidating features extracted from them).
+    scene_generator, caption_generator = (
+        np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(2))
     scenes = []
     rows = []
     for index in range(num_images):
-        scene = sample_scene(generator)
+        scene = sample_scene(scene_generator)
         scene["image"] = f"demo_{index:04d}.jpg"
-        scene["captions"] = describe_scene(scene, generator)
+        scene["captions"] = describe_scene(scene, caption_generator)
         _write_jpeg(render_scene(scene), image_dir / scene["image"])
         scenes.append(scene)
         rows.extend((scene["image"], caption) for caption in scene["captions"])
@@ -250,7 +262,8 @@ def describe_scene(scene, generator):
     """Five different captions of a scene (list of 5 lower-case strings).
 
     Five distinct templates out of TEMPLATES, each with synonyms drawn for the count,
-    size and shape; every caption names the object colour, the shape and the background.
+    size and shape; every caption names the count, size, object colour, shape and
+    background, in that order.
     """
     captions = []
     for template_index in generator.permutation(len(TEMPLATES))[:CAPTIONS_PER_IMAGE]:

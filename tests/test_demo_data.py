@@ -104,6 +104,49 @@ def test_every_caption_names_what_is_drawn(generated):
             assert not set(words) & other_sizes, where
 
 
+def _first_index(words, candidates):
+    """Index of the first word of the first of `candidates` (phrases) found in `words`, or None."""
+    for index in range(len(words)):
+        for phrase in candidates:
+            if words[index:index + len(phrase.split())] == phrase.split():
+                return index
+    return None
+
+
+def test_every_caption_names_the_attributes_in_one_order(generated):
+    # count, size, object colour, shape, background: the order the decoder learns to follow.
+    scenes = demo_data.read_demo_metadata(generated)["scenes"]
+    for scene in scenes:
+        singular, plural = zip(*demo_data.SHAPE_NOUNS[scene["shape"]])
+        for caption in scene["captions"]:
+            words = _words(caption)
+            positions = [
+                _first_index(words, demo_data.COUNT_WORDS[scene["count"]]),
+                _first_index(words, demo_data.SIZE_WORDS[scene["size"]]),
+                words.index(scene["color"]),
+                _first_index(words, plural if scene["count"] > 1 else singular),
+                len(words) - 1 - words[::-1].index(scene["background"]),
+            ]
+            assert None not in positions and positions == sorted(set(positions)), f"{caption!r}: {positions}"
+
+
+def test_the_wording_does_not_change_the_pictures(tmp_path, monkeypatch):
+    # Scenes and captions draw from separate streams, so cached features of the images stay
+    # valid when only the caption templates change.
+    before = demo_data.generate_demo_dataset(tmp_path / "before", seed=5, num_images=6)
+    monkeypatch.setattr(demo_data, "TEMPLATES", ("{count} {size} {color} {shapes} on {background}",) * 5)
+    after = demo_data.generate_demo_dataset(tmp_path / "after", seed=5, num_images=6)
+    before_files, after_files = _file_bytes(before), _file_bytes(after)
+    images = [name for name in before_files if name.startswith("Images/")]
+    assert len(images) == 6
+    assert all(before_files[name] == after_files[name] for name in images)
+    assert before_files["captions.txt"] != after_files["captions.txt"]
+    before_scenes = demo_data.read_demo_metadata(before)["scenes"]
+    after_scenes = demo_data.read_demo_metadata(after)["scenes"]
+    assert [{**scene, "captions": None} for scene in before_scenes] == [
+        {**scene, "captions": None} for scene in after_scenes]
+
+
 def test_attributes_vary_across_images(generated):
     scenes = demo_data.read_demo_metadata(generated)["scenes"]
     # A generator stuck on one value would still pass the per-image checks above.
