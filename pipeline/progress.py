@@ -74,9 +74,14 @@ class Progress:
         """The progress text, e.g. "extract 120/400 images (30%) 21.5 images/s ETA 13s"."""
         percent = f" ({100.0 * self.done / self.total:.0f}%)" if self.total else ""
         rate = self.rate()
+        finished = self.total and self.done >= self.total
+        if rate is None and finished and self.clock() > self.started:
+            # All done in one update: the overall rate is the only one there is.
+            rate = self.done / (self.clock() - self.started)
         rate_text = f"{rate:.1f} {self.unit}/s" if rate is not None else f"- {self.unit}/s"
         prefix = f"{self.label} " if self.label else ""
-        return f"{prefix}{self.done}/{self.total} {self.unit}{percent} {rate_text} ETA {format_duration(self.eta())}"
+        eta = 0.0 if finished else self.eta()
+        return f"{prefix}{self.done}/{self.total} {self.unit}{percent} {rate_text} ETA {format_duration(eta)}"
 
     def update(self, count=1):
         """Counts `count` more finished items and reports if the interval has passed."""

@@ -294,6 +294,14 @@ def test_progress_reports_rate_and_eta():
         "extract 30/30 images (100%) 10.0 images/s ETA 0s",
     ]
     assert progress.format_duration(3725) == "1h02m" and progress.format_duration(65) == "1m05s"
+    # Everything finished in one update: the rate since construction, not "- images/s".
+    stream = io.StringIO()
+    now[0] = 200.0
+    reporter = progress.Progress(total=60, label="evaluate", unit="images", stream=stream, clock=lambda: now[0])
+    now[0] = 203.0
+    reporter.update(60)
+    reporter.close()
+    assert stream.getvalue().splitlines() == ["evaluate 60/60 images (100%) 20.0 images/s ETA 0s"]
 
 
 def test_sharded_extraction_merges_into_the_unsharded_cache(awkward_data, awkward_run, tmp_path):
