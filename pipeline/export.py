@@ -20,6 +20,7 @@ The encoder is rebuilt from the run's settings and must have exactly the weights
 features, would be paired with an encoder whose features it has never seen.
 """
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -83,13 +84,15 @@ def run_export(out_dir, overrides):
     saved_model_dir = out_dir / SAVED_MODEL_DIR
     _log(started, f"tracing and saving (beam size {config.decode.beam_size}, "
                   f"at most {config.decode.max_length} words)")
-    with io_utils.atomic_path(saved_model_dir) as temporary:
+    # Each folder is written under a temporary name and renamed into place: a failed
+    # write (disk full, no permission) leaves the previous export whole, if any.
+    with _write_errors(saved_model_dir), io_utils.atomic_path(saved_model_dir) as temporary:
         tf.saved_model.save(image_captioner, str(temporary), signatures=signatures)
         signature_table = read_signatures(temporary)
         _check_signatures(signature_table)
         _write_metadata(temporary, config, vocabulary, cache_attrs, signature_table)
     serving_dir = out_dir / SERVING_DIR
-    with io_utils.atomic_path(serving_dir) as temporary:
+    with _write_errors(serving_dir), io_utils.atomic_path(serving_dir) as temporary:
         shutil.copytree(saved_model_dir, temporary)
     config.save(out_dir)
 
@@ -99,6 +102,31 @@ def run_export(out_dir, overrides):
     for name, (inputs, outputs) in signature_table.items():
         print(f"  signature {name}: {_format_tensors(inputs)} -> {_format_tensors(outputs)}")
     return saved_model_dir
+
+
+@contextlib.contextmanager
+def _write_errors(directory):
+    """Turns a failed write of `directory` into ArtifactError naming it and the OS reason.
+
+    tf.saved_model.save raises tf.errors.OpError subclasses, not OSError, when a file
+    cannot be written; shutil.copytree raises shutil.Error (an OSError) listing each file.
+    """
+    try:
+        yield
+    except (tf.errors.OpError, OSError) as error:
+        raise errors.ArtifactError(f"{directory}: cannot write the SavedModel ({_write_reason(error)})") from None
+
+
+def _write_reason(error):
+    if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list) and error.args[0]:
+        error = error.args[0][0][2]  # [(source, destination, reason), ...]: the first says why
+    if isinstance(error, OSError) and not isinstance(error, shutil.Error):
+        return error.strerror or str(error)
+    message = " ".join((getattr(error, "message", None) or str(error)).split())
+    # "{{function_node ...}} <temporary file>; File too large [Op:SaveV2]": the OS reason
+    # is last; the temporary file's name would only mislead.
+    message = message.split("}}", 1)[-1].split(" [Op:")[0].strip()
+    return message.rsplit("; ", 1)[-1][:300]
 
 
 def serving_signatures(image_captioner):

@@ -14,10 +14,20 @@ writer reopening the file cuts it back there: a run killed mid-batch loses only 
 batch. The file keeps HDF5's default (earliest) format: files written with
 libver="latest" stay marked "open for writing" after a crash and then refuse to open
 until `h5clear` is run on them.
+
+Full disk: before each batch the writer checks that the disk (and the file size limit,
+`ulimit -f`) has room for it, and stops with a "disk full" error before HDF5 writes a
+byte: a write HDF5 sees fail leaves the file unreadable (its superblock already names
+an end of file the data never reached). Should a write fail anyway (the disk filled
+between the check and the write), the writer's file drops every later write, so the
+file can still be closed (see `_GuardedFile`).
 """
 
 import dataclasses
+import io
 import os
+import resource
+import shutil
 from pathlib import Path
 
 import h5py
@@ -31,6 +41,11 @@ FEATURES_VERSION = 1
 SHARD_PATTERN = "features.shard-{index}-of-{count}.h5"
 # Rows per HDF5 chunk: 64 x 2048 float32 = 512 KiB, a good unit for both appends and reads.
 CHUNK_ROWS = 64
+ID_CHUNK_ROWS = 1024
+# Room asked beyond a batch's own bytes, for HDF5's metadata (chunk index nodes, object
+# headers, string heap collections): measured at under 5 KB a batch, so 50 times that.
+WRITE_MARGIN_BYTES = 256 << 10
+MB = 1 << 20
 # Attributes that must agree between a cache and the encoder settings asking for it.
 CHECKED_ATTRIBUTES = ("encoder", "weights", "image_size", "pooling", "dtype", "feature_dim", "precision")
 
@@ -279,8 +294,9 @@ class FeatureWriter:
     batch: features float [b, feature_dim], stored in the file's dtype.
     """
 
-    def __init__(self, handle, path):
+    def __init__(self, handle, path, file):
         self._handle = handle
+        self._file = file
         self.path = Path(path)
         self._features = handle["features"]
         self._image_ids = handle["image_ids"]
@@ -291,43 +307,71 @@ class FeatureWriter:
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            handle = h5py.File(path, "w")
+            _check_room(path, 0, WRITE_MARGIN_BYTES, "nothing was written")
+            file = _GuardedFile(path, "w+b")
         except OSError as error:
             raise _write_error(path, error) from None
-        feature_dim = int(attrs["feature_dim"])
-        handle.create_dataset(
-            "features", shape=(0, feature_dim), maxshape=(None, feature_dim),
-            dtype=np.dtype(attrs["dtype"]), chunks=(CHUNK_ROWS, feature_dim),
-        )
-        handle.create_dataset(
-            "image_ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"), chunks=(1024,),
-        )
-        for name, value in attrs.items():
-            handle.attrs[name] = value
-        handle.attrs["num_rows"] = 0
-        handle.flush()
-        return cls(handle, path)
+        handle = None
+        try:
+            handle = h5py.File(file, "w")
+            feature_dim = int(attrs["feature_dim"])
+            handle.create_dataset(
+                "features", shape=(0, feature_dim), maxshape=(None, feature_dim),
+                dtype=np.dtype(attrs["dtype"]), chunks=(CHUNK_ROWS, feature_dim),
+            )
+            handle.create_dataset(
+                "image_ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"), chunks=(ID_CHUNK_ROWS,),
+            )
+            for name, value in attrs.items():
+                handle.attrs[name] = value
+            handle.attrs["num_rows"] = 0
+            handle.flush()
+        except (OSError, RuntimeError) as error:
+            file.close_after_failure(handle)
+            raise _write_error(path, file.failure or error) from None
+        return cls(handle, path, file)
 
     @classmethod
     def append_to(cls, path):
-        handle = _open_h5(path, "r+")
+        path = Path(path)
+        if not path.is_file():
+            raise errors.ArtifactError(f"{path}: the feature cache is missing (run the extract stage first)")
+        try:
+            file = _GuardedFile(path, "r+b")
+        except OSError as error:
+            raise _write_error(path, error) from None
+        try:
+            handle = h5py.File(file, "r+")
+        except (OSError, ValueError) as error:
+            file.close()
+            raise errors.ArtifactError(
+                f"{path}: not a readable HDF5 feature cache (damaged, truncated or another kind of file: {error})"
+            ) from None
         try:
             _, num_rows = _validate(handle, path)
             # Rows past num_rows belong to a batch a killed run never finished.
             handle["features"].resize(num_rows, axis=0)
             handle["image_ids"].resize(num_rows, axis=0)
             handle.flush()
+        except (OSError, RuntimeError) as error:
+            file.close_after_failure(handle)
+            raise _write_error(path, file.failure or error) from None
         except BaseException:
             handle.close()
+            file.close()
             raise
-        return cls(handle, path)
+        return cls(handle, path, file)
 
     def append(self, image_ids, features):
         count = len(image_ids)
         assert features.shape == (count, self._features.shape[1]), (features.shape, count)
         if count == 0:
             return
+        if self._file.failure is not None:
+            raise _write_error(self.path, self._file.failure)
         stop = self.num_rows + count
+        _check_room(self.path, self._file.size(), self._bytes_needed(image_ids, stop),
+                    f"the {self.num_rows} rows written so far are kept and a rerun of `extract` continues from them")
         try:
             self._features.resize(stop, axis=0)
             self._image_ids.resize(stop, axis=0)
@@ -338,19 +382,39 @@ class FeatureWriter:
             self._handle.attrs["num_rows"] = stop
             self._handle.flush()
         except (OSError, RuntimeError) as error:  # h5py raises RuntimeError when a flush fails (disk full)
-            raise _write_error(self.path, error) from None
+            raise _write_error(self.path, self._file.failure or error) from None
         self.num_rows = stop
+
+    def _bytes_needed(self, image_ids, stop):
+        """Bytes the file may grow by when rows num_rows..stop are appended, margin included.
+
+        HDF5 allocates a whole chunk when a batch first touches it; a string costs its
+        UTF-8 bytes plus a heap object header (16 bytes, aligned to 8).
+        """
+        def new_chunks(rows_per_chunk):
+            return -(-stop // rows_per_chunk) - -(-self.num_rows // rows_per_chunk)
+
+        row_bytes = self._features.shape[1] * self._features.dtype.itemsize
+        id_bytes = sum(len(image_id.encode("utf-8")) + 24 for image_id in image_ids)
+        return (new_chunks(CHUNK_ROWS) * CHUNK_ROWS * row_bytes + new_chunks(ID_CHUNK_ROWS) * ID_CHUNK_ROWS * 16
+                + id_bytes + WRITE_MARGIN_BYTES)
 
     def set_attr(self, name, value):
         self._handle.attrs[name] = value
         self._handle.flush()
 
     def close(self):
-        if self._handle.id.valid:
-            try:
-                self._handle.close()
-            except (OSError, RuntimeError) as error:
-                raise _write_error(self.path, error) from None
+        if self._file.closed:
+            return
+        if self._file.failure is not None:
+            self._file.close_after_failure(self._handle)
+            return  # the failed write was reported when it happened
+        try:
+            self._handle.close()
+        except (OSError, RuntimeError) as error:
+            self._file.close_after_failure(self._handle)
+            raise _write_error(self.path, self._file.failure or error) from None
+        self._file.close()
 
     def __enter__(self):
         return self
@@ -364,11 +428,110 @@ class FeatureWriter:
         return False
 
 
+class _GuardedFile(io.RawIOBase):
+    """The cache file as h5py's "fileobj" driver writes it: unbuffered OS I/O until a
+    write fails, and from then on every write and truncation is dropped.
+
+    Why: HDF5 cannot close a file one of whose writes failed. Each close retries the
+    flush, fails again and leaves the file's ids open; HDF5's shutdown at process exit
+    then closes them once more and crashes (a segfault after the error line; h5py
+    issues #914, #2160). Dropping the writes lets the close finish in memory without
+    touching the file again. `failure` is the first OSError (its strerror names the
+    reason: "No space left on device", "File too large").
+    """
+
+    def __init__(self, path, mode):
+        super().__init__()
+        self._raw = open(path, mode, buffering=0)
+        self.failure = None
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, buffer):
+        return self._raw.readinto(buffer)
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        return self._raw.seek(offset, whence)
+
+    def tell(self):
+        return self._raw.tell()
+
+    def size(self):
+        return os.fstat(self._raw.fileno()).st_size
+
+    def write(self, data):
+        if self.failure is not None:
+            return len(data)
+        return self._guard(self._raw.write, data)
+
+    def truncate(self, size=None):
+        if self.failure is not None:
+            return self._raw.tell() if size is None else size
+        return self._guard(self._raw.truncate, size)
+
+    def flush(self):
+        if self.failure is None:
+            self._raw.flush()
+
+    def _guard(self, operation, argument):
+        try:
+            return operation(argument)
+        except OSError as error:
+            self.failure = error
+            raise
+
+    def close_after_failure(self, handle):
+        """After a failed write: closes `handle` (an h5py.File or None) without writing, then the file."""
+        if self.failure is None:  # h5py failed without a failed write of ours: write nothing more either
+            self.failure = OSError("HDF5 could not write the feature cache")
+        if handle is not None and handle.id.valid:
+            try:
+                handle.close()
+            except (OSError, RuntimeError):
+                pass
+        self.close()
+
+    def close(self):
+        super().close()  # first: IOBase.close flushes, which needs the file still open
+        self._raw.close()
+
+
+def _check_room(path, file_size, need, consequence):
+    """ArtifactError, before anything is written, if `path` (now `file_size` bytes) cannot grow by `need` bytes.
+
+    The room is the smaller of the free space of the disk and what the file size limit
+    (RLIMIT_FSIZE, `ulimit -f`) leaves; two system calls, cheap enough for every batch.
+    """
+    directory = Path(path).parent
+    free = shutil.disk_usage(directory).free
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit != resource.RLIM_INFINITY and limit - file_size < free:
+        if limit - file_size >= need:
+            return
+        raise errors.ArtifactError(
+            f"{path}: file size limit reached: need {need / MB:.1f} MB more but the limit (ulimit -f, "
+            f"{limit / MB:.1f} MB) leaves {max(0, limit - file_size) / MB:.1f} MB; {consequence}"
+        )
+    if free < need:
+        raise errors.ArtifactError(
+            f"{path}: disk full: need {need / MB:.1f} MB in {directory}, {free / MB:.1f} MB free; {consequence}"
+        )
+
+
 def _write_error(path, error):
-    """ArtifactError for a failed HDF5 write; h5py's message holds the OS reason (e.g. 'File too large')."""
+    """ArtifactError for a failed HDF5 write; the OS reason (e.g. 'File too large') comes from
+    the OSError itself or from h5py's message."""
     message = " ".join(str(error).split())
-    reason = next((part.split("=", 1)[1].strip(" '") for part in message.split(", ")
-                   if part.startswith("error message =")), message)
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else next(
+        (part.split("=", 1)[1].strip(" '") for part in message.split(", ") if part.startswith("error message =")),
+        message)
     return errors.ArtifactError(
         f"{path}: cannot write the feature cache ({reason}); the rows written so far are kept and "
         "a rerun of `extract` continues from them"

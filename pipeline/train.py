@@ -716,6 +716,20 @@ def run_train(out_dir, overrides, resume=False):
             train_dataset, steps_per_epoch=steps_per_epoch, validation_data=val_dataset, epochs=config.train.epochs,
             callbacks=callbacks, verbose=2, shuffle=False,  # the dataset shuffles itself, seeded
         )
+    except (OSError, RuntimeError) as error:
+        # h5py reports a failed checkpoint write as OSError, a failed flush or close as
+        # RuntimeError; any other RuntimeError is a bug and keeps its traceback.
+        message = " ".join(str(error).split())
+        if isinstance(error, RuntimeError) and not ("write" in message or "flush" in message or "close" in message):
+            raise
+        # HDF5's message holds "..., error message = 'File too large', ...": the OS's reason.
+        reason = next(
+            (part.split("=", 1)[1].strip(" '") for part in message.split(", ") if part.startswith("error message =")),
+            " ".join(str(getattr(error, "strerror", None) or message).split()))
+        raise errors.ArtifactError(
+            f"{out_dir}: cannot write the training checkpoints ({reason}); "
+            "`train --resume` continues from the last complete checkpoint"
+        ) from None
     finally:
         if isinstance(data.feature_rows, StreamedFeatures):
             data.feature_rows.close()
