@@ -90,9 +90,14 @@ def meteor_score(references, hypotheses):
         OSError, ValueError, BrokenPipeError...: Java is missing or the scorer failed; the
         caller decides whether that is fatal (`caption_metrics` leaves the metric out).
     """
+    import shutil
+
     from pycocoevalcap.meteor.meteor import Meteor
 
     _check_pairs(references, hypotheses)
+    # Meteor() without Java fails half-built and then raises again from its __del__.
+    if shutil.which("java") is None:
+        raise OSError("no `java` on PATH")
     gts, res = _as_coco_dicts(references, hypotheses)
     scorer = Meteor()
     try:
