@@ -22,7 +22,6 @@ import argparse
 import base64
 import dataclasses
 import http.client
-import io
 import json
 import os
 import signal

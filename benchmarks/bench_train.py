@@ -142,11 +142,15 @@ def bench_merge_model(features, rows, token_rows, args):
 
 
 def _parser():
+    from pipeline.config import TrainConfig
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--quick", action="store_true", help="time a fixed number of batches and extrapolate")
-    parser.add_argument("--quick-batches", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=64, help="captions per batch (teacher forcing)")
+    parser.add_argument("--quick-batches", type=int, default=40)
+    # The pipeline's own default (config.TrainConfig.batch_size): what `train` really runs.
+    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size,
+                        help="captions per batch (teacher forcing)")
     parser.add_argument("--sort-window-batches", type=int, default=None,
                         help="length-sorting window of the training batches (default: train.SORT_WINDOW_BATCHES)")
     parser.add_argument("--steps-per-execution", type=int, default=None,

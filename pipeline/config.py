@@ -56,7 +56,8 @@ class DecoderConfig:
 @dataclasses.dataclass
 class TrainConfig:
     epochs: int = 20
-    batch_size: int = 64
+    # 128: on a 2-core CPU, twice the captions/s of 64 (benchmarks/bench_train.py, README).
+    batch_size: int = 128
     learning_rate: float = 1e-3
     clipnorm: float = 5.0
     early_stopping_patience: int = 3

@@ -73,3 +73,41 @@ def copy_run(tmp_path):
         return target
 
     return copy
+
+
+# A second, smaller dataset for tests that run `extract` in subprocesses (kills, shards,
+# full disk): plain 64x64 PNGs, fast to decode, batches of two so a run has many steps.
+SMALL_NUM_IMAGES = 32
+SMALL_EXTRACT_FLAGS = ["--weights", "random", "--extract-batch-size", "2", "--min-word-count", "1"]
+SMALL_EXTRACT_OVERRIDES = {"encoder.weights": "random", "encoder.batch_size": 2, "text.min_word_count": 1}
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """SMALL_NUM_IMAGES plain 64x64 PNGs in the Kaggle layout, two captions each."""
+    import numpy as np
+    from PIL import Image
+
+    data_dir = tmp_path_factory.mktemp("small") / "data"
+    (data_dir / "Images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = ["image,caption"]
+    for index in range(SMALL_NUM_IMAGES):
+        colour = ("red", "green", "blue")[index % 3]
+        pixels = np.broadcast_to((rng.random(3) * 255).astype(np.uint8), (64, 64, 3))
+        Image.fromarray(np.ascontiguousarray(pixels)).save(data_dir / "Images" / f"plain_{index:02d}.png")
+        lines += [f"plain_{index:02d}.png,a {colour} picture", f"plain_{index:02d}.png,one plain {colour} square"]
+    (data_dir / "captions.txt").write_text("\n".join(lines) + "\n")
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def reference_cache(small_data, tmp_path_factory):
+    """features.h5 of an uninterrupted extraction of `small_data` (a FeatureCache)."""
+    from pipeline import extract, features
+
+    out = tmp_path_factory.mktemp("small") / "reference"
+    extract.run_extract(small_data, out, dict(SMALL_EXTRACT_OVERRIDES))
+    cache = features.read_features(out)
+    assert len(cache.image_ids) == SMALL_NUM_IMAGES
+    return cache

@@ -6,7 +6,6 @@ awkward image; the session's `extracted_out` covers the shared demo dataset.
 
 import io
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -21,46 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import run_pipeline
 from pipeline import features, train
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-NUM_IMAGES = 24
-EXTRACT_FLAGS = ["--weights", "random", "--extract-batch-size", "2", "--min-word-count", "1"]
-EXTRACT_OVERRIDES = {"encoder.weights": "random", "encoder.batch_size": 2, "text.min_word_count": 1}
+from tests.conftest import SMALL_EXTRACT_FLAGS as EXTRACT_FLAGS  # noqa: E402
+from tests.conftest import SMALL_NUM_IMAGES as NUM_IMAGES  # noqa: E402
 SMALL_DECODER = {"decoder.units": 32, "decoder.embedding_dim": 16, "decoder.dropout": 0.0}
 POLL_SECONDS = 0.02
 POLL_LIMIT = 30000  # 10 minutes of polling at most: a hung child fails the test, never the suite
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """24 plain 64x64 PNGs in the Kaggle layout, two captions each."""
-    data_dir = tmp_path_factory.mktemp("faults") / "data"
-    (data_dir / "Images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    lines = ["image,caption"]
-    for index in range(NUM_IMAGES):
-        colour = ("red", "green", "blue")[index % 3]
-        pixels = np.broadcast_to((rng.random(3) * 255).astype(np.uint8), (64, 64, 3))
-        Image.fromarray(np.ascontiguousarray(pixels)).save(data_dir / "Images" / f"plain_{index:02d}.png")
-        lines += [f"plain_{index:02d}.png,a {colour} picture", f"plain_{index:02d}.png,one plain {colour} square"]
-    (data_dir / "captions.txt").write_text("\n".join(lines) + "\n")
-    return data_dir
-
-
-@pytest.fixture(scope="module")
-def reference_cache(small_data, tmp_path_factory):
-    """The features of an uninterrupted extraction (in this process: no extra TF import)."""
-    from pipeline import extract
-
-    out = tmp_path_factory.mktemp("faults") / "reference"
-    extract.run_extract(small_data, out, dict(EXTRACT_OVERRIDES))
-    cache = features.read_features(out)
-    assert len(cache.image_ids) == NUM_IMAGES
-    return cache
 
 
 def _start(arguments):
@@ -101,14 +71,14 @@ def test_extract_killed_at_random_moments_resumes_to_the_uninterrupted_cache(sma
     cache_path = out / features.FEATURES_FILE
     generator = random.Random(1234)
     rows_after_kills = []
-    for _ in range(3):
+    for _ in range(5):
         before = cache_path.stat().st_mtime_ns if cache_path.exists() else None
         process = _start(["extract", "--data", str(small_data), "--out", str(out), *EXTRACT_FLAGS])
         # The cache is touched once the encoder is built and writing starts (created, or
         # reopened and cut back to num_rows): kill at a random moment from there.
         _wait_for(process, lambda: cache_path.exists() and cache_path.stat().st_mtime_ns != before,
                   "it started writing features.h5")
-        _kill(process, generator.uniform(0.0, 0.5))
+        _kill(process, generator.uniform(0.0, 0.3))
         partial = features.read_features(out)  # readable after every kill, whatever the moment
         _check_prefix(partial, reference_cache)
         rows_after_kills.append(len(partial.image_ids))

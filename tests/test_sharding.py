@@ -1,0 +1,57 @@
+"""Sharded extraction across processes: `extract --num-shards N --shard-index K` run as
+concurrent processes into one OUT, then `merge-features`, equals one unsharded run."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline import features
+from tests.conftest import SMALL_EXTRACT_FLAGS
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def test_two_concurrent_shard_processes_merge_into_the_unsharded_cache(small_data, reference_cache, tmp_path):
+    out = tmp_path / "sharded"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "run_pipeline.py", "extract", "--data", str(small_data), "--out", str(out),
+             *SMALL_EXTRACT_FLAGS, "--num-shards", "2", "--shard-index", str(index)],
+            cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for index in (0, 1)
+    ]
+    results = [process.communicate(timeout=600) for process in processes]
+    for process, (_, stderr) in zip(processes, results):
+        assert process.returncode == 0, stderr[-3000:]
+
+    shard_ids = [features.read_features(None, path=out / features.SHARD_PATTERN.format(index=index, count=2)).image_ids
+                 for index in (0, 1)]
+    # A deterministic partition: every image in exactly one shard, both shards used.
+    assert sorted(shard_ids[0] + shard_ids[1]) == sorted(reference_cache.image_ids)
+    assert not set(shard_ids[0]) & set(shard_ids[1]) and all(shard_ids)
+
+    merged = subprocess.run([sys.executable, "run_pipeline.py", "merge-features", "--out", str(out)],
+                            cwd=REPOSITORY, capture_output=True, text=True, timeout=600)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    cache = features.read_features(out)
+    assert cache.image_ids == reference_cache.image_ids
+    np.testing.assert_allclose(cache.features, reference_cache.features, rtol=0, atol=1e-5)
+    with h5py.File(out / features.FEATURES_FILE, "r") as merged_file, \
+            h5py.File(out / features.SHARD_PATTERN.format(index=0, count=2), "r") as shard_file:
+        for name in ("encoder", "weights", "image_size", "encoder_fingerprint", "dtype"):
+            assert merged_file.attrs[name] == shard_file.attrs[name], name
+
+
+def test_merge_without_every_shard_names_the_missing_one(small_data, tmp_path):
+    import pytest
+
+    from pipeline import errors, extract
+    from tests.conftest import SMALL_EXTRACT_OVERRIDES
+
+    out = tmp_path / "half"
+    extract.run_extract(small_data, out, dict(SMALL_EXTRACT_OVERRIDES), num_shards=3, shard_index=1)
+    with pytest.raises(errors.ArtifactError, match=r"features\.shard-0-of-3\.h5, features\.shard-2-of-3\.h5"):
+        features.merge_shards(out)
