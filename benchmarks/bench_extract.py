@@ -32,11 +32,11 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 IMAGE_SIZE = 224
-FULL = {"images": 384, "batch_size": 32, "rounds": 3, "naive_images": 24}
-# Quick still runs 6 batches of 32, twice: an extraction pays a fixed ~1.5 s to open
+FULL = {"images": 768, "batch_size": 32, "rounds": 3, "naive_images": 24}
+# Quick still runs 12 batches of 32, twice: an extraction pays a fixed ~1.5 s to open
 # (the tf.data graph, the first batch that nothing overlaps, creating the HDF5 file), which
-# fewer images would mistake for throughput; two rounds expose this machine's noise.
-QUICK = {"images": 192, "batch_size": 32, "rounds": 2, "naive_images": 8}
+# a short run would mistake for throughput; two rounds expose this machine's noise.
+QUICK = {"images": 384, "batch_size": 32, "rounds": 2, "naive_images": 8}
 
 
 def _make_images(folder, count, seed):
