@@ -170,6 +170,9 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
     if cache_exists and not overwrite and not pending:
         # Everything is cached: a rerun neither builds the encoder nor touches the file.
         return {"new": 0, "cached": len(image_ids), "failures": [], "extract_seconds": 0.0, "path": cache_path}
+    # Reading and decoding need no encoder: start them now, so the first batches are ready
+    # when the encoder is built, fingerprinted and traced instead of after.
+    batches = _BatchStream(image_dataset(image_dir, pending, encoder_config.image_size, encoder_config.batch_size))
     if encoder_model is None:
         encoder_model = encoder_module.build_encoder(
             encoder_config.weights, encoder_config.image_size, seed=seed, precision=encoder_config.precision
@@ -187,7 +190,7 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
     rows_before = writer.num_rows
     started = time.monotonic()
     with writer:
-        written = _encode_files(image_dir, pending, writer, encode, encoder_config)
+        written = _encode_files(batches, pending, writer, encode)
         failed = [image_id for image_id in pending if image_id not in written]
         failures = _recover(image_dir, failed, writer, encode, encoder_config.image_size)
     return {
@@ -252,18 +255,46 @@ def image_dataset(image_dir, image_ids, image_size, batch_size):
     return data.with_options(options).prefetch(PREFETCH_BATCHES)
 
 
-def _encode_files(image_dir, image_ids, writer, encode, encoder_config):
-    """Encodes `image_ids` through the tf.data pipeline; returns the set of ids written."""
+class _BatchStream:
+    """Iterates a `tf.data` dataset whose first element is fetched on a thread from the start.
+
+    tf.data starts its parallel map and prefetch only on the first `next()`; calling it on a
+    thread lets reading and decoding run while the caller still builds the encoder.
+    """
+
+    def __init__(self, dataset):
+        self._iterator = iter(dataset)
+        self._first = None
+        self._error = None
+        self._thread = threading.Thread(target=self._fetch_first, name="first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch_first(self):
+        try:
+            self._first = next(self._iterator, None)
+        except Exception as error:  # re-raised in the consuming thread
+            self._error = error
+
+    def __iter__(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._first is not None:
+            yield self._first
+            yield from self._iterator
+
+
+def _encode_files(batches, image_ids, writer, encode):
+    """Encodes the batches of `image_ids` (a _BatchStream of (ids, images)); returns the set of ids written."""
     written = set()
     if not image_ids:
         return written
-    data = image_dataset(image_dir, image_ids, encoder_config.image_size, encoder_config.batch_size)
     # Order is deterministic, so when a batch lands every id before its last one is
     # decided (written or dropped as bad): progress counts those too.
     positions = {image_id: position for position, image_id in enumerate(image_ids)}
     with progress.Progress(total=len(image_ids), label="extract", unit="images") as reporter:
         with BackgroundWriter(writer) as background:
-            for ids, images in data:
+            for ids, images in batches:
                 vectors = encode(images).numpy()
                 batch_ids = [value.decode("utf-8") for value in ids.numpy()]
                 background.append(batch_ids, vectors)
