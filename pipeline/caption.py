@@ -11,13 +11,13 @@ others are still captioned, and the exit code is 2.
 """
 
 import json
-import re
 import struct
 import sys
 from pathlib import Path
 
 import tensorflow as tf
 
+from models import encoder
 from pipeline import errors
 
 SERVING_SIGNATURE = "serving_default"
@@ -31,7 +31,7 @@ METADATA_FILE = "captioner.json"
 # channel once the model casts it to float32 (measured here: a 630-byte JPEG whose header
 # says 12000 x 12000 takes 2.2 GB to decode). So the header is read first, and a 50 MP
 # photo, the largest a phone camera takes, still passes.
-MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_PIXELS = encoder.MAX_IMAGE_PIXELS
 # Declared pixels decoded by one SavedModel call: bigger batches are split, because the
 # graph decodes up to 10 images of a batch at once (tf.map_fn's parallel iterations).
 MAX_BATCH_PIXELS = MAX_IMAGE_PIXELS
@@ -61,7 +61,7 @@ def image_problem(image_bytes):
     try:
         pixels = declared_pixels(image_bytes)
     except tf.errors.InvalidArgumentError as error:  # a JPEG header libjpeg cannot parse
-        return f"not a readable JPEG, PNG, GIF or BMP image ({op_error_reason(error)})"
+        return f"not a readable JPEG, PNG, GIF or BMP image ({errors.op_error_reason(error)})"
     if pixels is not None and pixels > MAX_IMAGE_PIXELS:
         return (f"the image declares {pixels / 1e6:.1f} megapixels, over the limit of "
                 f"{MAX_IMAGE_PIXELS / 1e6:g} megapixels (refused before decoding)")
@@ -69,7 +69,7 @@ def image_problem(image_bytes):
         # expand_animations=False: the model uses a GIF's first frame, so only that must decode.
         tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
-        return f"not a readable JPEG, PNG, GIF or BMP image ({op_error_reason(error)})"
+        return f"not a readable JPEG, PNG, GIF or BMP image ({errors.op_error_reason(error)})"
     return None
 
 
@@ -143,14 +143,6 @@ def _webp_pixels(data):
         width, height = struct.unpack_from("<HH", data, 26)
         return (width & 0x3FFF) * (height & 0x3FFF)
     return None
-
-
-def op_error_reason(error):
-    """The human part of a TensorFlow op error's message (str), without graph-node prefixes."""
-    message = (error.message or type(error).__name__).strip().splitlines()[0]
-    message = re.sub(r"\{\{[^}]*\}\}\s*", "", message)  # "{{function_node ...}}" names graph internals
-    message = re.sub(r"\s*\[Op:\w+\]$", "", message)
-    return message.strip() or type(error).__name__
 
 
 class ExportedCaptioner:
@@ -302,6 +294,6 @@ def _caption_batch(captioner, readable, problems):
         try:
             (caption,), _ = captioner.caption_images([image_bytes])
         except tf.errors.InvalidArgumentError as error:
-            problems[path] = f"the model cannot decode it ({op_error_reason(error)})"
+            problems[path] = f"the model cannot decode it ({errors.op_error_reason(error)})"
             continue
         yield path, caption

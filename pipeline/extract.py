@@ -394,7 +394,7 @@ def _decode_fallback(path):
         encoder_module.decode_image(tf.constant(data), 8)
         tf_reason = "TensorFlow dropped it while reading"
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.UnimplementedError) as error:
-        tf_reason = _tf_message(error)
+        tf_reason = errors.op_error_reason(error)
         if "megapixels" in tf_reason:
             return None, f"{too_large} (the header declares {_declared_megapixels(data)})"
     import io
@@ -419,11 +419,3 @@ def _declared_megapixels(data):
         return f"{int(encoder_module.declared_pixels(tf.constant(data))) / 1e6:.0f} megapixels"
     except tf.errors.OpError:
         return "an unreadable size"
-
-
-def _tf_message(error):
-    message = getattr(error, "message", str(error))
-    # Drop TF's "{{function_node ...}}" prefix and the trailing op name.
-    if "}}" in message:
-        message = message.split("}}", 1)[1]
-    return message.split(" [Op:")[0].strip()

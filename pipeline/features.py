@@ -528,12 +528,8 @@ def _check_room(path, file_size, need, consequence):
 def _write_error(path, error):
     """ArtifactError for a failed HDF5 write; the OS reason (e.g. 'File too large') comes from
     the OSError itself or from h5py's message."""
-    message = " ".join(str(error).split())
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else next(
-        (part.split("=", 1)[1].strip(" '") for part in message.split(", ") if part.startswith("error message =")),
-        message)
     return errors.ArtifactError(
-        f"{path}: cannot write the feature cache ({reason}); the rows written so far are kept and "
+        f"{path}: cannot write the feature cache ({errors.write_failure_reason(error)}); the rows written so far are kept and "
         "a rerun of `extract` continues from them"
     )
 

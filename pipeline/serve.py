@@ -342,7 +342,7 @@ class CaptionRequestHandler(http.server.BaseHTTPRequestHandler):
             except tf.errors.InvalidArgumentError as error:
                 # Only reachable when the model's own decoder is stricter than the check above.
                 raise RequestError(http.HTTPStatus.BAD_REQUEST,
-                                   f"the model cannot decode an image ({caption.op_error_reason(error)})") from None
+                                   f"the model cannot decode an image ({errors.op_error_reason(error)})") from None
         else:
             features = [_instance_features(item, index, field, unwrap=not columnar) for index, item in enumerate(items)]
             with self.server.model_lock:

@@ -722,12 +722,8 @@ def run_train(out_dir, overrides, resume=False):
         message = " ".join(str(error).split())
         if isinstance(error, RuntimeError) and not ("write" in message or "flush" in message or "close" in message):
             raise
-        # HDF5's message holds "..., error message = 'File too large', ...": the OS's reason.
-        reason = next(
-            (part.split("=", 1)[1].strip(" '") for part in message.split(", ") if part.startswith("error message =")),
-            " ".join(str(getattr(error, "strerror", None) or message).split()))
         raise errors.ArtifactError(
-            f"{out_dir}: cannot write the training checkpoints ({reason}); "
+            f"{out_dir}: cannot write the training checkpoints ({errors.write_failure_reason(error)}); "
             "`train --resume` continues from the last complete checkpoint"
         ) from None
     finally:

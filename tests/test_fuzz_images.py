@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from models import encoder
-from pipeline import caption, config, extract, serve
+from pipeline import caption, config, errors, extract, serve
 
 IMAGE_SIZE = 224
 # Far below the ~10 GB a 60000 x 60000 image would take, far above one small decode.
@@ -143,7 +143,7 @@ def test_decode_image_decodes_or_refuses_damaged_bytes(decode):
         try:
             image = decode(tf.constant(image_bytes)).numpy()
         except tf.errors.InvalidArgumentError as error:
-            assert caption.op_error_reason(error)
+            assert errors.op_error_reason(error)
             return
         assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and image.dtype == np.float32
         assert np.isfinite(image).all() and image.min() >= 0.0 and image.max() <= 255.0
@@ -200,7 +200,7 @@ def test_saved_model_captions_or_refuses_fuzzed_images(captioner):
         try:
             (text,), (score,) = captioner.caption_images([image_bytes])
         except tf.errors.InvalidArgumentError as error:  # run_caption turns it into a message
-            assert caption.op_error_reason(error)
+            assert errors.op_error_reason(error)
             return
         assert isinstance(text, str) and isinstance(score, float)
 
