@@ -272,6 +272,28 @@ def test_a_run_killed_mid_batch_keeps_what_it_counted(awkward_data, awkward_run,
                                rtol=1e-4, atol=1e-4)
 
 
+def test_image_pipeline_runs_untuned_on_every_core_and_traces_decoding_once(awkward_data):
+    # tf.data's autotuner made releasing a finished iterator wait up to ~10 s (see
+    # pipeline/tf_data.py); the pipeline sets its parallelism itself instead.
+    import tensorflow as tf
+
+    from pipeline import extract, tf_data
+
+    data_dir, usable, _ = awkward_data
+    datasets = [extract.image_dataset(data_dir / "Images", usable[:3], IMAGE_SIZE, batch_size=2) for _ in range(2)]
+    options = datasets[0].options()
+    assert options.autotune.enabled is False
+    assert options.threading.max_intra_op_parallelism == 1
+    ids, images = next(iter(datasets[1]))
+    assert [value.decode() for value in ids.numpy()] == usable[:2]
+    assert images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == tf.float32
+    # Two datasets, one trace of read + decode (which alone takes ~0.25 s at every start).
+    read_and_decode = extract._read_and_decode_function(IMAGE_SIZE)
+    assert read_and_decode is extract._read_and_decode_function(IMAGE_SIZE)
+    assert read_and_decode.experimental_get_tracing_count() == 1
+    assert tf_data.cpu_count() >= 1
+
+
 def test_progress_reports_rate_and_eta():
     from pipeline import progress
 
