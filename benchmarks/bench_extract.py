@@ -11,8 +11,11 @@ interleaved so that load from other jobs hits every path alike:
   naive    PIL opens one image, `model.predict` encodes it, one at a time.
 Like with like: both bound and extract exclude the encoder build and the first trace
 and run of its function (a warm-up extraction with the same model pays them once; a
-real run pays them once per process, seconds against hours). Ratios are taken within
-each round and the median round is reported.
+real run pays them once per process, seconds against hours). A round runs bound fp32,
+extract fp32, extract bf16, bound bf16, and the next round the same backwards, so a
+drift in the machine's speed favours no path; ratios are taken within each round and
+the median round is reported, with every round's ratios and the CPU share (cores busy)
+of every path, which shows when another job took a core.
 
 Also measured: CPU time of decode+resize against the encoder's per image (the ceiling
 of extract/bound on a machine whose cores the encoder already fills), and bf16 (Keras
@@ -32,11 +35,13 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 IMAGE_SIZE = 224
-FULL = {"images": 768, "batch_size": 32, "rounds": 3, "naive_images": 24}
-# Quick still runs 12 batches of 32, twice: an extraction pays a fixed ~1.5 s to open
-# (the tf.data graph, the first batch that nothing overlaps, creating the HDF5 file), which
-# a short run would mistake for throughput; two rounds expose this machine's noise.
-QUICK = {"images": 384, "batch_size": 32, "rounds": 2, "naive_images": 8}
+FULL = {"images": 384, "batch_size": 32, "rounds": 7, "naive_images": 24}
+# Rounds are many and short rather than few and long: on a shared machine another job
+# can take a core for seconds, and the median of five paired rounds shrugs off one or two
+# such rounds where the mean of two cannot. Every extraction is a whole call (it opens
+# the tf.data pipeline, fingerprints the weights, creates the HDF5 file), so the fixed
+# cost of a call, ~0.1 s here, counts against 6-10 s of work.
+QUICK = {"images": 192, "batch_size": 32, "rounds": 5, "naive_images": 8}
 
 
 def _make_images(folder, count, seed):
@@ -119,34 +124,42 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
             extract.extract_to_cache(image_dir, names[:batch], work / f"warm_{precision}.h5", configs[precision],
                                      encoder_model=model)
 
-        def bound(precision):
+        def bound(precision, round_index):
             encode = extract.encode_function(models[precision], IMAGE_SIZE)
             batches = -(-count // batch)
             cpu_started, started = time.process_time(), time.perf_counter()
             for _ in range(batches):
                 encode(pixels).numpy()
             seconds = time.perf_counter() - started
-            return batches * batch / seconds, (time.process_time() - cpu_started) / (batches * batch)
+            return batches * batch / seconds, time.process_time() - cpu_started, seconds
 
         def extract_rate(precision, round_index):
             path = work / f"round{round_index}_{precision}.h5"
-            started = time.perf_counter()
+            cpu_started, started = time.process_time(), time.perf_counter()
             result = extract.extract_to_cache(image_dir, names, path, configs[precision], encoder_model=models[precision])
             seconds = time.perf_counter() - started
             assert result["new"] == count and not result["failures"], result
-            return count / seconds, path
+            caches[precision] = path
+            return count / seconds, time.process_time() - cpu_started, seconds
 
-        measured = {key: [] for key in ("bound", "extract", "bound_bf16", "extract_bf16", "encoder_cpu")}
+        # Each round runs the four paths back to back, in the reverse order every other
+        # round (bound, extract, extract bf16, bound bf16, then backwards), so a drift in
+        # the machine's speed favours no path; every ratio compares neighbours.
+        steps = [("bound", "fp32", bound), ("extract", "fp32", extract_rate),
+                 ("extract", "bf16", extract_rate), ("bound", "bf16", bound)]
+        measured = {key: [] for key in ("bound", "extract", "bound_bf16", "extract_bf16")}
+        cpu_share = {key: [] for key in measured}
+        encoder_cpu = []  # CPU seconds per image of the bare fp32 encoder
         caches = {}
         for round_index in range(settings["rounds"]):
-            rate, cpu = bound("fp32")
-            measured["bound"].append(rate)
-            measured["encoder_cpu"].append(cpu)
-            rate, caches["fp32"] = extract_rate("fp32", round_index)
-            measured["extract"].append(rate)
-            measured["bound_bf16"].append(bound("bf16")[0])
-            rate, caches["bf16"] = extract_rate("bf16", round_index)
-            measured["extract_bf16"].append(rate)
+            for path_name, precision, measure in (steps if round_index % 2 == 0 else steps[::-1]):
+                key = path_name if precision == "fp32" else f"{path_name}_bf16"
+                rate, cpu_seconds, seconds = measure(precision, round_index)
+                measured[key].append(rate)
+                # Cores this process kept busy: below ~1.8 of 2, other jobs took CPU.
+                cpu_share[key].append(cpu_seconds / seconds)
+                if key == "bound":
+                    encoder_cpu.append(cpu_seconds / (-(-count // batch) * batch))
 
         started = time.perf_counter()
         for name in names[: settings["naive_images"]]:
@@ -165,7 +178,7 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
         return [top / bottom for top, bottom in zip(measured[numerator], measured[denominator])]
 
     median = statistics.median
-    encoder_cpu = median(measured["encoder_cpu"])
+    encoder_cpu = median(encoder_cpu)
     return {
         "images": count,
         "batch_size": batch,
@@ -191,6 +204,7 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
         "rounds_extract_vs_bound": [round(value, 3) for value in ratios("extract", "bound")],
         "rounds_extract_bf16_vs_bound": [round(value, 3) for value in ratios("extract_bf16", "bound_bf16")],
         "rounds_extract_bf16_speedup": [round(value, 3) for value in ratios("extract_bf16", "extract")],
+        "rounds_cpu_share": {key: [round(value, 2) for value in values] for key, values in cpu_share.items()},
     }
 
 
@@ -212,6 +226,8 @@ def main(argv=None):
     print(f"extract/bound = {results['extract_vs_bound']:.3f} fp32, {results['extract_bf16_vs_bound']:.3f} bf16 "
           f"(target >= 0.85; CPU ceiling {results['extract_vs_bound_ceiling']:.3f} fp32: decode "
           f"{results['decode_cpu_ms_per_image']:.1f} ms vs encoder {results['encoder_cpu_ms_per_image']:.1f} ms CPU/image)")
+    print(f"rounds extract/bound fp32 {results['rounds_extract_vs_bound']}, bf16 "
+          f"{results['rounds_extract_bf16_vs_bound']}; cores busy {results['rounds_cpu_share']}")
     print(f"extract/naive = {results['extract_vs_naive']:.3f}")
     print(f"bf16/fp32 extract speed = {results['extract_bf16_speedup']:.3f} (target >= 1.4), cosine mean "
           f"{results['extract_bf16_cosine']:.6f} min {results['extract_bf16_cosine_min']:.6f} (target >= 0.99)")
