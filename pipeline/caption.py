@@ -50,11 +50,13 @@ def check_model_dir(model_dir):
     return model_dir
 
 
-def image_problem(image_bytes):
-    """Returns why `image_bytes` (bytes) cannot be captioned, or None if it decodes as an image.
+def header_problem(image_bytes):
+    """Why `image_bytes` (bytes) must not reach the model, read from its header alone; None if it may.
 
-    Checked one file at a time before batching, so that one bad file in a batch does not
-    make the whole batched graph call fail.
+    Empty bytes, a JPEG header libjpeg cannot parse, and images declaring more than
+    MAX_IMAGE_PIXELS are refused without decoding. What passes may still fail to decode:
+    callers then find the culprit with `image_problem`. Checking only headers up front keeps
+    the common case, a batch of good images, at one decode per image (the model's).
     """
     if not image_bytes:
         return "empty file"
@@ -65,6 +67,18 @@ def image_problem(image_bytes):
     if pixels is not None and pixels > MAX_IMAGE_PIXELS:
         return (f"the image declares {pixels / 1e6:.1f} megapixels, over the limit of "
                 f"{MAX_IMAGE_PIXELS / 1e6:g} megapixels (refused before decoding)")
+    return None
+
+
+def image_problem(image_bytes):
+    """Returns why `image_bytes` (bytes) cannot be captioned, or None if it decodes as an image.
+
+    `header_problem`, then a full decode: one file at a time, to name the file of a batch
+    the model refused.
+    """
+    problem = header_problem(image_bytes)
+    if problem:
+        return problem
     try:
         # expand_animations=False: the model uses a GIF's first frame, so only that must decode.
         tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
@@ -187,8 +201,8 @@ class ExportedCaptioner:
 
         Args:
           images: list of bytes, each a whole JPEG/PNG/GIF/BMP file, already checked with
-            `image_problem` (an undecodable item makes the whole call raise
-            `tf.errors.InvalidArgumentError`).
+            `header_problem` (an item that does not decode makes the whole call raise
+            `tf.errors.InvalidArgumentError`; `image_problem` then says which and why).
 
         Returns:
           (captions, scores): list of str and list of float, one per image, in order.
@@ -246,7 +260,7 @@ def _read_image(path):
         return None, "is a folder, not an image file"
     except OSError as error:
         return None, f"cannot read it ({error.strerror or error})"
-    problem = image_problem(image_bytes)
+    problem = header_problem(image_bytes)
     return (None, problem) if problem else (image_bytes, None)
 
 
@@ -283,17 +297,40 @@ def run_caption(image_paths, model_dir, batch_size=16):
 
 
 def _caption_batch(captioner, readable, problems):
-    """Yields (path, caption) for `readable` [(path, bytes)]; failures go into `problems`."""
+    """Yields (path, caption) for `readable` [(path, bytes)]; failures go into `problems`.
+
+    Files were only header-checked: the batch is tried whole first (one decode per image),
+    and only if the model refuses it is every file decoded on its own to find the bad ones.
+    """
     try:
-        captions, _ = captioner.caption_images([image_bytes for _, image_bytes in readable])
-        yield from zip((path for path, _ in readable), captions)
+        yield from _caption_all(captioner, readable)
         return
     except tf.errors.InvalidArgumentError:
-        pass  # a file passed the check but not the model's decoder: find it, caption the rest
+        pass  # a file passed the header check but does not decode: find it, caption the rest
+    decodable = []
     for path, image_bytes in readable:
+        problem = image_problem(image_bytes)
+        if problem:
+            problems[path] = problem
+        else:
+            decodable.append((path, image_bytes))
+    if len(decodable) < len(readable):
+        try:
+            yield from _caption_all(captioner, decodable)
+            return
+        except tf.errors.InvalidArgumentError:
+            pass
+    # The model refuses a file that decodes on its own: one call per file finds it.
+    for path, image_bytes in decodable:
         try:
             (caption,), _ = captioner.caption_images([image_bytes])
         except tf.errors.InvalidArgumentError as error:
             problems[path] = f"the model cannot decode it ({errors.op_error_reason(error)})"
             continue
         yield path, caption
+
+
+def _caption_all(captioner, items):
+    """[(path, caption)] for `items` [(path, bytes)] in one captioner call (which raises if any fails)."""
+    captions, _ = captioner.caption_images([image_bytes for _, image_bytes in items])
+    return list(zip((path for path, _ in items), captions))

@@ -340,7 +340,12 @@ class CaptionRequestHandler(http.server.BaseHTTPRequestHandler):
                 with self.server.model_lock:
                     captions, scores = self.server.captioner.caption_images(images)
             except tf.errors.InvalidArgumentError as error:
-                # Only reachable when the model's own decoder is stricter than the check above.
+                # Instances were only header-checked (one decode per image, the model's, when
+                # all are good): now decode each on its own to name the one that failed.
+                for index, image_bytes in enumerate(images):
+                    problem = caption.image_problem(image_bytes)
+                    if problem:
+                        raise RequestError(http.HTTPStatus.BAD_REQUEST, f"{field}[{index}]: {problem}") from None
                 raise RequestError(http.HTTPStatus.BAD_REQUEST,
                                    f"the model cannot decode an image ({errors.op_error_reason(error)})") from None
         else:
@@ -406,7 +411,7 @@ def _instance_image(item, index, field, unwrap):
         image_bytes = base64.b64decode(encoded.replace("-", "+").replace("_", "/"), validate=True)
     except (binascii.Error, ValueError) as error:
         raise RequestError(http.HTTPStatus.BAD_REQUEST, f"{where}.b64 is not valid base64 ({error})") from None
-    problem = caption.image_problem(image_bytes)
+    problem = caption.header_problem(image_bytes)
     if problem:
         raise RequestError(http.HTTPStatus.BAD_REQUEST, f"{where}: {problem}")
     return image_bytes

@@ -67,3 +67,9 @@ def test_image_problem_accepts_images_and_names_what_is_wrong(demo_data_dir):
     assert caption.image_problem(b"") == "empty file"
     assert caption.image_problem(b"GIF89a nonsense").startswith("not a readable JPEG, PNG, GIF or BMP image")
     assert "{{" not in caption.image_problem(b"plain text")  # no graph-node noise in the reason
+    # The header check (serve, caption) passes a cut file whose header is whole: the
+    # model's decoder refuses it, and image_problem, which decodes, then names it.
+    truncated = image_bytes[: len(image_bytes) // 2]
+    assert caption.header_problem(image_bytes) is None and caption.header_problem(truncated) is None
+    assert caption.image_problem(truncated).startswith("not a readable JPEG, PNG, GIF or BMP image")
+    assert caption.header_problem(b"") == "empty file"
