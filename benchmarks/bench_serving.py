@@ -9,6 +9,9 @@ Measures, through the SavedModel's own signatures (what `serve` and TF Serving r
     and beam search alone, without image decoding and ResNet50.
 `decode_share` = caption_features time / serving_default time at batch 16: the part of an
 end-to-end call spent decoding captions (the target is under 0.25; ResNet50 should dominate).
+`serve_photo_overhead`: a 4000x3000 JPEG (a phone photo) through an in-process `serve` on
+loopback against the same `serving_default` call made directly, alternately (ratio of
+medians): what the HTTP server adds, base64 and JSON and its header check included.
 
 OUT is a trained run (default artifacts/demo, made by `python run_pipeline.py`). Without
 one, or with --fresh, a small run is made in a temporary folder: generated demo images,
@@ -98,6 +101,79 @@ def _time_calls(function, repeats, warmup):
     return durations
 
 
+def _camera_jpeg(width, height, seed=0):
+    """A photo-like JPEG (smooth shading plus sensor noise), bytes."""
+    import io
+
+    import numpy
+    from PIL import Image
+
+    generator = numpy.random.default_rng(seed)
+    rows, columns = numpy.mgrid[0:height, 0:width].astype(numpy.float32)
+    pixels = numpy.stack([127 + 100 * numpy.sin(columns / (40 + 15 * channel) + rows / 55 + channel)
+                          for channel in range(3)], axis=-1)
+    pixels += generator.normal(0, 10, pixels.shape)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype(numpy.uint8)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def serve_overhead(model_dir, repeats, width=4000, height=3000):
+    """`serve` against the bare SavedModel call on one phone-sized photo: (ratio of medians, dict).
+
+    The same JPEG goes through `serving_default` directly and through an in-process `serve`
+    (loopback HTTP, base64 in JSON, the header check), alternately, after one warm-up each.
+    A phone photo makes the server's own costs visible: its decode is ~20% of the call.
+    """
+    import base64
+    import io
+    import threading
+    import urllib.request
+
+    import tensorflow as tf
+
+    from pipeline import serve
+
+    image = _camera_jpeg(width, height)
+    by_images = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
+    server = serve.make_server(model_dir, port=0, max_body_mb=64, log_stream=io.StringIO())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/models/captioner:predict"
+    body = json.dumps({"instances": [{"b64": base64.b64encode(image).decode("ascii")}]}).encode("utf-8")
+
+    def over_http():
+        request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            response.read()
+
+    def direct():
+        by_images(images=tf.constant([image])).get("captions").numpy()
+
+    timings = {"direct": [], "http": []}
+    try:
+        direct()
+        over_http()
+        for index in range(repeats):
+            for name, call in (("direct", direct), ("http", over_http))[:: 1 if index % 2 == 0 else -1]:
+                started = time.perf_counter()
+                call()
+                timings[name].append(time.perf_counter() - started)
+            print(f"\r  {index + 1}/{repeats} pairs", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr, flush=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    direct_seconds, http_seconds = statistics.median(timings["direct"]), statistics.median(timings["http"])
+    return http_seconds / direct_seconds, {
+        "serve_photo_pixels": f"{width}x{height}",
+        "serve_photo_kb": len(image) // 1024,
+        "serve_photo_direct_ms": 1000 * direct_seconds,
+        "serve_photo_http_ms": 1000 * http_seconds,
+    }
+
+
 def _percentile(values, fraction):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
@@ -138,6 +214,9 @@ def measure(model_dir, images, feature_rows, decode, repeats, batch_repeats):
     print(f"caption_features, batch {BATCH_SIZE}:", file=sys.stderr)
     batch_features = _time_calls(lambda: by_features(features=feature_rows), batch_repeats, warmup=1)
 
+    print("a 12-megapixel photo through serve and directly, alternately:", file=sys.stderr)
+    overhead, photo = serve_overhead(model_dir, repeats=max(5, repeats // 2))
+
     # Beam search stops when every beam has ended, so its cost depends on caption length.
     captions = by_features(features=feature_rows)["captions"].numpy().tolist()
     mean_words = statistics.mean(len(caption.split()) for caption in captions)
@@ -166,6 +245,8 @@ def measure(model_dir, images, feature_rows, decode, repeats, batch_repeats):
         "savedmodel_latency_ms": 1000 * statistics.median(single),
         "savedmodel_decode_share": statistics.median(single_features) / statistics.median(single),
         "savedmodel_batch16_images_per_s": BATCH_SIZE / batch_seconds,
+        "serve_photo_overhead": overhead,
+        **photo,
     }
 
 
@@ -188,6 +269,10 @@ def print_table(results):
         (f"decode_share (batch {results['batch_size']})", f"{results['decode_share']:.3f}"),
         ("decode_share (1 image)", f"{results['decode_share_single']:.3f}"),
         ("mean caption length", f"{results['mean_caption_words']:.1f} words"),
+        (f"{results['serve_photo_pixels']} JPEG ({results['serve_photo_kb']} kB), SavedModel call",
+         f"{results['serve_photo_direct_ms']:.0f} ms"),
+        (f"{results['serve_photo_pixels']} JPEG, through serve",
+         f"{results['serve_photo_http_ms']:.0f} ms = {results['serve_photo_overhead']:.3f}x"),
     ]
     print(f"model {results['model_dir']}  beam {results['beam_size']}  max_length {results['max_length']}  "
           f"cpus {results['cpu_count']}  tensorflow {results['tensorflow_version']}")
