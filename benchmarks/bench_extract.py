@@ -45,21 +45,15 @@ QUICK = {"images": 192, "batch_size": 32, "rounds": 5, "naive_images": 8}
 
 
 def _make_images(folder, count, seed):
+    """Writes `count` photo-like 500x375 JPEGs (`benchmarks.photos`) into `folder`; returns their names."""
     import numpy as np
-    from PIL import Image
+
+    from benchmarks import photos
 
     rng = np.random.default_rng(seed)
-    base_y, base_x = np.mgrid[0:375, 0:500].astype(np.float32)
-    names = []
-    for index in range(count):
-        # Smooth shapes plus sensor-like noise: JPEG sizes near real photos (~40-80 kB).
-        phase = rng.random(3) * 6.28
-        pixels = np.stack([127 + 100 * np.sin(base_x / (20 + 10 * channel) + base_y / 35 + phase[channel])
-                           for channel in range(3)], axis=-1)
-        pixels += rng.normal(0, 12, pixels.shape)
-        name = f"image_{index:04d}.jpg"
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / name, "JPEG", quality=90)
-        names.append(name)
+    names = [f"image_{index:04d}.jpg" for index in range(count)]
+    for name in names:
+        (folder / name).write_bytes(photos.photo_jpeg(500, 375, rng))
     return names
 
 

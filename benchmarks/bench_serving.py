@@ -101,23 +101,6 @@ def _time_calls(function, repeats, warmup):
     return durations
 
 
-def _camera_jpeg(width, height, seed=0):
-    """A photo-like JPEG (smooth shading plus sensor noise), bytes."""
-    import io
-
-    import numpy
-    from PIL import Image
-
-    generator = numpy.random.default_rng(seed)
-    rows, columns = numpy.mgrid[0:height, 0:width].astype(numpy.float32)
-    pixels = numpy.stack([127 + 100 * numpy.sin(columns / (40 + 15 * channel) + rows / 55 + channel)
-                          for channel in range(3)], axis=-1)
-    pixels += generator.normal(0, 10, pixels.shape)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.clip(0, 255).astype(numpy.uint8)).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
 def serve_overhead(model_dir, repeats, width=4000, height=3000):
     """`serve` against the bare SavedModel call on one phone-sized photo: (ratio of medians, dict).
 
@@ -130,11 +113,13 @@ def serve_overhead(model_dir, repeats, width=4000, height=3000):
     import threading
     import urllib.request
 
+    import numpy
     import tensorflow as tf
 
+    from benchmarks import photos
     from pipeline import serve
 
-    image = _camera_jpeg(width, height)
+    image = photos.photo_jpeg(width, height, numpy.random.default_rng(0))
     by_images = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
     server = serve.make_server(model_dir, port=0, max_body_mb=64, log_stream=io.StringIO())
     thread = threading.Thread(target=server.serve_forever, daemon=True)
