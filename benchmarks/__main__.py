@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline import io_utils
+
 # benchmark module -> what it measures
 BENCHMARKS = {
     "bench_extract": "stage 1: extract vs the bare model vs the naive loop; bf16 vs fp32",
@@ -59,7 +61,7 @@ def _run_one(name, quick, json_path):
 
     module = importlib.import_module(f"benchmarks.{name}")
     results = module.run(quick=quick)
-    Path(json_path).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    io_utils.write_json(json_path, results, default=float)
 
 
 def run_suite(names, quick):
@@ -124,7 +126,7 @@ def main(argv=None):
     print(f"\n{len(report['runs'])} benchmarks in {report['seconds']:.0f} s "
           f"(load average at the end {report['load_average_at_end'][0]:.1f} on {os.cpu_count()} cores)")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=float) + "\n")
+        io_utils.write_json(args.json, report, default=float)
     failed = [name for name, run in report["runs"].items() if "error" in run]
     return 1 if failed else 0
 

@@ -25,12 +25,13 @@ Random weights: the arithmetic is that of ImageNet weights, and nothing is downl
 """
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from pipeline import io_utils
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -226,7 +227,7 @@ def main(argv=None):
     print(f"bf16/fp32 extract speed = {results['extract_bf16_speedup']:.3f} (target >= 1.4), cosine mean "
           f"{results['extract_bf16_cosine']:.6f} min {results['extract_bf16_cosine_min']:.6f} (target >= 0.99)")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        io_utils.write_json(args.json, results)
     return results
 
 

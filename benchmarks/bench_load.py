@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline import io_utils
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 PREDICT = "/v1/models/captioner:predict"
 CLIENTS = 8
@@ -348,7 +350,7 @@ def main(argv=None):
     for failure in results["failures"]:
         print(f"  failure: {failure}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        io_utils.write_json(args.json, results)
     return 0 if results["serve_failed_good"] == 0 and results["serve_wrong_bad"] == 0 else 1
 
 

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import io_utils
+
 SMALL_VECTORS = 10_000
 LARGE_VECTORS = 200_000
 FEATURE_DIM = 2048
@@ -223,8 +225,7 @@ def main(argv=None):
     results = run(args.quick, keep_dir=args.keep)
     print_table(results)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
+        io_utils.write_json(args.json, results)
     return 0
 
 

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline import io_utils
+
 BATCH_SIZE = 16
 FRESH_NUM_IMAGES = 48
 
@@ -285,21 +287,19 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench_serving_") as temporary:
         out_dir = Path(args.out)
         if args.synthetic:
-            results = measure(*_synthetic_run(temporary, args.beam_size or 3), args.repeats, args.batch_repeats)
-            print_table(results)
-            if args.json:
-                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-            return 0
-        if args.fresh or not (out_dir / "decoder.keras").is_file():
-            out_dir = _fresh_run(temporary)
-        elif args.export or not (out_dir / "saved_model" / "saved_model.pb").is_file():
-            from pipeline import export
+            inputs = _synthetic_run(temporary, args.beam_size or 3)
+        else:
+            if args.fresh or not (out_dir / "decoder.keras").is_file():
+                out_dir = _fresh_run(temporary)
+            elif args.export or not (out_dir / "saved_model" / "saved_model.pb").is_file():
+                from pipeline import export
 
-            export.run_export(out_dir, {"decode.beam_size": args.beam_size})
-        results = measure(*_run_inputs(out_dir), args.repeats, args.batch_repeats)
+                export.run_export(out_dir, {"decode.beam_size": args.beam_size})
+            inputs = _run_inputs(out_dir)
+        results = measure(*inputs, args.repeats, args.batch_repeats)
     print_table(results)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        io_utils.write_json(args.json, results)
     return 0
 
 

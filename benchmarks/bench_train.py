@@ -19,12 +19,13 @@ fixed number of batches of each and extrapolates to an epoch; the output says so
 """
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import numpy as np
+
+from pipeline import io_utils
 
 NUM_IMAGES = 6000
 NUM_CAPTIONS = 30000
@@ -212,8 +213,7 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     results = run(args.quick, args)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
+        io_utils.write_json(args.json, results)
     return 0
 
 

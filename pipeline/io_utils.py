@@ -40,9 +40,12 @@ def atomic_path(path):
             temporary.unlink()
 
 
-def write_json(path, data):
-    """Writes `data` as indented UTF-8 JSON, atomically; ArtifactError if the file cannot be written."""
-    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+def write_json(path, data, default=None):
+    """Writes `data` as indented UTF-8 JSON, atomically; ArtifactError if the file cannot be written.
+
+    default: as for `json.dumps`, turns values JSON has no type for (e.g. `float` for numpy scalars).
+    """
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=default) + "\n")
 
 
 def write_text(path, text):
