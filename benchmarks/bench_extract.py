@@ -119,14 +119,16 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
             extract.extract_to_cache(image_dir, names[:batch], work / f"warm_{precision}.h5", configs[precision],
                                      encoder_model=model)
 
+        # The bound encodes whole batches: as many as extract's, the last one full.
+        bound_batches = -(-count // batch)
+
         def bound(precision, round_index):
             encode = extract.encode_function(models[precision], IMAGE_SIZE)
-            batches = -(-count // batch)
             cpu_started, started = time.process_time(), time.perf_counter()
-            for _ in range(batches):
+            for _ in range(bound_batches):
                 encode(pixels).numpy()
             seconds = time.perf_counter() - started
-            return batches * batch / seconds, time.process_time() - cpu_started, seconds
+            return bound_batches * batch / seconds, time.process_time() - cpu_started, seconds
 
         def extract_rate(precision, round_index):
             path = work / f"round{round_index}_{precision}.h5"
@@ -154,7 +156,7 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
                 # Cores this process kept busy: below ~1.8 of 2, other jobs took CPU.
                 cpu_share[key].append(cpu_seconds / seconds)
                 if key == "bound":
-                    encoder_cpu.append(cpu_seconds / (-(-count // batch) * batch))
+                    encoder_cpu.append(cpu_seconds / (bound_batches * batch))
 
         started = time.perf_counter()
         for name in names[: settings["naive_images"]]:
