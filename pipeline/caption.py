@@ -300,37 +300,22 @@ def _caption_batch(captioner, readable, problems):
     """Yields (path, caption) for `readable` [(path, bytes)]; failures go into `problems`.
 
     Files were only header-checked: the batch is tried whole first (one decode per image),
-    and only if the model refuses it is every file decoded on its own to find the bad ones.
+    and only if the model refuses it is each file decoded and captioned on its own.
     """
     try:
-        yield from _caption_all(captioner, readable)
+        captions, _ = captioner.caption_images([image_bytes for _, image_bytes in readable])
+        yield from zip((path for path, _ in readable), captions)
         return
     except tf.errors.InvalidArgumentError:
         pass  # a file passed the header check but does not decode: find it, caption the rest
-    decodable = []
     for path, image_bytes in readable:
         problem = image_problem(image_bytes)
         if problem:
             problems[path] = problem
-        else:
-            decodable.append((path, image_bytes))
-    if len(decodable) < len(readable):
-        try:
-            yield from _caption_all(captioner, decodable)
-            return
-        except tf.errors.InvalidArgumentError:
-            pass
-    # The model refuses a file that decodes on its own: one call per file finds it.
-    for path, image_bytes in decodable:
+            continue
         try:
             (caption,), _ = captioner.caption_images([image_bytes])
         except tf.errors.InvalidArgumentError as error:
             problems[path] = f"the model cannot decode it ({errors.op_error_reason(error)})"
             continue
         yield path, caption
-
-
-def _caption_all(captioner, items):
-    """[(path, caption)] for `items` [(path, bytes)] in one captioner call (which raises if any fails)."""
-    captions, _ = captioner.caption_images([image_bytes for _, image_bytes in items])
-    return list(zip((path for path, _ in items), captions))
