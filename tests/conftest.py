@@ -4,6 +4,7 @@ once. Tests that change artifacts copy them first (`copy_run`)."""
 
 import os
 import shutil
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -19,6 +20,18 @@ TRAIN_OVERRIDES = {
     "decoder.embedding_dim": 32,
     "decoder.dropout": 0.1,
 }
+
+
+def wait_until(condition, seconds=10.0):
+    """Polls `condition()` until it is true or `seconds` pass; returns its last value.
+
+    For what another thread or process finishes just after the client has its answer,
+    such as the server's log line, written once the response is sent.
+    """
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
 
 
 @pytest.fixture(scope="session")

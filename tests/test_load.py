@@ -18,6 +18,7 @@ from PIL import Image
 
 from benchmarks import bench_load
 from pipeline import caption, datasets, features, serve
+from tests.conftest import wait_until
 
 TOTAL_REQUESTS = 2000
 MAX_IMAGES = 4
@@ -81,6 +82,8 @@ def test_load_answers_every_request_correctly_and_memory_stays_flat(server, good
     assert len(result.rss_samples) >= 20
     assert result.rss_growth() < MAX_RSS_GROWTH, result.rss_samples
     # One log line per request, with its status, and no traceback.
+    # The server writes a request's line once its response is sent: wait for the last ones.
+    wait_until(lambda: server.log_text().count(f'"POST {bench_load.PREDICT}" 200 ') >= len(result.latencies_ms))
     log = server.log_text()
     assert log.count(f'"POST {bench_load.PREDICT}" 200 ') >= len(result.latencies_ms)
     assert "Traceback" not in log

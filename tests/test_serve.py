@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline import datasets, errors, features, serve
+from tests.conftest import wait_until
 
 MAX_IMAGES = 4
 MAX_BODY_MB = 0.25
@@ -236,6 +237,9 @@ def test_one_log_line_per_request(live_server, demo_images):
     before = len(log.getvalue().splitlines())
     request(server, "GET", "/v1/models/captioner")
     request(server, "POST", PREDICT, {"instances": [{"b64": b64(demo_images[0])}, {"b64": b64(demo_images[1])}]})
+    # The server logs a request once its response is sent (the line carries the duration),
+    # so the client can hold the answer a moment before the line is written.
+    wait_until(lambda: len(log.getvalue().splitlines()) >= before + 2)
     lines = log.getvalue().splitlines()[before:]
     assert len(lines) == 2
     assert lines[0].startswith('127.0.0.1 "GET /v1/models/captioner" 200 ')
