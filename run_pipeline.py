@@ -162,7 +162,10 @@ def run(args):
 
 
 def main(argv=None):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pipeline import console
+
+    # Before any stage imports TensorFlow: its C++ start-up lines read like failures.
+    console.quiet_tensorflow_logs()
     args = build_parser().parse_args(argv)
     from pipeline.errors import PipelineError
 

@@ -40,15 +40,36 @@ def test_bad_files_are_reported_and_good_ones_captioned_in_order(exported_out, t
     result = subprocess.run(
         [sys.executable, "run_pipeline.py", "caption", *arguments,
          "--model", str(exported_out / "saved_model"), "--batch-size", "2"],
-        cwd=REPOSITORY, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        cwd=REPOSITORY, capture_output=True, text=True, env=_environment_as_a_user_has_it(),
     )
     assert result.returncode == 2, result.stderr
+    # TensorFlow's C++ start-up lines (oneDNN, no CUDA driver, cuInit) are filtered out by
+    # default (pipeline.console): stderr holds our own lines only.
+    assert [line for line in result.stderr.splitlines() if not line.startswith("error: ")] == []
     expected = _expected_captions(exported_out, image_ids)
     assert result.stdout.splitlines() == [f"{path}\t{text_}" for path, text_ in zip(good, expected)]
     errors_printed = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors_printed[0].startswith(f"error: {not_an_image}: not a readable JPEG, PNG, GIF or BMP image (")
     assert errors_printed[1:] == [f"error: {missing}: no such file",
                                   f"error: {tmp_path}: is a folder, not an image file"]
+
+
+def _environment_as_a_user_has_it():
+    """This process' environment without the TF_CPP_MIN_LOG_LEVEL that conftest sets."""
+    return {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
+
+
+def test_tf_cpp_min_log_level_0_shows_tensorflows_start_up_lines(exported_out):
+    image = datasets.read_captions_json(exported_out)
+    path = str(image.image_dir / image.images[0].image_id)
+    result = subprocess.run(
+        [sys.executable, "run_pipeline.py", "caption", path, "--model", str(exported_out / "saved_model")],
+        cwd=REPOSITORY, capture_output=True, text=True, env={**_environment_as_a_user_has_it(), "TF_CPP_MIN_LOG_LEVEL": "0"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{path}\t")
+    assert "oneDNN custom operations are on" in result.stderr
+    assert "absl::InitializeLog()" in result.stderr
 
 
 def test_missing_model_folder_names_the_command_that_makes_it(tmp_path):

@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw
 from playwright import sync_api
 
 from pipeline import serve
+from tests import browser
 
-CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT = "/tmp/captioner_page.png"
@@ -32,11 +32,14 @@ def page_server(exported_out):
 @pytest.fixture(scope="module")
 def browser_page():
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        executable = browser.find_chromium()
+        assert executable, ("no headless Chromium here: run the tests with `python -m tests`, which installs one, "
+                            f"or set {browser.ENVIRONMENT_VARIABLE}")
+        chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
-            yield browser.new_page(viewport={"width": 900, "height": 900})
+            yield chromium.new_page(viewport={"width": 900, "height": 900})
         finally:
-            browser.close()
+            chromium.close()
 
 
 def _scene_png():

@@ -1,0 +1,188 @@
+"""A clean console: TensorFlow's C++ start-up lines are filtered out of stderr.
+
+TensorFlow 2.21 logs through Abseil, and everything it logs before `absl::InitializeLog()`
+(which the Python package never calls) goes to stderr whatever `TF_CPP_MIN_LOG_LEVEL`
+says: "oneDNN custom operations are on", "Could not find cuda drivers", and, on every
+machine without a GPU, an `E0000 ... failed call to cuInit` line that reads like a
+failure. The only place left to honour the level is the stderr file descriptor itself, so
+`quiet_tensorflow_logs()` puts a filter thread behind fd 2:
+
+- lines in Abseil's C++ log format (`I1201 20:51:39.123456  4494 port.cc:153] ...`) are
+  dropped when their severity is below the level (INFO 0, WARNING 1, ERROR 2, FATAL 3),
+  as `TF_CPP_MIN_LOG_LEVEL` promises; so is Abseil's "All log messages before
+  absl::InitializeLog()" notice when anything is filtered;
+- at the default level (2, the user set nothing) the errors that only say "this machine
+  has no GPU" are dropped too (`NO_GPU_NOISE`), since TensorFlow falls back to the CPU;
+- everything else (our messages, progress bars rewritten with `\\r`, Python tracebacks,
+  real C++ errors) passes through unchanged, partial lines at once.
+
+`TF_CPP_MIN_LOG_LEVEL=0` set by the user turns the filter off: every line shows.
+"""
+
+import atexit
+import io
+import os
+import re
+import sys
+
+LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
+DEFAULT_LEVEL = 2
+SEVERITIES = {"I": 0, "W": 1, "E": 2, "F": 3}
+# Abseil's prefix: severity letter, MMDD, time, thread id, file:line, "]".
+_LOG_LINE = re.compile(rb"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^\s:\]]+:\d+\] ")
+_ABSL_NOTICE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+# ERROR lines that mean no more than "no GPU here; TensorFlow runs on the CPU".
+NO_GPU_NOISE = (b"failed call to cuInit", b"Unable to register cu", b"cuda_dnn", b"cuda_fft", b"cuda_blas")
+# Longest text kept back while it might still become a log line (the prefix is ~50 bytes).
+_PREFIX_PROBE = 64
+
+_installed = None
+
+
+def log_level(environ=None):
+    """The level in force: the user's TF_CPP_MIN_LOG_LEVEL (0-3), else DEFAULT_LEVEL."""
+    raw = (os.environ if environ is None else environ).get(LEVEL_VARIABLE, "").strip()
+    return int(raw) if raw in ("0", "1", "2", "3") else DEFAULT_LEVEL
+
+
+def keep_line(line, level, user_set):
+    """Whether one line of stderr (bytes, newline included or not) is shown at `level`.
+
+    `user_set`: the level came from the user's TF_CPP_MIN_LOG_LEVEL; then no-GPU errors
+    show at level 2, as TensorFlow would show them.
+    """
+    if line.rstrip(b"\r\n") == _ABSL_NOTICE:
+        return level == 0
+    match = _LOG_LINE.match(line)
+    if not match:
+        return True
+    severity = SEVERITIES[match.group(1).decode()]
+    if severity < level:
+        return False
+    if severity == SEVERITIES["E"] and not user_set and any(noise in line for noise in NO_GPU_NOISE):
+        return False
+    return True
+
+
+def _could_become_log_line(text):
+    """A partial line (bytes) that may still turn out to be a filtered log line."""
+    if len(text) >= _PREFIX_PROBE:
+        return False
+    if _ABSL_NOTICE.startswith(text):
+        return True
+    return bool(re.match(rb"^[IWEF](\d{0,4}|\d{4} [\d:.]*( +\d*( [^\s:\]]*(:\d*)?)?)?)$", text))
+
+
+def filter_stream(source_fd, target_fd, level, user_set):
+    """Copies source_fd to target_fd until EOF, keeping the lines `keep_line` keeps.
+
+    Partial lines pass at once unless they may still become a filtered log line, and a
+    progress bar's "\\r" rewrite counts as a line end, so nothing waits for a newline.
+    """
+    pending = b""
+
+    def write(data):
+        while data:
+            data = data[os.write(target_fd, data):]
+
+    while True:
+        try:
+            chunk = os.read(source_fd, 65536)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        pending += chunk
+        while True:
+            ends = [index for index in (pending.find(b"\n"), pending.find(b"\r")) if index >= 0]
+            if not ends:
+                break
+            cut = min(ends) + 1
+            line, pending = pending[:cut], pending[cut:]
+            if keep_line(line, level, user_set):
+                write(line)
+        if pending and not _could_become_log_line(pending):
+            write(pending)
+            pending = b""
+    if pending and keep_line(pending, level, user_set):
+        write(pending)
+
+
+class _StderrFilter:
+    """fd 2 becomes a pipe into a small filter process that writes to the real stderr.
+
+    Only what C++ code (and child processes) write to fd 2 takes that path: Python's own
+    `sys.stderr` is re-opened on the real stderr, so our messages, progress bars, warnings
+    and tracebacks keep their order with stdout. A process rather than a thread: if this
+    one dies (a fatal C++ error, a signal), the filter still drains the pipe, so the last
+    words of a crash are not lost.
+    """
+
+    def __init__(self, level, user_set):
+        import subprocess
+
+        sys.stderr.flush()
+        self.original = os.dup(2)
+        read_end, write_end = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", os.path.abspath(__file__), str(level), "1" if user_set else "0"],
+                stdin=read_end, stdout=self.original, stderr=self.original, close_fds=True,
+            )
+        finally:
+            os.close(read_end)
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        self.python_stderr = sys.stderr
+        sys.stderr = io.TextIOWrapper(
+            io.FileIO(self.original, "w", closefd=False), encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+            errors="backslashreplace", line_buffering=True, write_through=True,
+        )
+        atexit.register(self.close)
+
+    def close(self):
+        """Puts the real stderr back and lets the filter forward what is left (at exit)."""
+        if self.original is None:
+            return
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        sys.stderr = self.python_stderr
+        os.dup2(self.original, 2)  # drops this process's write end: the filter sees EOF
+        os.close(self.original)
+        self.original = None
+        try:
+            self.process.wait(timeout=5)
+        except Exception:  # noqa: BLE001 (a child of ours still holds the pipe: let it be)
+            pass
+
+
+def quiet_tensorflow_logs(environ=None):
+    """Filters TensorFlow's C++ log lines out of this process's stderr (see the module docstring).
+
+    Call before TensorFlow is imported; calling again does nothing. Sets
+    TF_CPP_MIN_LOG_LEVEL to the level in force, so that TensorFlow filters what it logs
+    after start-up itself. Returns the level in force.
+    """
+    global _installed
+    environ = os.environ if environ is None else environ
+    user_set = environ.get(LEVEL_VARIABLE, "").strip() in ("0", "1", "2", "3")
+    level = log_level(environ)
+    environ[LEVEL_VARIABLE] = str(level)
+    if _installed is None and level > 0:
+        try:
+            _installed = _StderrFilter(level, user_set)
+        except OSError:
+            pass  # no usable fd 2 (a daemon with stderr closed): nothing to filter
+    return level
+
+
+if __name__ == "__main__":
+    # The filter process (see _StderrFilter): argv = level, user_set; stdin -> stdout.
+    import signal
+
+    # Ctrl-C reaches the whole process group; the filter must outlive the pipeline's
+    # own "interrupted" message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    filter_stream(0, 1, int(sys.argv[1]), sys.argv[2] == "1")

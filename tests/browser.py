@@ -1,0 +1,90 @@
+"""Finding (and, where it is missing, installing) the headless Chromium the page test drives.
+
+`python -m tests` calls `ensure_chromium()` before pytest; `tests/test_page.py` calls
+`find_chromium()`. Kept apart from conftest so that finding a browser costs nothing when
+no page test runs.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+ENVIRONMENT_VARIABLE = "CAPTIONER_CHROMIUM"  # a browser of the user's choice wins
+COMMAND_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+APT_PACKAGE = "chromium"
+
+
+def find_chromium():
+    """The path (str) of a Chromium-family browser on this machine, or None.
+
+    Looks at $CAPTIONER_CHROMIUM, then the PATH (Debian's `chromium` and its cousins),
+    then the build `python -m playwright install chromium` keeps in its own cache.
+    """
+    chosen = os.environ.get(ENVIRONMENT_VARIABLE)
+    if chosen:
+        return chosen if os.access(chosen, os.X_OK) else None
+    for name in COMMAND_NAMES:
+        path = shutil.which(name)
+        if path:
+            return path
+    return _playwright_chromium()
+
+
+def _playwright_chromium():
+    try:
+        from playwright import sync_api
+    except ImportError:
+        return None
+    try:
+        with sync_api.sync_playwright() as playwright:
+            path = playwright.chromium.executable_path
+    except Exception:  # noqa: BLE001 (no driver, no cache: simply no browser here)
+        return None
+    return path if path and os.access(path, os.X_OK) else None
+
+
+def _run(command):
+    print(f"tests: {' '.join(command)}", file=sys.stderr, flush=True)
+    try:
+        return subprocess.run(command, stdout=subprocess.DEVNULL, check=False).returncode == 0
+    except OSError:
+        return False
+
+
+def install_chromium():
+    """Installs Chromium: Debian's package where apt-get and root (or password-less sudo)
+    are there, else Playwright's own build. Returns the browser's path, or None."""
+    apt_get = shutil.which("apt-get")
+    if apt_get:
+        prefix = [] if os.geteuid() == 0 else (["sudo", "-n"] if _run(["sudo", "-n", "true"]) else None)
+        if prefix is not None:
+            environment_before = os.environ.get("DEBIAN_FRONTEND")
+            os.environ["DEBIAN_FRONTEND"] = "noninteractive"
+            try:
+                if _run([*prefix, apt_get, "update", "-qq"]) and _run([*prefix, apt_get, "install", "-y", "-qq", APT_PACKAGE]):
+                    found = find_chromium()
+                    if found:
+                        return found
+            finally:
+                if environment_before is None:
+                    os.environ.pop("DEBIAN_FRONTEND", None)
+                else:
+                    os.environ["DEBIAN_FRONTEND"] = environment_before
+    if _run([sys.executable, "-m", "playwright", "install", "chromium"]):
+        return find_chromium()
+    return None
+
+
+def ensure_chromium():
+    """A browser's path, installing one if there is none; None (with a message) if that fails."""
+    found = find_chromium()
+    if found:
+        return found
+    print("tests: no headless Chromium on this machine; installing one for tests/test_page.py", file=sys.stderr)
+    found = install_chromium()
+    if found is None:
+        print(f"tests: could not install Chromium (tried apt-get install {APT_PACKAGE} and "
+              "`python -m playwright install chromium`); tests/test_page.py will fail. "
+              f"Set {ENVIRONMENT_VARIABLE}=/path/to/chromium to use one you have.", file=sys.stderr)
+    return found
