@@ -2,6 +2,8 @@
 
     run_extract(data_dir, out_dir, {"encoder.weights": "random"})
 
+The encoder is ResNet50's inference form, BatchNorm folded into the convolutions
+(`models.encoder.build_encoder`, `fold_encoder`), recorded as encoder_graph="folded".
 The input pipeline is `tf.data`: files are read and decoded in parallel, batched and
 prefetched, so decoding overlaps with the encoder. The encoder runs in
 one `tf.function` traced once per model for [None, S, S, 3] (any batch size, so the last
@@ -151,7 +153,8 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
         one is built. Returns {"new", "cached", "failures": [{"image_id", "path",
         "reason"}], "extract_seconds", "path"}; extract_seconds counts the encoding loop,
         not the build of the encoder nor the tracing of its function.
-    Raises ArtifactError (nothing written) if the cache holds other encoder settings
+    Raises ArtifactError (nothing written) if the cache holds other encoder settings,
+    or rows of the other encoder graph when rows are to be added (`features.check_graph`),
     and `overwrite` is false.
     """
     import dataclasses
@@ -172,6 +175,10 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
     if cache_exists and not overwrite and not pending:
         # Everything is cached: a rerun neither builds the encoder nor touches the file.
         return {"new": 0, "cached": len(image_ids), "failures": [], "extract_seconds": 0.0, "path": cache_path}
+    # build_encoder folds BatchNorm by default; a caller's model says itself which form it is.
+    graph = "folded" if encoder_model is None else encoder_module.encoder_graph(encoder_model)
+    if cache_exists and not overwrite:
+        features.check_graph(attrs, graph, len(pending), path=cache_path)
     # Reading and decoding need no encoder: start them now, so the first batches are ready
     # when the encoder is built, fingerprinted and traced instead of after.
     batches = _BatchStream(
@@ -189,7 +196,7 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
         features.check_attrs(attrs, encoder_config, fingerprint=fingerprint, path=cache_path)
         writer = features.FeatureWriter.append_to(cache_path)
     else:
-        writer = features.FeatureWriter.create(cache_path, features.expected_attrs(encoder_config, fingerprint))
+        writer = features.FeatureWriter.create(cache_path, features.expected_attrs(encoder_config, fingerprint, graph))
     rows_before = writer.num_rows
     started = time.monotonic()
     with writer:
