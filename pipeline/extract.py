@@ -153,9 +153,9 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
         one is built. Returns {"new", "cached", "failures": [{"image_id", "path",
         "reason"}], "extract_seconds", "path"}; extract_seconds counts the encoding loop,
         not the build of the encoder nor the tracing of its function.
-    Raises ArtifactError (nothing written) if the cache holds other encoder settings,
-    or rows of the other encoder graph when rows are to be added (`features.check_graph`),
-    and `overwrite` is false.
+    Raises ArtifactError (nothing written) if the cache holds other encoder settings
+    and `overwrite` is false; also, when the first new row would join rows of the other
+    encoder graph (`features.check_graph`: a version 1 cache of the plain Keras ResNet50).
     """
     import dataclasses
 
@@ -175,10 +175,6 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
     if cache_exists and not overwrite and not pending:
         # Everything is cached: a rerun neither builds the encoder nor touches the file.
         return {"new": 0, "cached": len(image_ids), "failures": [], "extract_seconds": 0.0, "path": cache_path}
-    # build_encoder folds BatchNorm by default; a caller's model says itself which form it is.
-    graph = "folded" if encoder_model is None else encoder_module.encoder_graph(encoder_model)
-    if cache_exists and not overwrite:
-        features.check_graph(attrs, graph, len(pending), path=cache_path)
     # Reading and decoding need no encoder: start them now, so the first batches are ready
     # when the encoder is built, fingerprinted and traced instead of after.
     batches = _BatchStream(
@@ -190,11 +186,12 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
     else:
         _check_model_precision(encoder_model, encoder_config.precision)
     fingerprint = encoder_module.encoder_fingerprint(encoder_model)
+    graph = encoder_module.encoder_graph(encoder_model)
     encode = encode_function(encoder_model, encoder_config.image_size)
     encode.get_concrete_function()  # traces now (once per model), outside the timed loop
     if cache_exists and not overwrite:
         features.check_attrs(attrs, encoder_config, fingerprint=fingerprint, path=cache_path)
-        writer = features.FeatureWriter.append_to(cache_path)
+        writer = features.FeatureWriter.append_to(cache_path, encoder_graph=graph)
     else:
         writer = features.FeatureWriter.create(cache_path, features.expected_attrs(encoder_config, fingerprint, graph))
     rows_before = writer.num_rows

@@ -156,23 +156,24 @@ def cached_encoder_graph(attrs):
     return attrs.get("encoder_graph", ENCODER_GRAPH_OF_VERSION_1)
 
 
-def check_graph(attrs, encoder_graph, new_rows, path=FEATURES_FILE):
-    """Raises ArtifactError before `new_rows` rows computed by `encoder_graph` join a cache
-    whose rows another graph computed.
+def check_graph(attrs, encoder_graph, path=FEATURES_FILE):
+    """Raises ArtifactError if rows computed by `encoder_graph` ("folded" or "keras") may not
+    join a cache with these attributes: those of another graph.
 
     One cache holds the rows of one encoder graph, as it holds those of one precision:
     its attributes must describe every row. At fp32 the folded and plain graphs agree to
     cosine >= 0.99999, but in bf16 or fp16 they round at different points (as bf16 and
     fp32 do), and a mixed file could no longer say what it holds. Reading a cache of
     the other graph (train, evaluate, export) is fine: the same weights, the same features.
+    `FeatureWriter.append_to(..., encoder_graph=...)` calls this before its first row.
     """
     cached = cached_encoder_graph(attrs)
-    if new_rows and cached != encoder_graph:
+    if cached != encoder_graph:
         version = attrs.get("version")
         origin = f"an earlier version of Captioner (cache version {version})" if version == 1 else "another run"
         raise errors.ArtifactError(
             f"{path}: the feature cache's {attrs.get('num_rows')} rows were computed by the "
-            f"{_GRAPH_NAMES.get(cached, cached)} of {origin}, and this run would add {new_rows} rows computed by the "
+            f"{_GRAPH_NAMES.get(cached, cached)} of {origin}, and this run would add rows computed by the "
             f"{_GRAPH_NAMES.get(encoder_graph, encoder_graph)}; a cache holds the rows of one graph, so rerun with "
             f"--overwrite to re-extract every image, or choose another --out (the cache stays valid as it is for "
             f"train, evaluate and export)"
@@ -338,13 +339,16 @@ class FeatureWriter:
     batch: features float [b, feature_dim], stored in the file's dtype.
     """
 
-    def __init__(self, handle, path, file):
+    def __init__(self, handle, path, file, encoder_graph=None):
         self._handle = handle
         self._file = file
         self.path = Path(path)
         self._features = handle["features"]
         self._image_ids = handle["image_ids"]
         self.num_rows = int(handle.attrs["num_rows"])
+        # Checked at the first row, not on opening: a rerun whose only pending images
+        # fail to decode again adds no row, and may then use a cache of the other graph.
+        self._encoder_graph = encoder_graph
 
     @classmethod
     def create(cls, path, attrs):
@@ -376,7 +380,9 @@ class FeatureWriter:
         return cls(handle, path, file)
 
     @classmethod
-    def append_to(cls, path):
+    def append_to(cls, path, encoder_graph=None):
+        """Reopens the cache at `path`; with `encoder_graph`, its first row must be of the
+        cache's own graph (`check_graph`, raised from `append`)."""
         path = Path(path)
         if not path.is_file():
             raise errors.ArtifactError(f"{path}: the feature cache is missing (run the extract stage first)")
@@ -404,13 +410,17 @@ class FeatureWriter:
             handle.close()
             file.close()
             raise
-        return cls(handle, path, file)
+        return cls(handle, path, file, encoder_graph)
 
     def append(self, image_ids, features):
         count = len(image_ids)
         assert features.shape == (count, self._features.shape[1]), (features.shape, count)
         if count == 0:
             return
+        if self._encoder_graph is not None:
+            check_graph({name: _plain(value) for name, value in self._handle.attrs.items()},
+                        self._encoder_graph, self.path)
+            self._encoder_graph = None  # the same answer for every later batch
         if self._file.failure is not None:
             raise _write_error(self.path, self._file.failure)
         stop = self.num_rows + count

@@ -256,7 +256,7 @@ def test_auto_precision_follows_the_cpu_flags(tmp_path, monkeypatch):
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
     assert encoder.resolve_precision("auto", cpuinfo) == "fp32"
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
-    # The real /proc/cpuinfo (the development host has amx_bf16 and avx512_bf16: "bf16").
+    # The real /proc/cpuinfo (the development host, an AMD EPYC Zen 5, has avx512_bf16 and no AMX: "bf16").
     machine_flags = encoder.cpu_flags()
     assert bool(machine_flags) == Path(encoder.CPUINFO_PATH).is_file()
     import tensorflow as tf

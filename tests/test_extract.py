@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import ArtifactError
+from tests.conftest import as_version_1
 
 IMAGE_SIZE = 64
 OVERRIDES = {
@@ -113,6 +114,7 @@ def test_cache_schema_and_attributes(awkward_run):
                  "encoder_fingerprint", "tensorflow_version", "keras_version", "h5py_version", "num_rows"):
         assert name in attrs, name
     assert attrs["format"] == "captioner.features" and attrs["image_size"] == IMAGE_SIZE
+    assert attrs["version"] == 2 and attrs["encoder_graph"] == "folded"
     assert attrs["num_rows"] == handle_rows(out)
 
 
@@ -183,6 +185,33 @@ def test_other_encoder_settings_are_refused(awkward_data, awkward_run, copy_run,
     assert "features.h5" in message and f"{attribute}=" in message
     assert "--overwrite" in message and "--out" in message
     assert (out / "features.h5").read_bytes() == before
+
+
+def test_a_version_1_cache_is_read_and_rerun_but_not_extended(awkward_data, awkward_run, copy_run):
+    from pipeline import extract, features
+
+    data_dir, usable, bad = awkward_data
+    out = copy_run(awkward_run[0])
+    cache_path = out / "features.h5"
+    as_version_1(cache_path)
+    cache = features.read_features(out)
+    assert len(cache.image_ids) == len(usable) and features.cached_encoder_graph(cache.attrs) == "keras"
+    # A rerun that adds no row (the bad images fail again) accepts the cache as it is.
+    summary = extract.run_extract(data_dir, out, dict(OVERRIDES))
+    assert summary["new"] == 0 and summary["errors"] == len(bad)
+    assert features.read_features(out).attrs == cache.attrs
+    # One image lacking (its batch never counted): folded rows would join plain-graph ones.
+    with h5py.File(cache_path, "a") as handle:
+        handle.attrs["num_rows"] = len(usable) - 1
+    with pytest.raises(ArtifactError) as raised:
+        extract.run_extract(data_dir, out, dict(OVERRIDES))
+    message = str(raised.value)
+    assert str(cache_path) in message and "plain Keras ResNet50" in message and "cache version 1" in message
+    assert "would add rows computed by the folded ResNet50" in message
+    assert "--overwrite" in message and "train, evaluate and export" in message
+    after = features.read_features(out)
+    assert after.image_ids == cache.image_ids[:-1] and after.attrs == {**cache.attrs, "num_rows": len(usable) - 1}
+    np.testing.assert_array_equal(after.features, cache.features[:-1])
 
 
 def test_overwrite_replaces_the_cache_with_float16(awkward_data, awkward_run, copy_run):
