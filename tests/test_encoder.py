@@ -265,25 +265,6 @@ def test_auto_precision_follows_the_cpu_flags(tmp_path, monkeypatch):
     assert encoder.resolve_precision("auto") == ("fp16" if tf.config.list_physical_devices("GPU") else expected)
 
 
-def test_bf16_encoder_computes_in_bfloat16_without_changing_the_global_policy(encoder_model):
-    import keras
-
-    from models import encoder
-
-    model = encoder.build_encoder("random", IMAGE_SIZE, seed=0, precision="bf16")
-    assert keras.config.dtype_policy().name == "float32"
-    assert keras.layers.Dense(2).compute_dtype == "float32"  # a decoder built next is float32
-    convolution = model.get_layer("resnet50").get_layer("conv2_block1_1_conv")
-    assert convolution.compute_dtype == "bfloat16" and convolution.variable_dtype == "float32"
-    # Same weights as fp32 (precision is arithmetic only), float32 output close to fp32's.
-    assert encoder.encoder_fingerprint(model) == encoder.encoder_fingerprint(encoder_model)
-    pixels = (np.random.default_rng(4).random((2, IMAGE_SIZE, IMAGE_SIZE, 3)) * 255).astype(np.float32)
-    reduced, full = np.asarray(model(pixels)), np.asarray(encoder_model(pixels))
-    assert reduced.dtype == np.float32 and not np.array_equal(reduced, full)
-    cosine = (reduced * full).sum(1) / (np.linalg.norm(reduced, axis=1) * np.linalg.norm(full, axis=1))
-    assert cosine.min() >= 0.99
-
-
 def test_decode_image_refuses_a_header_that_declares_too_many_pixels():
     """A tiny PNG whose IHDR declares 20000 x 20000 is refused before decoding (graph-side)."""
     import io
@@ -339,20 +320,26 @@ def test_folding_covers_every_batch_normalization_and_keeps_the_features(plain_m
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_folded_reduced_precision_matches_plain_fp32(plain_model, photo_pixels, precision):
+def test_folded_reduced_precision_matches_plain_fp32_without_changing_the_global_policy(
+        plain_model, photo_pixels, precision):
+    import keras
+
     from models import encoder
 
     # fp16 convolutions run on this CPU too (slowly: no native fp16 arithmetic here).
     plain = encoder.build_encoder("random", IMAGE_SIZE, seed=0, precision=precision, folded=False)
     plain.set_weights(plain_model.get_weights())
     folded = encoder.fold_encoder(plain)
+    assert keras.config.dtype_policy().name == "float32"
+    assert keras.layers.Dense(2).compute_dtype == "float32"  # a decoder built next is float32
     convolution = folded.get_layer("resnet50").get_layer("conv2_block1_1_conv")
     compute_dtype = {"bf16": "bfloat16", "fp16": "float16"}[precision]
     assert convolution.compute_dtype == compute_dtype and convolution.variable_dtype == "float32"
-    output = np.asarray(folded(photo_pixels))
-    assert output.dtype == np.float32 and np.isfinite(output).all()
-    assert _cosines(output, plain_model(photo_pixels)).min() >= 0.999
+    # Same weights as fp32 (precision is arithmetic only), float32 output close to fp32's.
     assert encoder.encoder_fingerprint(folded) == encoder.encoder_fingerprint(plain_model)
+    output, reference = np.asarray(folded(photo_pixels)), np.asarray(plain_model(photo_pixels))
+    assert output.dtype == np.float32 and np.isfinite(output).all() and not np.array_equal(output, reference)
+    assert _cosines(output, reference).min() >= 0.999
 
 
 def _write_legacy_notop_h5(backbone, path):
