@@ -24,7 +24,8 @@ and run of its function (a warm-up pays them once; a real run pays them once per
 process, seconds against hours). A round runs every path back to back, and the next
 round the same backwards, so a drift in the machine's speed favours no path; ratios are
 taken within each round and the median round is reported, with every round's ratios and
-the CPU share (cores busy) of every path, which shows when another job took a core.
+the CPU share (cores busy) of every path, which shows when another job took a core; the
+same ratios per CPU-second of this process (`cpu_time_*`) are reported too.
 
 Also measured: CPU time of decode+resize against the encoder's per image (the ceiling
 of extract/bound on a machine whose cores the encoder already fills), and the features:
@@ -217,6 +218,7 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
         measured = {(path_name if precision == "fp32" else f"{path_name}_bf16"): []
                     for path_name, precision, _ in steps}
         cpu_share = {key: [] for key in measured}
+        cpu_rate = {key: [] for key in measured}  # images per CPU-second of this process
         encoder_cpu = []  # CPU seconds per image of the bare fp32 encoder
         caches, keras_features = {}, {}
         for round_index in range(settings["rounds"]):
@@ -226,6 +228,7 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
                 measured[key].append(rate)
                 # Cores this process kept busy: below ~1.8 of 2, other jobs took CPU.
                 cpu_share[key].append(cpu_seconds / seconds)
+                cpu_rate[key].append(rate * seconds / cpu_seconds)
                 if key == "bound":
                     encoder_cpu.append(cpu_seconds / (bound_batches * batch))
 
@@ -293,6 +296,11 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
     for figure, (numerator, denominator) in compared.items():
         results[f"rounds_{figure}"] = [round(value, 3) for value in ratios(numerator, denominator)]
     results["rounds_cpu_share"] = {key: [round(value, 2) for value in values] for key, values in cpu_share.items()}
+    # The same ratios in images per CPU-second: on a machine whose cores other jobs take,
+    # a path's CPU time shrinks less with the share it gets than its wall time does.
+    for figure, (numerator, denominator) in compared.items():
+        results[f"cpu_time_{figure}"] = round(median(
+            [top / bottom for top, bottom in zip(cpu_rate[numerator], cpu_rate[denominator])]), 3)
     return results
 
 
@@ -327,6 +335,8 @@ def main(argv=None):
     print(f"extract/bound CPU ceiling {results['extract_vs_bound_ceiling']:.3f} fp32: decode "
           f"{results['decode_cpu_ms_per_image']:.1f} ms vs encoder {results['encoder_cpu_ms_per_image']:.1f} ms CPU/image")
     print(f"cores busy {results['rounds_cpu_share']}")
+    print("per CPU-second instead of per second: " + ", ".join(
+        f"{figure[len('cpu_time_'):]} {value:.3f}" for figure, value in results.items() if figure.startswith("cpu_time_")))
     print(f"extract/naive = {results['extract_vs_naive']:.3f} (target >= 3)")
     print(f"folded fp32 vs plain Keras fp32 cosine min {results['extract_folded_cosine']:.8f} (target >= 0.99999); "
           f"bf16 vs fp32 extract cosine mean {results['extract_bf16_cosine']:.6f} min "

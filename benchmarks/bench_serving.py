@@ -156,14 +156,15 @@ def _time_alternately(functions, repeats, warmup):
             started = time.perf_counter()
             functions[name]()
             durations[name].append(time.perf_counter() - started)
-        print(f"\r  {index + 1}/{repeats} calls of {', '.join(names)}", end="", file=sys.stderr, flush=True)
+        label = "calls" if len(names) == 1 else f"calls of each of {', '.join(names)}"
+        print(f"\r  {index + 1}/{repeats} {label}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr, flush=True)
     return durations
 
 
 def _time_calls(function, repeats, warmup):
     """Seconds per call (list of float) of `function()` after `warmup` untimed calls."""
-    return _time_alternately({"the function": function}, repeats, warmup)["the function"]
+    return _time_alternately({"": function}, repeats, warmup)[""]
 
 
 def serve_overhead(model_dir, repeats, width=4000, height=3000):
@@ -256,19 +257,19 @@ def measure(model_dir, images, feature_rows, decode, repeats, batch_repeats, unf
     images = tf.constant(images)
     feature_rows = tf.constant(feature_rows)
     loaded = tf.saved_model.load(str(model_dir))
-    by_images = {"": loaded.signatures["serving_default"]}
+    by_images = {"folded": loaded.signatures["serving_default"]}
     if unfolded_dir is not None:
-        by_images["_unfolded"] = tf.saved_model.load(str(unfolded_dir)).signatures["serving_default"]
+        by_images["unfolded"] = tf.saved_model.load(str(unfolded_dir)).signatures["serving_default"]
     by_features = loaded.signatures["caption_features"]
 
-    print(f"serving_default, 1 image ({' and '.join(sorted(by_images)) or 'folded'}):", file=sys.stderr)
-    single = _time_alternately({suffix: (lambda function=function: function(images=images[:1]))
-                                for suffix, function in by_images.items()}, repeats, warmup=3)
+    print("serving_default, 1 image:", file=sys.stderr)
+    single = _time_alternately({name: (lambda function=function: function(images=images[:1]))
+                                for name, function in by_images.items()}, repeats, warmup=3)
     print("caption_features, 1 row:", file=sys.stderr)
     single_features = _time_calls(lambda: by_features(features=feature_rows[:1]), repeats, warmup=3)
     print(f"serving_default, batch {BATCH_SIZE}:", file=sys.stderr)
-    batch = _time_alternately({suffix: (lambda function=function: function(images=images))
-                               for suffix, function in by_images.items()}, batch_repeats, warmup=1)
+    batch = _time_alternately({name: (lambda function=function: function(images=images))
+                               for name, function in by_images.items()}, batch_repeats, warmup=1)
     print(f"caption_features, batch {BATCH_SIZE}:", file=sys.stderr)
     batch_features = _time_calls(lambda: by_features(features=feature_rows), batch_repeats, warmup=1)
 
@@ -278,7 +279,7 @@ def measure(model_dir, images, feature_rows, decode, repeats, batch_repeats, unf
     # Beam search stops when every beam has ended, so its cost depends on caption length.
     captions = by_features(features=feature_rows)["captions"].numpy().tolist()
     mean_words = statistics.mean(len(caption.split()) for caption in captions)
-    batch_seconds = statistics.median(batch[""])
+    batch_seconds = statistics.median(batch["folded"])
     batch_features_seconds = statistics.median(batch_features)
     results = {
         "model_dir": str(model_dir),
@@ -286,8 +287,8 @@ def measure(model_dir, images, feature_rows, decode, repeats, batch_repeats, unf
         "max_length": decode.get("max_length"),
         "cpu_count": os.cpu_count(),
         "tensorflow_version": tf.__version__,
-        "single_latency_ms_median": 1000 * statistics.median(single[""]),
-        "single_latency_ms_p90": 1000 * _percentile(single[""], 0.9),
+        "single_latency_ms_median": 1000 * statistics.median(single["folded"]),
+        "single_latency_ms_p90": 1000 * _percentile(single["folded"], 0.9),
         "single_features_latency_ms_median": 1000 * statistics.median(single_features),
         "batch_size": BATCH_SIZE,
         "batch_seconds_median": batch_seconds,
@@ -303,9 +304,10 @@ def measure(model_dir, images, feature_rows, decode, repeats, batch_repeats, unf
         "serve_photo_overhead": overhead,
         **photo,
     }
-    for suffix in by_images:
-        results[f"savedmodel_latency_ms{suffix}"] = 1000 * statistics.median(single[suffix])
-        results[f"savedmodel_batch16_images_per_s{suffix}"] = BATCH_SIZE / statistics.median(batch[suffix])
+    for name in by_images:
+        suffix = "" if name == "folded" else f"_{name}"
+        results[f"savedmodel_latency_ms{suffix}"] = 1000 * statistics.median(single[name])
+        results[f"savedmodel_batch16_images_per_s{suffix}"] = BATCH_SIZE / statistics.median(batch[name])
     if unfolded_dir is not None:
         # Ratios of calls made side by side, the figures of folding.
         results["savedmodel_latency_folded_vs_unfolded"] = (
