@@ -151,8 +151,9 @@ def fold_batch_normalization(model):
     """Rebuilds a functional `model` with each Conv2D -> BatchNormalization pair fused.
 
     A pair is folded when the BatchNormalization normalizes the last (channel) axis of
-    a channels-last Conv2D output that nothing else reads; other layers are cloned with
-    their weights. The new Conv2D keeps the old one's name and config, with a bias.
+    the output of a channels-last Conv2D without activation that nothing else reads;
+    other layers (an unfolded BatchNormalization too) are cloned with their weights.
+    The new Conv2D keeps the old one's name and config, with a bias.
 
     Returns (new functional keras.Model named like `model`, [(conv name, batch
     normalization name), ...] in layer order): ResNet50 has 53 pairs and keeps no
@@ -171,7 +172,9 @@ def fold_batch_normalization(model):
             continue
         producer = producers.get(id(layer.input))
         axis = layer.axis if isinstance(layer.axis, int) else None
+        # A convolution with its own activation cannot take the normalization's affine map.
         if (isinstance(producer, keras.layers.Conv2D) and producer.data_format == "channels_last"
+                and producer.get_config()["activation"] == "linear"
                 and readers[id(layer.input)] == 1 and axis in (-1, len(layer.input.shape) - 1)):
             convolution_of[layer.name] = producer
     folding = {convolution.name: model.get_layer(name) for name, convolution in convolution_of.items()}

@@ -372,3 +372,29 @@ def test_a_legacy_notop_weights_file_loads_and_folds(plain_model, photo_pixels, 
     assert encoder.encoder_graph(loaded) == "folded"
     assert encoder.encoder_fingerprint(loaded) == encoder.encoder_fingerprint(plain_model)
     assert _cosines(loaded(photo_pixels), plain_model(photo_pixels)).min() >= 0.99999
+
+
+def test_folding_leaves_the_pairs_it_cannot_fold():
+    import keras
+
+    from models import encoder
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((8, 8, 3))
+    activated = keras.layers.Conv2D(4, 3, activation="relu", name="with_relu")(inputs)
+    first = keras.layers.BatchNormalization(name="after_relu")(activated)  # the ReLU is in between
+    second = keras.layers.BatchNormalization(name="foldable")(keras.layers.Conv2D(4, 1, name="plain")(first))
+    shared = keras.layers.Conv2D(4, 1, name="read_twice")(second)
+    third = keras.layers.BatchNormalization(name="beside_an_add")(shared)  # the Add reads the conv too
+    model = keras.Model(inputs, keras.layers.Add()([shared, third]))
+    generator = np.random.default_rng(4)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.set_weights([generator.uniform(0.5, 1.5, 4), generator.normal(0, 0.2, 4),
+                               generator.normal(0, 0.5, 4), generator.uniform(0.5, 2.0, 4)])
+    folded, pairs = encoder.fold_batch_normalization(model)
+    assert pairs == [("plain", "foldable")]
+    kept = {layer.name for layer in folded.layers if isinstance(layer, keras.layers.BatchNormalization)}
+    assert kept == {"after_relu", "beside_an_add"}
+    pixels = generator.normal(0, 1, (2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(folded(pixels), model(pixels), rtol=1e-5, atol=1e-5)
