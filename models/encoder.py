@@ -1,7 +1,10 @@
 """The image encoder: ResNet50 without its classifier, and the image decoding it expects.
 
 `decode_image` and `build_encoder` are shared by feature extraction and by the exported
-SavedModel, so cached features and served captions see exactly the same pixels.
+SavedModel, so cached features and served captions see exactly the same pixels. Both
+run the inference form of ResNet50, every BatchNormalization folded into the convolution
+before it (`fold_encoder`), built once from the plain Keras model, which stays available
+(`build_encoder(..., folded=False)`) as the reference that tests compare it with.
 """
 
 import hashlib
