@@ -17,7 +17,10 @@ Signatures (the contract in DESIGN.md):
 
 The encoder is rebuilt from the run's settings and must have exactly the weights that made
 `features.h5` (compared by `encoder_fingerprint`): otherwise the decoder, trained on those
-features, would be paired with an encoder whose features it has never seen.
+features, would be paired with an encoder whose features it has never seen. It is the
+folded inference form (BatchNorm folded into the convolutions) whichever form wrote the
+cache: a cache of the plain Keras graph (version 1, before folding) exports too, with a
+note, since the same weights give the same features (cosine >= 0.99999 at fp32).
 """
 
 import contextlib
@@ -73,6 +76,12 @@ def run_export(out_dir, overrides):
     cache_attrs = features.read_attrs(cache_path)
     _log(started, f"building the encoder ({config.encoder.weights} weights, {config.encoder.image_size} px)")
     encoder_model = _build_matching_encoder(config, cache_attrs, cache_path)
+    cache_graph, model_graph = features.cached_encoder_graph(cache_attrs), encoder_module.encoder_graph(encoder_model)
+    if cache_graph != model_graph:
+        print(f"  note: {cache_path.name} was written by the {cache_graph!r} encoder graph (cache version "
+              f"{cache_attrs.get('version')}); the SavedModel holds the {model_graph!r} one with the same weights "
+              f"(fingerprint {cache_attrs['encoder_fingerprint']}), whose features agree to cosine >= 0.99999 at fp32",
+              flush=True)
 
     feature_captioner = captioner_module.FeatureCaptioner(
         decoder_model, list(vocabulary.words), config.decode,
@@ -90,7 +99,7 @@ def run_export(out_dir, overrides):
         tf.saved_model.save(image_captioner, str(temporary), signatures=signatures)
         signature_table = read_signatures(temporary)
         _check_signatures(signature_table)
-        _write_metadata(temporary, config, vocabulary, cache_attrs, signature_table)
+        _write_metadata(temporary, config, vocabulary, cache_attrs, signature_table, model_graph)
     serving_dir = out_dir / SERVING_DIR
     with _write_errors(serving_dir), io_utils.atomic_path(serving_dir) as temporary:
         shutil.copytree(saved_model_dir, temporary)
@@ -225,7 +234,7 @@ def _build_matching_encoder(config, cache_attrs, cache_path):
     return encoder_model
 
 
-def _write_metadata(saved_model_dir, config, vocabulary, cache_attrs, signature_table):
+def _write_metadata(saved_model_dir, config, vocabulary, cache_attrs, signature_table, encoder_graph):
     """Writes assets.extra/ so a served model describes itself (vocabulary, settings, encoder)."""
     metadata_dir = Path(saved_model_dir) / METADATA_DIR
     metadata_dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +252,10 @@ def _write_metadata(saved_model_dir, config, vocabulary, cache_attrs, signature_
         },
         "vocabulary_size": len(vocabulary),
         "vocabulary_file": f"{METADATA_DIR}/{text.VOCAB_FILE}",
-        "encoder": {key: cache_attrs[key] for key in encoder_keys if key in cache_attrs},
+        # encoder_graph: the form of ResNet50 inside this SavedModel ("folded"), which
+        # may differ from the one that wrote the cache (features.cached_encoder_graph).
+        "encoder": {**{key: cache_attrs[key] for key in encoder_keys if key in cache_attrs},
+                    "encoder_graph": encoder_graph},
         "config": config.to_dict(),
         "tensorflow_version": tf.__version__,
         "keras_version": keras.__version__,

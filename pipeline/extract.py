@@ -2,6 +2,8 @@
 
     run_extract(data_dir, out_dir, {"encoder.weights": "random"})
 
+The encoder is ResNet50's inference form, BatchNorm folded into the convolutions
+(`models.encoder.build_encoder`, `fold_encoder`), recorded as encoder_graph="folded".
 The input pipeline is `tf.data`: files are read and decoded in parallel, batched and
 prefetched, so decoding overlaps with the encoder. The encoder runs in
 one `tf.function` traced once per model for [None, S, S, 3] (any batch size, so the last
@@ -152,7 +154,8 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
         "reason"}], "extract_seconds", "path"}; extract_seconds counts the encoding loop,
         not the build of the encoder nor the tracing of its function.
     Raises ArtifactError (nothing written) if the cache holds other encoder settings
-    and `overwrite` is false.
+    and `overwrite` is false; also, when the first new row would join rows of the other
+    encoder graph (`features.check_graph`: a version 1 cache of the plain Keras ResNet50).
     """
     import dataclasses
 
@@ -183,13 +186,14 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
     else:
         _check_model_precision(encoder_model, encoder_config.precision)
     fingerprint = encoder_module.encoder_fingerprint(encoder_model)
+    graph = encoder_module.encoder_graph(encoder_model)
     encode = encode_function(encoder_model, encoder_config.image_size)
     encode.get_concrete_function()  # traces now (once per model), outside the timed loop
     if cache_exists and not overwrite:
         features.check_attrs(attrs, encoder_config, fingerprint=fingerprint, path=cache_path)
-        writer = features.FeatureWriter.append_to(cache_path)
+        writer = features.FeatureWriter.append_to(cache_path, encoder_graph=graph)
     else:
-        writer = features.FeatureWriter.create(cache_path, features.expected_attrs(encoder_config, fingerprint))
+        writer = features.FeatureWriter.create(cache_path, features.expected_attrs(encoder_config, fingerprint, graph))
     rows_before = writer.num_rows
     started = time.monotonic()
     with writer:

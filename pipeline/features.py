@@ -4,8 +4,16 @@ Schema (checked on every open):
     features   float32 or float16 [N, 2048], chunked and resizable
     image_ids  UTF-8 variable-length strings [N], paths relative to the image folder
     attributes format="captioner.features", version, encoder, weights, image_size,
-               pooling, dtype, feature_dim, precision, encoder_fingerprint, num_rows,
-               tensorflow_version, keras_version, h5py_version
+               pooling, dtype, feature_dim, precision, encoder_graph,
+               encoder_fingerprint, num_rows, tensorflow_version, keras_version,
+               h5py_version
+
+Versions: 2 adds `encoder_graph`, the form of ResNet50 that computed the rows: "folded"
+(BatchNorm folded into the convolutions, `models.encoder.fold_encoder`; what `extract`
+uses since version 2) or "keras" (the plain Keras model). Version 1 caches lack it and
+were all written by the plain model: they read as encoder_graph="keras" and stay valid
+for train, evaluate and export (the same weights, the same fingerprint, features equal
+to cosine >= 0.99999 at fp32). Only adding rows to one is refused (see `check_graph`).
 
 Crash safety: a batch is appended (datasets resized and written, file flushed) before
 `num_rows` is raised and flushed again, so `num_rows` only ever counts rows whose
@@ -37,7 +45,10 @@ from pipeline import errors
 
 FEATURES_FILE = "features.h5"
 FEATURES_FORMAT = "captioner.features"
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
+# Versions this code reads; version 1 is version 2 without `encoder_graph` ("keras").
+READABLE_VERSIONS = (1, 2)
+ENCODER_GRAPH_OF_VERSION_1 = "keras"
 SHARD_PATTERN = "features.shard-{index}-of-{count}.h5"
 # Rows per HDF5 chunk: 64 x 2048 float32 = 512 KiB, a good unit for both appends and reads.
 CHUNK_ROWS = 64
@@ -48,6 +59,8 @@ WRITE_MARGIN_BYTES = 256 << 10
 MB = 1 << 20
 # Attributes that must agree between a cache and the encoder settings asking for it.
 CHECKED_ATTRIBUTES = ("encoder", "weights", "image_size", "pooling", "dtype", "feature_dim", "precision")
+# `encoder_graph` values, as messages name them.
+_GRAPH_NAMES = {"folded": "folded ResNet50 (BatchNorm folded into the convolutions)", "keras": "plain Keras ResNet50"}
 
 
 @dataclasses.dataclass
@@ -75,11 +88,12 @@ def features_path(out_dir, num_shards=1, shard_index=0):
     return Path(out_dir) / SHARD_PATTERN.format(index=shard_index, count=num_shards)
 
 
-def expected_attrs(encoder_config, fingerprint=None):
+def expected_attrs(encoder_config, fingerprint=None, encoder_graph="folded"):
     """The attributes a cache made with `encoder_config` (an EncoderConfig) carries.
 
     `encoder_config.precision` should already be resolved ("auto" -> "bf16"/"fp16"/"fp32",
     `models.encoder.resolve_precision`): the attribute records what was computed.
+    encoder_graph: "folded" or "keras" (`models.encoder.encoder_graph` of the model).
     """
     import h5py as h5py_module
     import keras
@@ -95,6 +109,7 @@ def expected_attrs(encoder_config, fingerprint=None):
         "dtype": encoder_config.feature_dtype,
         "feature_dim": int(encoder_config.feature_dim),
         "precision": encoder_config.precision,
+        "encoder_graph": encoder_graph,
         "tensorflow_version": tensorflow.__version__,
         "keras_version": keras.__version__,
         "h5py_version": h5py_module.__version__,
@@ -136,6 +151,35 @@ def check_attrs(attrs, encoder_config, fingerprint=None, path=FEATURES_FILE):
         _mismatch(path, "encoder_fingerprint", cached_fingerprint, fingerprint)
 
 
+def cached_encoder_graph(attrs):
+    """The `encoder_graph` of a cache's attributes: "folded" or "keras" (version 1 caches)."""
+    return attrs.get("encoder_graph", ENCODER_GRAPH_OF_VERSION_1)
+
+
+def check_graph(attrs, encoder_graph, path=FEATURES_FILE):
+    """Raises ArtifactError if rows computed by `encoder_graph` ("folded" or "keras") may not
+    join a cache with these attributes: those of another graph.
+
+    One cache holds the rows of one encoder graph, as it holds those of one precision:
+    its attributes must describe every row. At fp32 the folded and plain graphs agree to
+    cosine >= 0.99999, but in bf16 or fp16 they round at different points (as bf16 and
+    fp32 do), and a mixed file could no longer say what it holds. Reading a cache of
+    the other graph (train, evaluate, export) is fine: the same weights, the same features.
+    `FeatureWriter.append_to(..., encoder_graph=...)` calls this before its first row.
+    """
+    cached = cached_encoder_graph(attrs)
+    if cached != encoder_graph:
+        version = attrs.get("version")
+        origin = f"an earlier version of Captioner (cache version {version})" if version == 1 else "another run"
+        raise errors.ArtifactError(
+            f"{path}: the feature cache's {attrs.get('num_rows')} rows were computed by the "
+            f"{_GRAPH_NAMES.get(cached, cached)} of {origin}, and this run would add rows computed by the "
+            f"{_GRAPH_NAMES.get(encoder_graph, encoder_graph)}; a cache holds the rows of one graph, so rerun with "
+            f"--overwrite to re-extract every image, or choose another --out (the cache stays valid as it is for "
+            f"train, evaluate and export)"
+        )
+
+
 def _is_file(weights):
     return weights not in ("imagenet", "random")
 
@@ -172,9 +216,10 @@ def _validate(handle, path):
     attrs = {name: _plain(value) for name, value in handle.attrs.items()}
     if attrs.get("format") != FEATURES_FORMAT:
         raise errors.ArtifactError(f"{path}: not a Captioner feature cache (attribute format={attrs.get('format')!r})")
-    if attrs.get("version") != FEATURES_VERSION:
+    if attrs.get("version") not in READABLE_VERSIONS:
         raise errors.ArtifactError(
-            f"{path}: feature cache version {attrs.get('version')!r} is not supported (expected {FEATURES_VERSION})"
+            f"{path}: feature cache version {attrs.get('version')!r} is not supported "
+            f"(expected one of {', '.join(map(str, READABLE_VERSIONS))})"
         )
     for name in ("features", "image_ids"):
         if name not in handle:
@@ -294,13 +339,16 @@ class FeatureWriter:
     batch: features float [b, feature_dim], stored in the file's dtype.
     """
 
-    def __init__(self, handle, path, file):
+    def __init__(self, handle, path, file, encoder_graph=None):
         self._handle = handle
         self._file = file
         self.path = Path(path)
         self._features = handle["features"]
         self._image_ids = handle["image_ids"]
         self.num_rows = int(handle.attrs["num_rows"])
+        # Checked at the first row, not on opening: a rerun whose only pending images
+        # fail to decode again adds no row, and may then use a cache of the other graph.
+        self._encoder_graph = encoder_graph
 
     @classmethod
     def create(cls, path, attrs):
@@ -332,7 +380,9 @@ class FeatureWriter:
         return cls(handle, path, file)
 
     @classmethod
-    def append_to(cls, path):
+    def append_to(cls, path, encoder_graph=None):
+        """Reopens the cache at `path`; with `encoder_graph`, its first row must be of the
+        cache's own graph (`check_graph`, raised from `append`)."""
         path = Path(path)
         if not path.is_file():
             raise errors.ArtifactError(f"{path}: the feature cache is missing (run the extract stage first)")
@@ -360,13 +410,17 @@ class FeatureWriter:
             handle.close()
             file.close()
             raise
-        return cls(handle, path, file)
+        return cls(handle, path, file, encoder_graph)
 
     def append(self, image_ids, features):
         count = len(image_ids)
         assert features.shape == (count, self._features.shape[1]), (features.shape, count)
         if count == 0:
             return
+        if self._encoder_graph is not None:
+            check_graph({name: _plain(value) for name, value in self._handle.attrs.items()},
+                        self._encoder_graph, self.path)
+            self._encoder_graph = None  # the same answer for every later batch
         if self._file.failure is not None:
             raise _write_error(self.path, self._file.failure)
         stop = self.num_rows + count
@@ -566,6 +620,7 @@ def merge_shards(out_dir):
     for index in range(count):
         attrs = read_attrs(indices[index])
         comparable = {name: attrs.get(name) for name in CHECKED_ATTRIBUTES + ("encoder_fingerprint",)}
+        comparable["encoder_graph"] = cached_encoder_graph(attrs)
         if first_attrs is None:
             first_attrs, first_comparable = attrs, comparable
         elif comparable != first_comparable:

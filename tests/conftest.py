@@ -34,6 +34,16 @@ def wait_until(condition, seconds=10.0):
     return condition()
 
 
+def as_version_1(cache_path):
+    """Rewrites a cache's attributes as Captioner wrote them before BatchNorm folding:
+    version 1, no `encoder_graph` (its rows came from the plain Keras ResNet50)."""
+    import h5py
+
+    with h5py.File(cache_path, "a") as handle:
+        handle.attrs["version"] = 1
+        del handle.attrs["encoder_graph"]
+
+
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory):
     """A generated demo dataset in the Kaggle layout (Images/ + captions.txt)."""

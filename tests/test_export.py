@@ -14,6 +14,7 @@ import pytest
 from models import captioner as captioner_module
 from pipeline import config as config_module
 from pipeline import datasets, errors, export, features, text
+from tests.conftest import as_version_1
 
 NUM_CHECKED_IMAGES = 6
 
@@ -123,14 +124,20 @@ def test_export_writes_versioned_copy_and_self_description(exported_out):
     assert metadata["vocabulary_size"] == len(shipped)
 
 
-def test_reexport_with_beam_size_replaces_model_and_records_it(exported_out, copy_run):
+def test_reexport_with_beam_size_replaces_model_and_records_it(exported_out, copy_run, capsys):
+    """Re-exported from a version 1 cache (the plain Keras graph of before folding), which exports with a note."""
     out = copy_run(exported_out)
+    as_version_1(out / features.FEATURES_FILE)
     returned = export.run_export(out, {"decode.beam_size": 1, "decode.max_length": None})
+    note = capsys.readouterr().out
+    assert "note: features.h5 was written by the 'keras' encoder graph (cache version 1)" in note
+    assert "'folded'" in note
 
     assert returned == out / "saved_model"
     assert sorted(path.name for path in out.iterdir() if path.name.startswith(".")) == []  # no temporaries
     metadata = json.loads((out / "saved_model" / "assets.extra" / "captioner.json").read_text())
     assert metadata["config"]["decode"]["beam_size"] == 1
+    assert metadata["encoder"]["encoder_graph"] == "folded"
     assert config_module.PipelineConfig.load(out).decode.beam_size == 1
     served = json.loads((out / "serving" / "captioner" / "1" / "assets.extra" / "captioner.json").read_text())
     assert served["config"]["decode"]["beam_size"] == 1

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import ArtifactError
+from tests.conftest import as_version_1
 
 IMAGE_SIZE = 64
 OVERRIDES = {
@@ -113,6 +114,7 @@ def test_cache_schema_and_attributes(awkward_run):
                  "encoder_fingerprint", "tensorflow_version", "keras_version", "h5py_version", "num_rows"):
         assert name in attrs, name
     assert attrs["format"] == "captioner.features" and attrs["image_size"] == IMAGE_SIZE
+    assert attrs["version"] == 2 and attrs["encoder_graph"] == "folded"
     assert attrs["num_rows"] == handle_rows(out)
 
 
@@ -139,14 +141,22 @@ def test_bad_images_are_reported_and_kept_out(awkward_data, awkward_run):
     assert summary["cached"] == 0 and summary["errors"] == len(bad)
 
 
-def test_features_equal_the_encoder_on_the_decoded_image(awkward_data, awkward_run):
+@pytest.fixture(scope="module")
+def encoder_model():
+    """The encoder `extract` builds for OVERRIDES (folded, seed 0)."""
+    from models import encoder
+
+    return encoder.build_encoder("random", IMAGE_SIZE, seed=0)
+
+
+def test_features_equal_the_encoder_on_the_decoded_image(awkward_data, awkward_run, encoder_model):
     from models import encoder
     from pipeline import features
 
     data_dir, _, _ = awkward_data
     out, _ = awkward_run
     cache = features.read_features(out)
-    model = encoder.build_encoder("random", IMAGE_SIZE, seed=0)
+    model = encoder_model
     assert encoder.encoder_fingerprint(model) == cache.attrs["encoder_fingerprint"]
     rows = cache.index()
     for image_id in ("photo_03.jpg", "gray.png", "palette.png", "png_named.jpg", "big.jpg", "cmyk.jpg"):
@@ -183,6 +193,40 @@ def test_other_encoder_settings_are_refused(awkward_data, awkward_run, copy_run,
     assert "features.h5" in message and f"{attribute}=" in message
     assert "--overwrite" in message and "--out" in message
     assert (out / "features.h5").read_bytes() == before
+
+
+def test_a_version_1_cache_is_read_and_rerun_but_not_extended(awkward_data, awkward_run, copy_run, encoder_model):
+    from pipeline import config, extract, features
+
+    data_dir, usable, bad = awkward_data
+    out = copy_run(awkward_run[0])
+    cache_path = out / "features.h5"
+    as_version_1(cache_path)
+    cache = features.read_features(out)
+    assert len(cache.image_ids) == len(usable) and features.cached_encoder_graph(cache.attrs) == "keras"
+    encoder_config = config.EncoderConfig(weights="random", image_size=IMAGE_SIZE, batch_size=8)
+    image_ids = sorted(usable + [name for name in bad if name != "missing.jpg"])
+
+    def rerun():
+        return extract.extract_to_cache(data_dir / "Images", image_ids, cache_path, encoder_config,
+                                        encoder_model=encoder_model)
+
+    # A rerun that adds no row (the bad images fail again) accepts the cache as it is.
+    result = rerun()
+    assert result["new"] == 0 and len(result["failures"]) == len(bad) - 1
+    assert features.read_features(out).attrs == cache.attrs
+    # One image lacking (its batch never counted): folded rows would join plain-graph ones.
+    with h5py.File(cache_path, "a") as handle:
+        handle.attrs["num_rows"] = len(usable) - 1
+    with pytest.raises(ArtifactError) as raised:
+        rerun()
+    message = str(raised.value)
+    assert str(cache_path) in message and "plain Keras ResNet50" in message and "cache version 1" in message
+    assert "would add rows computed by the folded ResNet50" in message
+    assert "--overwrite" in message and "train, evaluate and export" in message
+    after = features.read_features(out)
+    assert after.image_ids == cache.image_ids[:-1] and after.attrs == {**cache.attrs, "num_rows": len(usable) - 1}
+    np.testing.assert_array_equal(after.features, cache.features[:-1])
 
 
 def test_overwrite_replaces_the_cache_with_float16(awkward_data, awkward_run, copy_run):
