@@ -178,6 +178,9 @@ class CaptionServer:
         self.signature_defs = read_signature_defs(captioner.model_dir)
         self._loop = None
         self._stop_requested = None
+        self._stopping = False
+        self._requests_in_flight = 0
+        self._no_request_in_flight = None
         self._thread = None
         self._batcher = None
         self._body_slots = None
@@ -236,6 +239,8 @@ class CaptionServer:
     async def _serve(self, on_listening, handle_signals):
         self._loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
+        self._no_request_in_flight = asyncio.Event()
+        self._no_request_in_flight.set()
         settings = self.settings
         self._body_slots = asyncio.Semaphore(max(MIN_REQUESTS_IN_FLIGHT, 2 * settings.max_batch_size))
         self._parsers = concurrent.futures.ThreadPoolExecutor(PARSER_THREADS, thread_name_prefix="parse")
@@ -262,8 +267,17 @@ class CaptionServer:
             on_listening()
             await self._stop_requested.wait()
         finally:
-            # Closes the listening socket first, waits for the requests in flight (their
-            # model calls keep running in the batch threads), then closes the connections.
+            # Closes the listening socket, waits for the requests in flight (their model calls
+            # keep running in the batch threads), then closes the connections. aiohttp's own
+            # graceful close stops reading at once, which would lose the rest of a body still
+            # arriving, so the wait for requests in flight is ours.
+            self._stopping = True
+            for site in list(runner.sites):
+                await site.stop()
+            try:
+                await asyncio.wait_for(self._no_request_in_flight.wait(), SHUTDOWN_GRACE_SECONDS)
+            except asyncio.TimeoutError:
+                pass  # the rest are cut off by the close below
             await runner.cleanup()
             await self._loop.run_in_executor(None, self._batcher.close)
             self._parsers.shutdown()
@@ -293,6 +307,16 @@ class CaptionServer:
     async def _dispatch(self, request):
         """Every request comes here: routes it, answers errors as JSON, logs one line, counts it."""
         started = time.perf_counter()
+        self._requests_in_flight += 1
+        self._no_request_in_flight.clear()
+        try:
+            return await self._answer(request, started)
+        finally:
+            self._requests_in_flight -= 1
+            if self._requests_in_flight == 0:
+                self._no_request_in_flight.set()
+
+    async def _answer(self, request, started):
         route, handler = self._route(request)
         facts = {"images": 0}
         try:
@@ -304,6 +328,8 @@ class CaptionServer:
         except Exception as error:  # noqa: BLE001 - a server bug must answer 500, not drop the connection
             response = web.json_response({"error": f"internal error: {type(error).__name__}: {error}"},
                                          status=http.HTTPStatus.INTERNAL_SERVER_ERROR)
+        if self._stopping:
+            response.force_close()  # a keep-alive client must reconnect (to another replica)
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Cache-Control"] = "no-store"
         if response.content_type == "text/html":
