@@ -322,11 +322,11 @@ class CaptionServer:
         try:
             response = await handler(request, facts)
         except RequestError as error:
-            response = web.json_response({"error": error.message}, status=error.status)
+            response = _json_response({"error": error.message}, status=error.status)
             if error.close:
                 response.force_close()
         except Exception as error:  # noqa: BLE001 - a server bug must answer 500, not drop the connection
-            response = web.json_response({"error": f"internal error: {type(error).__name__}: {error}"},
+            response = _json_response({"error": f"internal error: {type(error).__name__}: {error}"},
                                          status=http.HTTPStatus.INTERNAL_SERVER_ERROR)
         if self._stopping:
             response.force_close()  # a keep-alive client must reconnect (to another replica)
@@ -384,13 +384,13 @@ class CaptionServer:
         return web.Response(body=self.metrics.text(), headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
     async def _status(self, request, facts):
-        return web.json_response({"model_version_status": [{
+        return _json_response({"model_version_status": [{
             "version": MODEL_VERSION, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""},
         }]})
 
     async def _metadata(self, request, facts):
         metadata = self.captioner.metadata
-        return web.json_response({
+        return _json_response({
             "model_spec": {"name": MODEL_NAME, "signature_name": "", "version": MODEL_VERSION},
             "metadata": {
                 "signature_def": {"signature_def": self.signature_defs},
@@ -427,11 +427,11 @@ class CaptionServer:
         captions = [text for text, _ in results]
         scores = [score if math.isfinite(score) else None for _, score in results]
         if call.columnar:
-            return web.json_response({"outputs": {"captions": captions, "scores": scores}})
+            return _json_response({"outputs": {"captions": captions, "scores": scores}})
         # `caption`/`score` are this API's names; TF Serving names each prediction's fields
         # after the SavedModel's outputs (`captions`, `scores`): both are sent, so a client
         # reading `captions`/`scores` runs unchanged against TensorFlow Serving.
-        return web.json_response({"predictions": [
+        return _json_response({"predictions": [
             {"caption": text, "score": score, "captions": text, "scores": score}
             for text, score in zip(captions, scores)]})
 
@@ -463,6 +463,12 @@ class CaptionServer:
 
     def _observe_call(self, signature, size):
         self.metrics.batch_size.labels(signature).observe(size)
+
+
+def _json_response(data, status=http.HTTPStatus.OK):
+    """A JSON answer; Content-Type "application/json" with no charset parameter (JSON is UTF-8), as TF Serving sends."""
+    body = json.dumps(data, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return web.Response(body=body, status=status, content_type="application/json")
 
 
 def _refuse(status, message):
