@@ -13,6 +13,7 @@ through `serving_default`, a tenth of them malformed, and reports for both:
   - `serve_images_per_s`, `serve_unbatched_images_per_s`: good requests answered per second
     of load (the malformed tenth included in the time), and their ratio
     `serve_batching_speedup` (target >= 1.4) and `serve_batching_p50_ratio` (<= 1),
+  - `serve_mean_batch_size`: images per SavedModel call of the batching server (its metrics),
   - `serve_requests`, `serve_failed_good` (good requests without a 200 and their expected
     caption, both servers), `serve_wrong_bad` (bad ones without a 4xx and a JSON error),
   - `serve_rss_growth`: mean server RSS over the last quarter of a round / first quarter - 1,
@@ -343,10 +344,27 @@ def measure(model_dir, images, total_requests, rounds=2, max_images=4, max_body_
             order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
             for name in order:
                 results_by_server[name].append(run_load(servers[name], requests))
+        calls, instances = model_calls(batched)
         exit_codes = {name: server.stop() for name, server in servers.items()}
     results = _compare(results_by_server, requests)
-    results.update({"serve_exit_codes": exit_codes, "serve_rounds": rounds, "model_dir": str(model_dir)})
+    results.update({"serve_exit_codes": exit_codes, "serve_rounds": rounds, "model_dir": str(model_dir),
+                    "serve_model_calls": calls, "serve_mean_batch_size": round(instances / calls, 2)})
     return results
+
+
+def model_calls(server):
+    """(SavedModel calls, instances in them) of `serving_default` so far, from the server's Prometheus page."""
+    from prometheus_client import parser
+
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=REQUEST_TIMEOUT_SECONDS)
+    try:
+        connection.request("GET", "/monitoring/prometheus/metrics")
+        text = connection.getresponse().read().decode("utf-8")
+    finally:
+        connection.close()
+    values = {sample.name: sample.value for family in parser.text_string_to_metric_families(text)
+              for sample in family.samples if sample.labels.get("signature") == "serving_default"}
+    return int(values["captioner_batch_size_count"]), int(values["captioner_batch_size_sum"])
 
 
 def _compare(results_by_server, requests):
@@ -407,7 +425,8 @@ def main(argv=None):
               f"{results[prefix + 'round_images_per_s']}), p50 {results[prefix + 'p50_ms']:.1f} ms, "
               f"p99 {results[prefix + 'p99_ms']:.1f} ms")
     print(f"  batching: {results['serve_batching_speedup']:.2f}x the throughput at "
-          f"{results['serve_batching_p50_ratio']:.2f}x the p50")
+          f"{results['serve_batching_p50_ratio']:.2f}x the p50; {results['serve_mean_batch_size']:.2f} images "
+          f"per model call on average ({results['serve_model_calls']} calls, warm-up included)")
     print(f"  {results['serve_failed_good']} good requests failed; bad answered wrongly: {results['serve_wrong_bad']}")
     print(f"  server RSS growth, first to last quarter of a round, largest: {100 * results['serve_rss_growth']:+.2f}% "
           f"(ends at {results['serve_rss_mb_end']:.0f} MB at most)")

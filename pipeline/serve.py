@@ -251,7 +251,7 @@ class CaptionServer:
         # keepalive_timeout also closes connections that never send a request.
         runner = web.AppRunner(application, handle_signals=False, access_log=None,
                                keepalive_timeout=settings.read_timeout_s, lingering_time=LINGER_SECONDS,
-                               shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
+                               shutdown_timeout=LINGER_SECONDS)  # after our own wait, below
         await runner.setup()
         try:
             site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
@@ -327,7 +327,7 @@ class CaptionServer:
                 response.force_close()
         except Exception as error:  # noqa: BLE001 - a server bug must answer 500, not drop the connection
             response = _json_response({"error": f"internal error: {type(error).__name__}: {error}"},
-                                         status=http.HTTPStatus.INTERNAL_SERVER_ERROR)
+                                      status=http.HTTPStatus.INTERNAL_SERVER_ERROR)
         if self._stopping:
             response.force_close()  # a keep-alive client must reconnect (to another replica)
         response.headers["X-Content-Type-Options"] = "nosniff"
