@@ -103,6 +103,13 @@ def build_parser():
     sub.add_argument("--port", type=int, default=8501)
     sub.add_argument("--max-body-mb", type=float, default=16.0)
     sub.add_argument("--max-images", type=int, default=32, help="images per request at most")
+    sub.add_argument("--max-batch-size", type=int, default=16,
+                     help="instances of concurrent requests captioned in one model call at most (1: no batching)")
+    sub.add_argument("--batch-timeout-ms", type=float, default=10.0,
+                     help="longest a batch waits to fill after its first request arrived")
+    sub.add_argument("--num-batch-threads", type=int, default=1, help="model calls that may run at once")
+    sub.add_argument("--read-timeout-s", type=float, default=60.0,
+                     help="a request body (or an idle connection) that takes longer is dropped")
 
     sub = commands.add_parser("demo", help="the whole pipeline on the generated demo data (the default)")
     sub.add_argument("--out", default=DEMO_OUT)
@@ -157,7 +164,9 @@ def run(args):
         from pipeline import serve
 
         serve.run_serve(args.model, host=args.host, port=args.port, max_body_mb=args.max_body_mb,
-                        max_images=args.max_images)
+                        max_images=args.max_images, max_batch_size=args.max_batch_size,
+                        batch_timeout_ms=args.batch_timeout_ms, num_batch_threads=args.num_batch_threads,
+                        read_timeout_s=args.read_timeout_s)
     return 0
 
 

@@ -26,7 +26,7 @@ BENCHMARKS = {
     "bench_train": "stage 2: teacher forcing vs the per-prefix merge model",
     "bench_serving": "SavedModel latency, folded and plain encoder; encoder and beam-search ms per image",
     "bench_memory": "training peak memory on a small and a 20x larger cache",
-    "bench_load": "HTTP server under load: latency and memory",
+    "bench_load": "HTTP server under load: batching against --max-batch-size 1, latency and memory",
 }
 
 # figure -> (target description, test on the value or None)
@@ -61,8 +61,14 @@ TARGETS = {
     "train_peak_rss_mb_small": ("", None),
     "train_peak_rss_mb_large": ("", None),
     "train_peak_rss_ratio": ("< 1.3", lambda value: value < 1.3),
+    "serve_images_per_s": ("", None),
+    "serve_unbatched_images_per_s": ("", None),
+    "serve_batching_speedup": (">= 1.4", lambda value: value >= 1.4),
     "serve_p50_ms": ("", None),
+    "serve_unbatched_p50_ms": ("", None),
+    "serve_batching_p50_ratio": ("<= 1", lambda value: value <= 1.0),
     "serve_p99_ms": ("", None),
+    "serve_unbatched_p99_ms": ("", None),
     "serve_failed_good": ("== 0", lambda value: value == 0),
     "serve_rss_growth": ("< 0.10", lambda value: value < 0.10),
 }

@@ -1,17 +1,25 @@
-"""The HTTP server under load: latency, correctness and memory with concurrent clients.
+"""The HTTP server under load: throughput, latency, correctness and memory with concurrent clients.
 
-    python -m benchmarks.bench_load [--out OUT] [--requests 400] [--clients 8] [--quick] [--json FILE]
+    python -m benchmarks.bench_load [--out OUT] [--requests 1000] [--rounds 2] [--quick] [--json FILE]
 
-Starts `run_pipeline.py serve` in a subprocess (so its resident memory is its own, read
-with psutil from its pid), sends image requests through `serving_default` from 8 client
-threads, a tenth of them malformed, and reports:
-  - `serve_p50_ms`, `serve_p99_ms`: latency of the good requests as clients see it
-    (queueing for the one-at-a-time model included),
+Starts two `run_pipeline.py serve` subprocesses on one model (so each one's resident memory
+is its own, read with psutil from its pid): one with the default server-side batching, one
+with `--max-batch-size 1` (batching off). Each round sends the same requests to each server
+in turn (the order alternating between rounds), from 8 client threads, one image per request
+through `serving_default`, a tenth of them malformed, and reports for both:
+  - `serve_p50_ms`, `serve_p99_ms` (batching) and `serve_unbatched_p50_ms`,
+    `serve_unbatched_p99_ms`: latency of the good requests as clients see it, queueing
+    included, over all rounds,
+  - `serve_images_per_s`, `serve_unbatched_images_per_s`: good requests answered per second
+    of load (the malformed tenth included in the time), and their ratio
+    `serve_batching_speedup` (target >= 1.4) and `serve_batching_p50_ratio` (<= 1),
+  - `serve_mean_batch_size`: images per SavedModel call of the batching server (its metrics),
   - `serve_requests`, `serve_failed_good` (good requests without a 200 and their expected
-    caption), `serve_wrong_bad` (bad ones without a 4xx and a JSON error),
-  - `serve_rss_growth`: mean server RSS over the last quarter of the run / first quarter - 1.
-The expected caption of each input is the server's own answer in a sequential warm-up,
-so the load checks that concurrency changes no answer.
+    caption, both servers), `serve_wrong_bad` (bad ones without a 4xx and a JSON error),
+  - `serve_rss_growth`: mean server RSS over the last quarter of a round / first quarter - 1,
+    the largest over rounds and servers.
+The expected caption of each input is the batching server's own answer in a sequential
+warm-up, so the load checks that neither concurrency nor batching changes an answer.
 
 OUT is a trained run with `saved_model/` (default artifacts/demo, made by `python
 run_pipeline.py`); without one, the synthetic export of `benchmarks.bench_serving` is used.
@@ -80,14 +88,17 @@ class LoadResult:
 class ServerProcess:
     """`run_pipeline.py serve` on a free port, in a subprocess; a context manager.
 
-    `host` None leaves the command's default (loopback), which the tests check.
+    `host` None leaves the command's default (loopback), which the tests check; `extra_args`
+    (list of str) are more `serve` flags. `output` collects the server's stdout lines.
     """
 
-    def __init__(self, model_dir, max_body_mb=16.0, max_images=32, host=None):
+    def __init__(self, model_dir, max_body_mb=16.0, max_images=32, host=None, extra_args=()):
         command = [sys.executable, str(REPOSITORY / "run_pipeline.py"), "serve", "--model", str(model_dir),
-                   "--port", "0", "--max-body-mb", str(max_body_mb), "--max-images", str(max_images)]
+                   "--port", "0", "--max-body-mb", str(max_body_mb), "--max-images", str(max_images),
+                   *extra_args]
         if host is not None:
             command += ["--host", host]
+        self.output = []
         environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
         # The server logs a line per request on stderr: to a file, so a full pipe never blocks it.
         self._log = tempfile.TemporaryFile()
@@ -97,22 +108,25 @@ class ServerProcess:
 
     def _wait_for_url(self):
         # run_serve prints "  upload page: http://127.0.0.1:PORT/" once it is listening.
-        lines = []
         timer = threading.Timer(SERVER_START_SECONDS, self.process.kill)
         timer.start()
         try:
             for line in self.process.stdout:
-                lines.append(line)
+                self.output.append(line)
                 if "upload page:" in line:
                     address = line.split("http://", 1)[1].strip().rstrip("/")
                     host, port = address.rsplit(":", 1)
-                    threading.Thread(target=self.process.stdout.read, daemon=True).start()  # drain
+                    threading.Thread(target=self._collect_output, daemon=True).start()
                     return host, int(port)
         finally:
             timer.cancel()
         self.stop()
-        raise RuntimeError(f"the server did not start (exit code {self.process.poll()}): {''.join(lines)}"
+        raise RuntimeError(f"the server did not start (exit code {self.process.poll()}): {''.join(self.output)}"
                            f"{self.log_text()[-2000:]}")
+
+    def _collect_output(self):
+        for line in self.process.stdout:  # also keeps the pipe from filling
+            self.output.append(line)
 
     def rss(self):
         import psutil
@@ -304,12 +318,18 @@ def _model_and_images(out_dir, folder):
     return model_dir, images[:8]
 
 
-def measure(model_dir, images, total_requests, max_images=4, max_body_mb=0.5):
-    """Image-only load on a fresh server process; returns the summary (dict)."""
-    with ServerProcess(model_dir, max_body_mb=max_body_mb, max_images=max_images) as server:
-        connection = http.client.HTTPConnection(server.host, server.port, timeout=REQUEST_TIMEOUT_SECONDS)
+# name -> extra `serve` flags: the default batching against batching off.
+SERVERS = {"batched": [], "unbatched": ["--max-batch-size", "1"]}
+
+
+def measure(model_dir, images, total_requests, rounds=2, max_images=4, max_body_mb=0.5):
+    """Image-only load on a batching and a non-batching server, interleaved; returns the summary (dict)."""
+    with ServerProcess(model_dir, max_body_mb, max_images, extra_args=SERVERS["batched"]) as batched, \
+            ServerProcess(model_dir, max_body_mb, max_images, extra_args=SERVERS["unbatched"]) as unbatched:
+        servers = {"batched": batched, "unbatched": unbatched}
+        connection = http.client.HTTPConnection(batched.host, batched.port, timeout=REQUEST_TIMEOUT_SECONDS)
         good = []
-        for image in images:  # warm-up, one at a time: each input's expected caption
+        for image in images:  # one at a time: each input's expected caption
             status, answer, _ = post(connection, image_body([image]))
             if status != 200:
                 raise RuntimeError(f"warm-up request failed with {status}: {answer}")
@@ -317,36 +337,99 @@ def measure(model_dir, images, total_requests, max_images=4, max_body_mb=0.5):
         connection.close()
         bad = malformed_requests(images[0], max_images, int(max_body_mb * 2**20))
         requests = plan(good, bad, total_requests)
-        result = run_load(server, requests)
-        results = summary(result, requests)
-        results["serve_exit_code"] = server.stop()
-    results["model_dir"] = str(model_dir)
-    results["failures"] = [list(failure) for failure in (result.failed_good + result.wrong_bad)[:10]]
+        for server in servers.values():  # every batch size the load will make, before it is timed
+            run_load(server, requests[:8 * CLIENTS])
+        results_by_server = {name: [] for name in servers}
+        for round_index in range(rounds):
+            order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
+            for name in order:
+                results_by_server[name].append(run_load(servers[name], requests))
+        calls, instances = model_calls(batched)
+        exit_codes = {name: server.stop() for name, server in servers.items()}
+    results = _compare(results_by_server, requests)
+    results.update({"serve_exit_codes": exit_codes, "serve_rounds": rounds, "model_dir": str(model_dir),
+                    "serve_model_calls": calls, "serve_mean_batch_size": round(instances / calls, 2)})
     return results
 
 
-def run(quick=False, out_dir="artifacts/demo", total_requests=None):
+def model_calls(server):
+    """(SavedModel calls, instances in them) of `serving_default` so far, from the server's Prometheus page."""
+    from prometheus_client import parser
+
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=REQUEST_TIMEOUT_SECONDS)
+    try:
+        connection.request("GET", "/monitoring/prometheus/metrics")
+        text = connection.getresponse().read().decode("utf-8")
+    finally:
+        connection.close()
+    values = {sample.name: sample.value for family in parser.text_string_to_metric_families(text)
+              for sample in family.samples if sample.labels.get("signature") == "serving_default"}
+    return int(values["captioner_batch_size_count"]), int(values["captioner_batch_size_sum"])
+
+
+def _compare(results_by_server, requests):
+    """The summary (dict) of LoadResults {server name: [one per round]} over the same `requests`."""
+    figures = {}
+    failures = []
+    for name, round_results in results_by_server.items():
+        latencies = [latency for result in round_results for latency in result.latencies_ms]
+        seconds = sum(result.seconds for result in round_results)
+        prefix = "serve_" if name == "batched" else f"serve_{name}_"
+        figures[f"{prefix}p50_ms"] = round(percentile(latencies, 0.50), 2) if latencies else None
+        figures[f"{prefix}p99_ms"] = round(percentile(latencies, 0.99), 2) if latencies else None
+        figures[f"{prefix}images_per_s"] = round(len(latencies) / seconds, 2)
+        figures[f"{prefix}round_images_per_s"] = [round(len(result.latencies_ms) / result.seconds, 2)
+                                                  for result in round_results]
+        for result in round_results:
+            failures += [[name, *failure] for failure in result.failed_good + result.wrong_bad]
+    all_results = [result for round_results in results_by_server.values() for result in round_results]
+    figures.update({
+        "serve_batching_speedup": round(figures["serve_images_per_s"] / figures["serve_unbatched_images_per_s"], 3),
+        "serve_batching_p50_ratio": round(figures["serve_p50_ms"] / figures["serve_unbatched_p50_ms"], 3),
+        "serve_requests": len(requests) * len(all_results),
+        "serve_good_requests": sum(request.captions is not None for request in requests) * len(all_results),
+        "serve_failed_good": sum(len(result.failed_good) for result in all_results),
+        "serve_wrong_bad": sum(len(result.wrong_bad) for result in all_results),
+        "serve_rss_growth": round(max(result.rss_growth() for result in all_results), 4),
+        "serve_rss_mb_end": round(max(result.rss_samples[-1][1] for result in all_results) / 2**20, 1),
+        "serve_seconds": round(sum(result.seconds for result in all_results), 2),
+        "serve_clients": CLIENTS,
+        "cpu_count": os.cpu_count(),
+        "failures": failures[:10],
+    })
+    return figures
+
+
+def run(quick=False, out_dir="artifacts/demo", total_requests=None, rounds=2):
     """The suite's entry point; returns the results (dict)."""
     total_requests = total_requests or (200 if quick else 1000)
     with tempfile.TemporaryDirectory(prefix="bench_load_") as temporary:
         model_dir, images = _model_and_images(out_dir, temporary)
-        return measure(model_dir, images, total_requests)
+        return measure(model_dir, images, total_requests, rounds=rounds)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="artifacts/demo", help="trained run with saved_model/ (else synthetic)")
-    parser.add_argument("--requests", type=int, default=None, help="requests in all (default 1000, --quick 200)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per server and round (default 1000, --quick 200)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, each timing both servers")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    results = run(quick=args.quick, out_dir=args.out, total_requests=args.requests)
-    print(f"{results['serve_requests']} requests ({results['serve_good_requests']} good) from {CLIENTS} clients "
-          f"in {results['serve_seconds']:.1f} s on {results['cpu_count']} CPUs")
-    print(f"  good: p50 {results['serve_p50_ms']:.1f} ms, p99 {results['serve_p99_ms']:.1f} ms, "
-          f"{results['serve_failed_good']} failed; bad answered wrongly: {results['serve_wrong_bad']}")
-    print(f"  server RSS growth, first to last quarter: {100 * results['serve_rss_growth']:+.2f}% "
-          f"(ends at {results['serve_rss_mb_end']:.0f} MB)")
+    results = run(quick=args.quick, out_dir=args.out, total_requests=args.requests, rounds=args.rounds)
+    print(f"{results['serve_requests']} requests ({results['serve_good_requests']} good) from {CLIENTS} clients, "
+          f"{args.rounds} rounds over two servers, in {results['serve_seconds']:.1f} s on {results['cpu_count']} CPUs")
+    for label, prefix in (("batching", "serve_"), ("--max-batch-size 1", "serve_unbatched_")):
+        print(f"  {label:<20} {results[prefix + 'images_per_s']:6.2f} images/s (rounds "
+              f"{results[prefix + 'round_images_per_s']}), p50 {results[prefix + 'p50_ms']:.1f} ms, "
+              f"p99 {results[prefix + 'p99_ms']:.1f} ms")
+    print(f"  batching: {results['serve_batching_speedup']:.2f}x the throughput at "
+          f"{results['serve_batching_p50_ratio']:.2f}x the p50; {results['serve_mean_batch_size']:.2f} images "
+          f"per model call on average ({results['serve_model_calls']} calls, warm-up included)")
+    print(f"  {results['serve_failed_good']} good requests failed; bad answered wrongly: {results['serve_wrong_bad']}")
+    print(f"  server RSS growth, first to last quarter of a round, largest: {100 * results['serve_rss_growth']:+.2f}% "
+          f"(ends at {results['serve_rss_mb_end']:.0f} MB at most)")
     for failure in results["failures"]:
         print(f"  failure: {failure}")
     if args.json:

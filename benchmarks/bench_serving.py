@@ -176,7 +176,6 @@ def serve_overhead(model_dir, repeats, width=4000, height=3000):
     """
     import base64
     import io
-    import threading
     import urllib.request
 
     import numpy
@@ -187,9 +186,7 @@ def serve_overhead(model_dir, repeats, width=4000, height=3000):
 
     image = photos.photo_jpeg(width, height, numpy.random.default_rng(0))
     by_images = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
-    server = serve.make_server(model_dir, port=0, max_body_mb=64, log_stream=io.StringIO())
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = serve.make_server(model_dir, port=0, max_body_mb=64, log_stream=io.StringIO()).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1/models/captioner:predict"
     body = json.dumps({"instances": [{"b64": base64.b64encode(image).decode("ascii")}]}).encode("utf-8")
 
@@ -213,9 +210,7 @@ def serve_overhead(model_dir, repeats, width=4000, height=3000):
             print(f"\r  {index + 1}/{repeats} pairs", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr, flush=True)
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+        server.stop()
     direct_seconds, http_seconds = statistics.median(timings["direct"]), statistics.median(timings["http"])
     return http_seconds / direct_seconds, {
         "serve_photo_pixels": f"{width}x{height}",

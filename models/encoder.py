@@ -32,6 +32,14 @@ CPUINFO_PATH = "/proc/cpuinfo"
 # can declare 12000 x 12000 pixels. Images whose header declares more are refused before
 # decoding, inside the graph too (extraction, the SavedModel, TF Serving).
 MAX_IMAGE_PIXELS = 50_000_000
+# EXIF orientation (tag 0x0112 of IFD0, in the JPEG's APP1 "Exif" segment): phones store a
+# portrait photo sideways and tag it 6. The Exif segment follows SOI (and APP0), so only the
+# file's start is read, a bounded number of segments and IFD entries (TIFF sorts entries by
+# tag, and 0x0112 is among the first).
+EXIF_ORIENTATION_TAG = 0x0112
+EXIF_SCAN_BYTES = 256 * 1024
+EXIF_MAX_SEGMENTS = 32
+EXIF_MAX_ENTRIES = 64
 
 
 def cpu_flags(cpuinfo_path=CPUINFO_PATH):
@@ -311,6 +319,7 @@ def decode_image(image_bytes, image_size):
     with tf.control_dependencies([within_limit]):
         image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8, expand_animations=False)
     image.set_shape([None, None, 3])
+    image = apply_exif_orientation(image, exif_orientation(image_bytes))
     return resize_image(image, image_size)
 
 
@@ -360,6 +369,113 @@ def declared_pixels(image_bytes):
         default=lambda: tf.constant(0, tf.int64),
         exclusive=False,
     )
+
+
+def exif_orientation(image_bytes):
+    """The EXIF orientation of a JPEG, read in TF ops, as PIL reads it for `ImageOps.exif_transpose`.
+
+    Walks the JPEG's segments (up to SOS) to the first APP1 segment starting "Exif\\0\\0",
+    reads the TIFF header's byte order ("II" little-endian, "MM" big-endian), and looks in
+    IFD0's entries for tag 0x0112 (a SHORT or LONG, one value). Every read is bounds-checked
+    against the segment, so damaged or absent EXIF (and any non-JPEG) gives 1: as decoded
+    without it. Graph-safe (fixed loop bounds), never raises.
+
+    Args:
+        image_bytes: tf.string scalar.
+
+    Returns:
+        int32 scalar in 1..8 (1: upright, nothing to do).
+    """
+    data = tf.strings.substr(image_bytes, 0, EXIF_SCAN_BYTES)
+    raw = tf.cast(tf.io.decode_raw(data, tf.uint8), tf.int64)
+    size = tf.size(raw, out_type=tf.int64)
+    # Reads past the end land on these zeros, so no index can fall outside the tensor.
+    padded = tf.concat([raw, tf.zeros([1], tf.int64)], axis=0)
+
+    def byte(position):
+        inside = tf.logical_and(position >= 0, position < size)
+        return tf.where(inside, tf.gather(padded, tf.clip_by_value(position, 0, size)), tf.zeros_like(position))
+
+    def matches(position, signature):
+        return tf.reduce_all(tf.equal(byte(position + tf.range(len(signature), dtype=tf.int64)),
+                                      tf.constant(list(signature), tf.int64)))
+
+    def walk(position, tiff_start, segment_end, step, done):
+        marker = byte(position + 1)
+        length = byte(position + 2) * 256 + byte(position + 3)
+        is_fill = tf.logical_and(byte(position) == 0xFF, marker == 0xFF)  # padding before a marker
+        stop = tf.logical_or(byte(position) != 0xFF, position + 4 > size)
+        stop = tf.logical_or(stop, tf.logical_or(marker == 0xDA, marker == 0xD9))  # image data, end
+        stop = tf.logical_and(tf.logical_not(is_fill), tf.logical_or(stop, length < 2))
+        found = tf.logical_and(tf.logical_not(tf.logical_or(stop, is_fill)),
+                               tf.logical_and(marker == 0xE1, matches(position + 4, b"Exif\0\0")))
+        next_position = tf.where(is_fill, position + 1, position + 2 + length)
+        return (next_position, tf.where(found, position + 10, tiff_start),
+                tf.where(found, tf.minimum(position + 2 + length, size), segment_end),
+                step + 1, tf.logical_or(stop, found))
+
+    is_jpeg = tf.logical_and(byte(tf.constant(0, tf.int64)) == 0xFF, byte(tf.constant(1, tf.int64)) == 0xD8)
+    start = (tf.constant(2, tf.int64), tf.constant(-1, tf.int64), tf.constant(0, tf.int64),
+             tf.constant(0, tf.int64), tf.logical_not(is_jpeg))
+    _, tiff, segment_end, _, _ = tf.while_loop(
+        lambda position, tiff_start, segment_end, step, done: tf.logical_and(
+            tf.logical_not(done), step < EXIF_MAX_SEGMENTS),
+        walk, start)
+    little = tf.logical_and(matches(tiff, b"II"), matches(tiff + 2, b"\x2a\x00"))
+    big = tf.logical_and(matches(tiff, b"MM"), matches(tiff + 2, b"\x00\x2a"))
+
+    def unsigned(position, width):
+        """Unsigned integers of `width` bytes at `position` (int64 tensor), in the TIFF's byte order."""
+        values = [byte(position + index) for index in range(width)]
+        little_value = tf.add_n([value * 256**index for index, value in enumerate(values)])
+        big_value = tf.add_n([value * 256**(width - 1 - index) for index, value in enumerate(values)])
+        return tf.where(little, little_value, big_value)
+
+    ifd = tiff + unsigned(tiff + 4, 4)
+    entry_count = unsigned(ifd, 2)
+    indices = tf.range(EXIF_MAX_ENTRIES, dtype=tf.int64)
+    entries = ifd + 2 + 12 * indices
+    entry_type = unsigned(entries + 2, 2)
+    value = tf.where(entry_type == 3, unsigned(entries + 8, 2), unsigned(entries + 8, 4))
+    is_orientation = tf.reduce_all(tf.stack([
+        indices < entry_count,
+        entries + 12 <= segment_end,
+        unsigned(entries, 2) == EXIF_ORIENTATION_TAG,
+        tf.logical_or(entry_type == 3, entry_type == 4),  # SHORT or LONG
+        unsigned(entries + 4, 4) == 1,
+    ]), axis=0)
+    header_valid = tf.logical_and(tf.logical_or(little, big), tiff + 8 <= segment_end)
+    header_valid = tf.logical_and(header_valid, tf.logical_and(ifd >= tiff + 8, ifd + 2 <= segment_end))
+    orientation = tf.gather(value, tf.argmax(tf.cast(is_orientation, tf.int32)))
+    usable = tf.logical_and(tf.logical_and(header_valid, tf.reduce_any(is_orientation)),
+                            tf.logical_and(orientation >= 1, orientation <= 8))
+    return tf.cast(tf.where(usable, orientation, tf.ones_like(orientation)), tf.int32)
+
+
+def apply_exif_orientation(image, orientation):
+    """Turns a decoded image upright as PIL's `ImageOps.exif_transpose` does, in TF ops.
+
+    Args:
+        image: [H, W, C] tensor, as decoded (the photo as stored).
+        orientation: int32 scalar, the EXIF orientation 1..8 (`exif_orientation`).
+
+    Returns:
+        The image as it should be shown: [H, W, C] for orientations 1-4, [W, H, C] for 5-8.
+    """
+    def transpose():
+        return tf.transpose(image, [1, 0, 2])
+
+    branches = [
+        lambda: image,  # 1: upright
+        lambda: tf.reverse(image, axis=[1]),  # 2: mirrored left-right
+        lambda: tf.reverse(image, axis=[0, 1]),  # 3: rotated 180
+        lambda: tf.reverse(image, axis=[0]),  # 4: mirrored top-bottom
+        transpose,  # 5: PIL's TRANSPOSE (mirrored along the main diagonal)
+        lambda: tf.reverse(transpose(), axis=[1]),  # 6: stored 90 counter-clockwise; PIL's ROTATE_270
+        lambda: tf.reverse(transpose(), axis=[0, 1]),  # 7: PIL's TRANSVERSE (the other diagonal)
+        lambda: tf.reverse(transpose(), axis=[0]),  # 8: stored 90 clockwise; PIL's ROTATE_90
+    ]
+    return tf.switch_case(tf.clip_by_value(orientation, 1, 8) - 1, branches)
 
 
 def resize_image(image, image_size):

@@ -1,87 +1,190 @@
-"""The `serve` command: an HTTP server in TensorFlow Serving's REST shape, with an upload page.
+"""The `serve` command: an HTTP model server in TensorFlow Serving's REST shape, with an upload page.
 
-    python run_pipeline.py serve --model OUT/saved_model --port 8501
+    python run_pipeline.py serve --model OUT/saved_model --port 8501 [--max-batch-size 16]
 
-    POST /v1/models/captioner:predict   {"instances": [{"b64": "<base64 image>"}, ...]}
-                                     -> {"predictions": [{"caption": "...", "score": -4.2}, ...]}
-    GET  /v1/models/captioner           model status, as TF Serving answers it
-    GET  /v1/models/captioner/metadata  signatures and the export's settings
-    GET  /                              an upload page: pick an image, see it and its caption
+    POST /v1/models/captioner[/versions/1]:predict
+         {"instances": [{"b64": "<base64 image>"}, ...]}       (row format)
+      -> {"predictions": [{"caption": "...", "score": -4.2, "captions": "...", "scores": -4.2}, ...]}
+         {"inputs": {"images": [{"b64": "..."}, ...]}}          (columnar format)
+      -> {"outputs": {"captions": [...], "scores": [...]}}
+         "signature_name": "caption_features" with 2048-number feature rows as instances
+    GET  /v1/models/captioner[/versions/1]            model status, as TF Serving answers it
+    GET  /v1/models/captioner[/versions/1]/metadata   the SavedModel's signature defs, TF Serving's JSON
+    GET  /monitoring/prometheus/metrics               Prometheus text (TF Serving's path)
+    GET  /                                            an upload page: pick an image, see its caption
 
-Also accepted, as TF Serving does: `/v1/models/captioner/versions/1...`, the columnar
-`{"inputs": [...]}` form (answered with `{"outputs": {"captions": [...], "scores": [...]}}`),
-`{"instances": [{"images": {"b64": ...}}]}`, and `"signature_name": "caption_features"` with
-2048-number feature rows as instances.
-
-Every bad request gets a 4xx with `{"error": "..."}` and leaves the server serving. Request
-bodies are bounded (`max_body_mb`, checked from Content-Length before reading) and so is the
-number of images per request; model calls run one at a time, so memory stays bounded
-however many clients connect.
+The HTTP stack is aiohttp (asyncio; README says why). Model calls run in a `batching.Batcher`:
+the instances of concurrent predict requests are captioned in one SavedModel call, as TF
+Serving's batching does, and each request gets its own predictions back. Every bad request
+gets a 4xx with `{"error": "..."}` and leaves the server serving. Request bodies are bounded
+(`max_body_mb`, checked from Content-Length before reading), so is the number of images per
+request and the number of requests holding a body at once; a body that does not arrive within
+`read_timeout_s` gets a 408. SIGTERM (or Ctrl-C) stops accepting connections, lets the requests
+in flight finish, then returns.
 """
 
+import asyncio
 import base64
 import binascii
+import concurrent.futures
+import dataclasses
 import http
-import http.server
 import json
 import math
-import socket
+import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
+import prometheus_client
 import tensorflow as tf
+from aiohttp import web
+from google.protobuf import json_format
+from tensorflow.core.protobuf import saved_model_pb2
 
-from pipeline import caption, errors
+from pipeline import batching, caption, errors
 
 MODEL_NAME = "captioner"
 MODEL_VERSION = "1"
 PAGE_FILE = Path(__file__).with_name("static") / "index.html"
+METRICS_PATH = "/monitoring/prometheus/metrics"
 FEATURE_DIM = 2048
-# Requests allowed to hold a body in memory at once; the rest wait before reading theirs.
-MAX_REQUESTS_IN_FLIGHT = 8
-LINGER_SECONDS = 2.0  # see CaptionRequestHandler._lingering_close
-LINGER_MAX_BYTES = 64 * 1024 * 1024
-SOCKET_TIMEOUT_SECONDS = 60  # a client that stops sending mid-body frees its thread
+# Predict requests holding a body at once (reading, parsing, queued or in a model call) is
+# the larger of this and twice --max-batch-size; the others wait before reading theirs.
+MIN_REQUESTS_IN_FLIGHT = 8
+LINGER_SECONDS = 2.0  # after an early error answer, unread body bytes are dropped this long
+SHUTDOWN_GRACE_SECONDS = 60.0  # SIGTERM: the longest in-flight requests may take to finish
+PARSER_THREADS = 2  # JSON and base64 of large bodies run off the event loop
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """The `serve` command's settings (its flags), checked by `check()`.
+
+    Batching follows TF Serving's knobs: `max_batch_size` instances per model call at most
+    (1 turns batching off), `batch_timeout_ms` longest wait for a batch to fill after its
+    first request arrived, `num_batch_threads` model calls that may run at once.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8501
+    max_body_mb: float = 16.0
+    max_images: int = 32
+    max_batch_size: int = 16
+    batch_timeout_ms: float = 10.0
+    num_batch_threads: int = 1
+    read_timeout_s: float = 60.0
+
+    def check(self):
+        """Raises PipelineError naming the flag of the first bad setting."""
+        rules = [
+            (self.max_body_mb > 0, f"--max-body-mb must be positive, got {self.max_body_mb}"),
+            (self.max_images >= 1, f"--max-images must be at least 1, got {self.max_images}"),
+            (self.max_batch_size >= 1, f"--max-batch-size must be at least 1, got {self.max_batch_size}"),
+            (self.batch_timeout_ms >= 0, f"--batch-timeout-ms must be 0 or more, got {self.batch_timeout_ms}"),
+            (self.num_batch_threads >= 1, f"--num-batch-threads must be at least 1, got {self.num_batch_threads}"),
+            (self.read_timeout_s > 0, f"--read-timeout-s must be positive, got {self.read_timeout_s}"),
+        ]
+        for good, message in rules:
+            if not good:
+                raise errors.PipelineError(message)
 
 
 class RequestError(Exception):
-    """A client error: becomes an HTTP `status` response with `{"error": message}`."""
+    """A client error: becomes an HTTP `status` response with `{"error": message}`.
 
-    def __init__(self, status, message):
+    `close`: the connection cannot carry another request (its body is left unread).
+    """
+
+    def __init__(self, status, message, close=False):
         super().__init__(message)
         self.status = int(status)
         self.message = message
+        self.close = close
 
 
-class CaptionServer(http.server.ThreadingHTTPServer):
-    """A threading HTTP server that holds one loaded SavedModel and the request limits.
+class ServeMetrics:
+    """The server's Prometheus metrics, in a registry of their own (one per server).
+
+    requests by route and status, request latency, model-call (batch) sizes, and images
+    (or feature rows) captioned, by signature.
+    """
+
+    def __init__(self):
+        self.registry = prometheus_client.CollectorRegistry()
+        self.requests = prometheus_client.Counter(
+            "captioner_requests", "HTTP requests answered, by route and status code", ["route", "status"],
+            registry=self.registry)
+        self.latency = prometheus_client.Histogram(
+            "captioner_request_latency_seconds", "Time from a request's arrival to its answer sent, by route",
+            ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = prometheus_client.Histogram(
+            "captioner_batch_size", "Instances per SavedModel call, by signature", ["signature"],
+            buckets=BATCH_SIZE_BUCKETS, registry=self.registry)
+        self.captioned = prometheus_client.Counter(
+            "captioner_images_captioned", "Instances captioned and answered, by signature", ["signature"],
+            registry=self.registry)
+
+    def text(self):
+        """The Prometheus text exposition (bytes)."""
+        return prometheus_client.generate_latest(self.registry)
+
+
+def make_server(model_dir, host="127.0.0.1", port=8501, max_body_mb=16.0, max_images=32, max_batch_size=16,
+                batch_timeout_ms=10.0, num_batch_threads=1, read_timeout_s=60.0, log_stream=None):
+    """Loads the SavedModel in `model_dir` into a CaptionServer; does not listen yet.
+
+    Port 0 picks a free port. `server.start()` serves in a background thread (tests),
+    `server.run()` in this one until SIGTERM or Ctrl-C. Bad settings or a missing model
+    raise PipelineError.
+    """
+    settings = ServeSettings(host, port, max_body_mb, max_images, max_batch_size, batch_timeout_ms,
+                             num_batch_threads, read_timeout_s)
+    settings.check()
+    captioner = caption.ExportedCaptioner(model_dir)
+    return CaptionServer(captioner, settings, log_stream)
+
+
+def run_serve(model_dir, host="127.0.0.1", port=8501, max_body_mb=16.0, max_images=32, max_batch_size=16,
+              batch_timeout_ms=10.0, num_batch_threads=1, read_timeout_s=60.0):
+    """Serves `model_dir` over HTTP until SIGTERM or Ctrl-C; prints the URL first."""
+    server = make_server(model_dir, host, port, max_body_mb, max_images, max_batch_size, batch_timeout_ms,
+                         num_batch_threads, read_timeout_s)
+    server.run()
+
+
+class CaptionServer:
+    """One loaded SavedModel behind an aiohttp server, with a batcher and metrics.
 
     Attributes:
       captioner: the loaded `caption.ExportedCaptioner`.
-      max_body_bytes: int, largest request body accepted.
-      max_images: int, most instances per predict request.
+      settings: ServeSettings.
+      metrics: ServeMetrics.
+      server_address: (host, port) once listening.
     """
 
-    daemon_threads = True  # Ctrl-C must not wait for idle keep-alive connections
-    allow_reuse_address = True
-
-    def __init__(self, address, captioner, max_body_bytes, max_images, page, log_stream=None):
+    def __init__(self, captioner, settings, log_stream=None):
+        settings.check()
         self.captioner = captioner
-        self.max_body_bytes = max_body_bytes
-        self.max_images = max_images
-        self.page = page
+        self.settings = settings
+        self.page = PAGE_FILE.read_bytes()
+        self.metrics = ServeMetrics()
         self.log_stream = log_stream if log_stream is not None else sys.stderr
-        # One model call at a time: TF inference is thread-safe, but each concurrent call
-        # holds its own batch of activations (ResNet50 at batch 32 is ~1 GB), and on a
-        # small CPU they would only share the same cores anyway.
-        self.model_lock = threading.Lock()
-        self.body_slots = threading.BoundedSemaphore(MAX_REQUESTS_IN_FLIGHT)
-        self.log_lock = threading.Lock()
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6  # an instance attribute: the class stays IPv4
-        super().__init__(address, CaptionRequestHandler)
+        self.max_body_bytes = int(settings.max_body_mb * 1024 * 1024)
+        self.server_address = None
+        self.signature_defs = read_signature_defs(captioner.model_dir)
+        self._loop = None
+        self._stop_requested = None
+        self._stopping = False
+        self._requests_in_flight = 0
+        self._no_request_in_flight = None
+        self._thread = None
+        self._batcher = None
+        self._body_slots = None
+        self._parsers = None
 
     @property
     def url(self):
@@ -91,288 +194,369 @@ class CaptionServer(http.server.ThreadingHTTPServer):
             host = f"[{host}]"
         return f"http://{host}:{port}"
 
-    def log_line(self, line):
-        with self.log_lock:
-            print(line, file=self.log_stream, flush=True)
+    # --- life cycle ------------------------------------------------------------------------
 
+    def run(self):
+        """Serves in this (main) thread until SIGTERM or SIGINT; in-flight requests finish first."""
+        asyncio.run(self._serve(on_listening=self._print_banner, handle_signals=True))
 
-def make_server(model_dir, host="127.0.0.1", port=8501, max_body_mb=16, max_images=32, log_stream=None):
-    """Loads the SavedModel in `model_dir` and binds a server to (host, port); does not serve yet.
+    def start(self):
+        """Serves in a background thread; returns self once listening (PipelineError if it cannot)."""
+        listening = threading.Event()
+        failure = []
 
-    Port 0 picks a free port (see `server.server_address`). Call `serve_forever()` to serve
-    and `shutdown()` / `server_close()` to stop. Bad limits or a missing model raise PipelineError.
-    """
-    if max_body_mb <= 0:
-        raise errors.PipelineError(f"--max-body-mb must be positive, got {max_body_mb}")
-    if max_images < 1:
-        raise errors.PipelineError(f"--max-images must be at least 1, got {max_images}")
-    captioner = caption.ExportedCaptioner(model_dir)
-    page = PAGE_FILE.read_bytes()
-    try:
-        return CaptionServer((host, port), captioner, int(max_body_mb * 1024 * 1024), max_images, page, log_stream)
-    except OSError as error:
-        raise errors.PipelineError(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
+        def serve():
+            try:
+                asyncio.run(self._serve(on_listening=listening.set, handle_signals=False))
+            except BaseException as error:  # noqa: BLE001 - reported to the starting thread
+                failure.append(error)
+                listening.set()
 
+        self._thread = threading.Thread(target=serve, name="caption-server", daemon=True)
+        self._thread.start()
+        listening.wait()
+        if failure:
+            self._thread.join()
+            raise failure[0]
+        return self
 
-def run_serve(model_dir, host="127.0.0.1", port=8501, max_body_mb=16, max_images=32):
-    """Serves `model_dir` over HTTP until Ctrl-C; prints the URL first."""
-    server = make_server(model_dir, host, port, max_body_mb, max_images)
-    url = server.url
-    print(f"serving {server.captioner.model_dir} as model {MODEL_NAME!r}", flush=True)
-    print(f"  upload page: {url}/", flush=True)
-    print(f"  predict:     POST {url}/v1/models/{MODEL_NAME}:predict  "
-          f'{{"instances": [{{"b64": "..."}}]}}', flush=True)
-    print("press Ctrl-C to stop", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
-    finally:
-        server.server_close()
-
-
-class CaptionRequestHandler(http.server.BaseHTTPRequestHandler):
-    """Routes one HTTP request; every answer is JSON except the upload page."""
-
-    server_version = "Captioner"
-    protocol_version = "HTTP/1.1"  # keep-alive: the page and scripted clients reuse connections
-    timeout = SOCKET_TIMEOUT_SECONDS
-
-    # --- routing -------------------------------------------------------------------------
-
-    def do_GET(self):
-        self._handle(self._route_get)
-
-    def do_HEAD(self):
-        self._handle(self._route_get, head=True)
-
-    def do_POST(self):
-        self._handle(self._route_post)
-
-    def do_PUT(self):
-        self._handle(self._method_not_allowed)
-
-    do_DELETE = do_PATCH = do_PUT
-
-    def _route_get(self):
-        path = self.path.split("?", 1)[0]
-        if path in ("/", "/index.html"):
-            return http.HTTPStatus.OK, self.server.page, "text/html; charset=utf-8"
-        model_path = _model_path(path)
-        if model_path == "":
-            return http.HTTPStatus.OK, _model_status(), None
-        if model_path == "/metadata":
-            return http.HTTPStatus.OK, self._metadata(), None
-        if model_path is not None and model_path.startswith(":"):
-            raise RequestError(http.HTTPStatus.METHOD_NOT_ALLOWED, f"{model_path[1:]} needs POST, not GET")
-        raise RequestError(http.HTTPStatus.NOT_FOUND, f"no such resource: {path}")
-
-    def _route_post(self):
-        path = self.path.split("?", 1)[0]
-        model_path = _model_path(path)
-        if model_path == ":predict":
-            return http.HTTPStatus.OK, self._predict(self._read_json_body()), None
-        if model_path in ("", "/metadata") or path in ("/", "/index.html"):
-            self._drain_or_close()
-            raise RequestError(http.HTTPStatus.METHOD_NOT_ALLOWED, f"{path} answers GET, not POST")
-        self._drain_or_close()
-        raise RequestError(http.HTTPStatus.NOT_FOUND, f"no such resource: {path} (predict is "
-                                                      f"POST /v1/models/{MODEL_NAME}:predict)")
-
-    def _method_not_allowed(self):
-        self._drain_or_close()
-        raise RequestError(http.HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} is not supported")
-
-    # --- request handling ----------------------------------------------------------------
-
-    def _handle(self, route, head=False):
-        started = time.perf_counter()
-        self._images_in_request = 0
-        self._body_unread = False
-        try:
-            status, body, content_type = route()
-        except RequestError as error:
-            status, body, content_type = error.status, {"error": error.message}, None
-        except Exception as error:  # noqa: BLE001 - a server bug must answer 500, not drop the connection
-            status, body, content_type = http.HTTPStatus.INTERNAL_SERVER_ERROR, {
-                "error": f"internal error: {type(error).__name__}: {error}"}, None
-        if content_type is None:
-            body = json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
-            content_type = "application/json"
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Cache-Control", "no-store")
-        if content_type.startswith("text/html"):
-            # The page is self-contained: it may only talk back to this server.
-            self.send_header("Content-Security-Policy", "default-src 'none'; img-src data:; "
-                             "style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'")
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
-        if self._body_unread:
-            self._lingering_close()
-        elapsed_ms = (time.perf_counter() - started) * 1000.0
-        images = f" images={self._images_in_request}" if self._images_in_request else ""
-        self.server.log_line(f'{self.client_address[0]} "{self.command} {self.path}" {int(status)} '
-                             f"{len(body)}B {elapsed_ms:.1f}ms{images}")
-
-    def log_request(self, code="-", size="-"):
-        pass  # `_handle` logs one line per request, with its duration
-
-    def log_error(self, format, *args):  # noqa: A002 - the base class's signature
-        self.server.log_line(f"{self.client_address[0]} error: {format % args}")
-
-    def _lingering_close(self):
-        """Half-closes, then drops what the client is still sending, for a short while.
-
-        Closing a socket with unread input makes the kernel send a reset, which can destroy
-        the error response before the client reads it; so the server first says it is done
-        writing, and reads (and discards) a bounded amount until the client closes too.
-        """
-        try:
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(LINGER_SECONDS)
-            deadline = time.monotonic() + LINGER_SECONDS
-            discarded = 0
-            while time.monotonic() < deadline and discarded < LINGER_MAX_BYTES:
-                chunk = self.connection.recv(256 * 1024)
-                if not chunk:
-                    break
-                discarded += len(chunk)
-        except OSError:
-            pass  # the client went away: nothing left to protect
-
-    def _content_length(self):
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            self._body_unread = True
-            raise RequestError(http.HTTPStatus.LENGTH_REQUIRED,
-                               "chunked request bodies are not supported: send Content-Length")
-        value = self.headers.get("Content-Length")
-        if value is None:
-            raise RequestError(http.HTTPStatus.LENGTH_REQUIRED, "the request needs a Content-Length header")
-        try:
-            length = int(value)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.close_connection = True
-            self._body_unread = True
-            raise RequestError(http.HTTPStatus.BAD_REQUEST, f"bad Content-Length header {value!r}")
-        return length
-
-    def _drain_or_close(self):
-        """Reads and drops a small body so the connection stays usable; closes it otherwise."""
-        try:
-            length = self._content_length()
-        except RequestError:
-            self.close_connection = True
+    def stop(self):
+        """Stops a server started with `start()` as SIGTERM would; returns once it has stopped."""
+        if self._thread is None:
             return
-        if length > 64 * 1024:
-            self.close_connection = True
-            self._body_unread = True
-        elif length:
-            self.rfile.read(length)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop_requested.set)
+        self._thread.join()
+        self._thread = None
 
-    def _read_json_body(self):
-        length = self._content_length()
-        limit = self.server.max_body_bytes
-        if length > limit:
-            # The body stays unread, so this connection cannot carry another request.
-            self.close_connection = True
-            self._body_unread = True
-            raise RequestError(http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               f"request body of {length} bytes is over the limit of {limit} bytes "
-                               f"(--max-body-mb {limit / 1024 / 1024:g})")
-        if length == 0:
-            raise RequestError(http.HTTPStatus.BAD_REQUEST, 'empty request body: send JSON {"instances": [...]}')
-        with self.server.body_slots:
-            body = self.rfile.read(length)
-            if len(body) != length:
-                self.close_connection = True
-                raise RequestError(http.HTTPStatus.BAD_REQUEST,
-                                   f"request body ended after {len(body)} of {length} bytes")
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+        return False
+
+    async def _serve(self, on_listening, handle_signals):
+        self._loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        self._no_request_in_flight = asyncio.Event()
+        self._no_request_in_flight.set()
+        settings = self.settings
+        self._body_slots = asyncio.Semaphore(max(MIN_REQUESTS_IN_FLIGHT, 2 * settings.max_batch_size))
+        self._parsers = concurrent.futures.ThreadPoolExecutor(PARSER_THREADS, thread_name_prefix="parse")
+        self._batcher = batching.Batcher(self._run_batch, settings.max_batch_size, settings.batch_timeout_ms / 1000.0,
+                                         settings.num_batch_threads, on_call=self._observe_call)
+        application = web.Application(client_max_size=self.max_body_bytes)
+        application.router.add_route("*", "/{path:.*}", self._dispatch)
+        # keepalive_timeout also closes connections that never send a request.
+        runner = web.AppRunner(application, handle_signals=False, access_log=None,
+                               keepalive_timeout=settings.read_timeout_s, lingering_time=LINGER_SECONDS,
+                               shutdown_timeout=LINGER_SECONDS)  # after our own wait, below
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
             try:
-                return json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise RequestError(http.HTTPStatus.BAD_REQUEST, f"request body is not valid JSON: {error}") from None
-
-    # --- the model endpoints -------------------------------------------------------------
-
-    def _predict(self, request):
-        if not isinstance(request, dict):
-            raise RequestError(http.HTTPStatus.BAD_REQUEST,
-                               f'request must be a JSON object like {{"instances": [...]}}, got {type(request).__name__}')
-        signature = request.get("signature_name", caption.SERVING_SIGNATURE)
-        if signature not in (caption.SERVING_SIGNATURE, caption.FEATURES_SIGNATURE):
-            raise RequestError(http.HTTPStatus.BAD_REQUEST,
-                               f"unknown signature_name {signature!r}: use {caption.SERVING_SIGNATURE!r} "
-                               f"or {caption.FEATURES_SIGNATURE!r}")
-        if ("instances" in request) == ("inputs" in request):
-            raise RequestError(http.HTTPStatus.BAD_REQUEST,
-                               'request must have exactly one of "instances" (rows) or "inputs" (columns)')
-        columnar = "inputs" in request
-        items = request["inputs"] if columnar else request["instances"]
-        input_name = "images" if signature == caption.SERVING_SIGNATURE else "features"
-        field = "inputs" if columnar else "instances"
-        if columnar and isinstance(items, dict):
-            if set(items) != {input_name}:
-                raise RequestError(http.HTTPStatus.BAD_REQUEST,
-                                   f'"inputs" must name the one input {input_name!r}, got {sorted(items)}')
-            items = items[input_name]
-        if not isinstance(items, list):
-            raise RequestError(http.HTTPStatus.BAD_REQUEST, f'"{field}" must be a list, got {type(items).__name__}')
-        if not items:
-            raise RequestError(http.HTTPStatus.BAD_REQUEST, f'"{field}" is empty: send at least one image')
-        if len(items) > self.server.max_images:
-            raise RequestError(http.HTTPStatus.BAD_REQUEST,
-                               f'"{field}" has {len(items)} items, more than the limit of '
-                               f"{self.server.max_images} per request (--max-images)")
-        self._images_in_request = len(items)
-        if signature == caption.SERVING_SIGNATURE:
-            images = [_instance_image(item, index, field, unwrap=not columnar) for index, item in enumerate(items)]
+                await site.start()
+            except OSError as error:
+                raise errors.PipelineError(
+                    f"cannot listen on {settings.host}:{settings.port} ({error.strerror or error})") from None
+            self.server_address = runner.addresses[0][:2]
+            if handle_signals:
+                for signal_number in (signal.SIGTERM, signal.SIGINT):
+                    self._loop.add_signal_handler(signal_number, self._on_signal, signal_number)
+            on_listening()
+            await self._stop_requested.wait()
+        finally:
+            # Closes the listening socket, waits for the requests in flight (their model calls
+            # keep running in the batch threads), then closes the connections. aiohttp's own
+            # graceful close stops reading at once, which would lose the rest of a body still
+            # arriving, so the wait for requests in flight is ours.
+            self._stopping = True
+            for site in list(runner.sites):
+                await site.stop()
             try:
-                with self.server.model_lock:
-                    captions, scores = self.server.captioner.caption_images(images)
-            except tf.errors.InvalidArgumentError as error:
-                # Instances were only header-checked (one decode per image, the model's, when
-                # all are good): now decode each on its own to name the one that failed.
-                for index, image_bytes in enumerate(images):
-                    problem = caption.image_problem(image_bytes)
-                    if problem:
-                        raise RequestError(http.HTTPStatus.BAD_REQUEST, f"{field}[{index}]: {problem}") from None
-                raise RequestError(http.HTTPStatus.BAD_REQUEST,
-                                   f"the model cannot decode an image ({errors.op_error_reason(error)})") from None
+                await asyncio.wait_for(self._no_request_in_flight.wait(), SHUTDOWN_GRACE_SECONDS)
+            except asyncio.TimeoutError:
+                pass  # the rest are cut off by the close below
+            await runner.cleanup()
+            await self._loop.run_in_executor(None, self._batcher.close)
+            self._parsers.shutdown()
+        if handle_signals:
+            print("stopped", flush=True)
+
+    def _on_signal(self, signal_number):
+        print(f"{signal.Signals(signal_number).name}: stopping (no new connections; finishing requests in flight)",
+              flush=True)
+        self._stop_requested.set()
+
+    def _print_banner(self):
+        url = self.url
+        settings = self.settings
+        batching_text = (f"batches of up to {settings.max_batch_size} instances, {settings.batch_timeout_ms:g} ms "
+                         f"timeout, {settings.num_batch_threads} batch thread(s)" if settings.max_batch_size > 1
+                         else "batching off")
+        print(f"serving {self.captioner.model_dir} as model {MODEL_NAME!r} ({batching_text})", flush=True)
+        print(f"  upload page: {url}/", flush=True)
+        print(f"  predict:     POST {url}/v1/models/{MODEL_NAME}:predict  "
+              f'{{"instances": [{{"b64": "..."}}]}}', flush=True)
+        print(f"  metrics:     {url}{METRICS_PATH}", flush=True)
+        print("SIGTERM or Ctrl-C stops it (requests in flight finish first)", flush=True)
+
+    # --- requests ------------------------------------------------------------------------
+
+    async def _dispatch(self, request):
+        """Every request comes here: routes it, answers errors as JSON, logs one line, counts it."""
+        started = time.perf_counter()
+        self._requests_in_flight += 1
+        self._no_request_in_flight.clear()
+        try:
+            return await self._answer(request, started)
+        finally:
+            self._requests_in_flight -= 1
+            if self._requests_in_flight == 0:
+                self._no_request_in_flight.set()
+
+    async def _answer(self, request, started):
+        route, handler = self._route(request)
+        facts = {"images": 0}
+        try:
+            response = await handler(request, facts)
+        except RequestError as error:
+            response = _json_response({"error": error.message}, status=error.status)
+            if error.close:
+                response.force_close()
+        except Exception as error:  # noqa: BLE001 - a server bug must answer 500, not drop the connection
+            response = _json_response({"error": f"internal error: {type(error).__name__}: {error}"},
+                                      status=http.HTTPStatus.INTERNAL_SERVER_ERROR)
+        if self._stopping:
+            response.force_close()  # a keep-alive client must reconnect (to another replica)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Cache-Control"] = "no-store"
+        if response.content_type == "text/html":
+            # The page is self-contained: it may only talk back to this server.
+            response.headers["Content-Security-Policy"] = (
+                "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+                "connect-src 'self'")
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client left before its answer: still logged and counted below
+        elapsed = time.perf_counter() - started
+        self.metrics.requests.labels(route, str(response.status)).inc()
+        self.metrics.latency.labels(route).observe(elapsed)
+        images = f" images={facts['images']}" if facts["images"] else ""
+        print(f'{request.remote} "{request.method} {request.raw_path}" {response.status} '
+              f"{len(response.body or b'')}B {elapsed * 1000.0:.1f}ms{images}", file=self.log_stream, flush=True)
+        return response
+
+    def _route(self, request):
+        """(route label for metrics, handler coroutine function) of a request."""
+        path = request.path
+        model_path = _model_path(path)
+        method = request.method
+        if method in ("GET", "HEAD"):
+            if path in ("/", "/index.html"):
+                return "page", self._page
+            if path == METRICS_PATH:
+                return "metrics", self._metrics_page
+            if model_path == "":
+                return "status", self._status
+            if model_path == "/metadata":
+                return "metadata", self._metadata
+            if model_path == ":predict":
+                return "predict", _refuse(http.HTTPStatus.METHOD_NOT_ALLOWED, "predict needs POST, not GET")
+        elif method == "POST":
+            if model_path == ":predict":
+                return "predict", self._predict
+            if model_path in ("", "/metadata") or path in ("/", "/index.html", METRICS_PATH):
+                return "other", _refuse(http.HTTPStatus.METHOD_NOT_ALLOWED, f"{path} answers GET, not POST")
+            return "other", _refuse(http.HTTPStatus.NOT_FOUND, f"no such resource: {path} (predict is "
+                                                               f"POST /v1/models/{MODEL_NAME}:predict)")
         else:
-            features = [_instance_features(item, index, field, unwrap=not columnar) for index, item in enumerate(items)]
-            with self.server.model_lock:
-                captions, scores = self.server.captioner.caption_features(features)
-        scores = [score if math.isfinite(score) else None for score in scores]
-        if columnar:
-            return {"outputs": {"captions": captions, "scores": scores}}
+            return "other", _refuse(http.HTTPStatus.METHOD_NOT_ALLOWED, f"method {method} is not supported")
+        return "other", _refuse(http.HTTPStatus.NOT_FOUND, f"no such resource: {path}")
+
+    async def _page(self, request, facts):
+        return web.Response(body=self.page, content_type="text/html", charset="utf-8")
+
+    async def _metrics_page(self, request, facts):
+        return web.Response(body=self.metrics.text(), headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+    async def _status(self, request, facts):
+        return _json_response({"model_version_status": [{
+            "version": MODEL_VERSION, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""},
+        }]})
+
+    async def _metadata(self, request, facts):
+        metadata = self.captioner.metadata
+        return _json_response({
+            "model_spec": {"name": MODEL_NAME, "signature_name": "", "version": MODEL_VERSION},
+            "metadata": {
+                "signature_def": {"signature_def": self.signature_defs},
+                # Ours, beside TF Serving's one key: what produced the export.
+                "captioner": {
+                    "decode": metadata.get("config", {}).get("decode", {}),
+                    "encoder": metadata.get("encoder", {}),
+                    "vocabulary_size": metadata.get("vocabulary_size"),
+                },
+            },
+        })
+
+    async def _predict(self, request, facts):
+        length = self._body_length(request)
+        async with self._body_slots:
+            try:
+                body = await asyncio.wait_for(request.content.readexactly(length), self.settings.read_timeout_s)
+            except asyncio.TimeoutError:
+                raise RequestError(http.HTTPStatus.REQUEST_TIMEOUT,
+                                   f"the request body did not arrive within {self.settings.read_timeout_s:g} s "
+                                   f"(--read-timeout-s)", close=True) from None
+            except asyncio.IncompleteReadError as error:
+                raise RequestError(http.HTTPStatus.BAD_REQUEST,
+                                   f"request body ended after {len(error.partial)} of {length} bytes",
+                                   close=True) from None
+            call = await self._loop.run_in_executor(self._parsers, _parse_predict, body, self.settings.max_images)
+            del body
+            facts["images"] = len(call.items)
+            try:
+                results = await asyncio.wrap_future(self._batcher.submit(call.signature, call.items))
+            except tf.errors.InvalidArgumentError as error:
+                raise await self._loop.run_in_executor(self._parsers, _diagnose, call, error) from None
+        self.metrics.captioned.labels(call.signature).inc(len(results))
+        captions = [text for text, _ in results]
+        scores = [score if math.isfinite(score) else None for _, score in results]
+        if call.columnar:
+            return _json_response({"outputs": {"captions": captions, "scores": scores}})
         # `caption`/`score` are this API's names; TF Serving names each prediction's fields
         # after the SavedModel's outputs (`captions`, `scores`): both are sent, so a client
         # reading `captions`/`scores` runs unchanged against TensorFlow Serving.
-        return {"predictions": [{"caption": text, "score": score, "captions": text, "scores": score}
-                                for text, score in zip(captions, scores)]}
+        return _json_response({"predictions": [
+            {"caption": text, "score": score, "captions": text, "scores": score}
+            for text, score in zip(captions, scores)]})
 
-    def _metadata(self):
-        metadata = self.server.captioner.metadata
-        return {
-            "model_spec": {"name": MODEL_NAME, "signature_name": "", "version": MODEL_VERSION},
-            "metadata": {
-                "signature_def": metadata.get("signatures", {}),
-                "signature_names": self.server.captioner.signature_names,
-                "decode": metadata.get("config", {}).get("decode", {}),
-                "encoder": metadata.get("encoder", {}),
-                "vocabulary_size": metadata.get("vocabulary_size"),
-            },
-        }
+    def _body_length(self, request):
+        """The declared body length (int) of a predict request, checked against the limit."""
+        if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+            raise RequestError(http.HTTPStatus.LENGTH_REQUIRED,
+                               "chunked request bodies are not supported: send Content-Length", close=True)
+        length = request.content_length
+        if length is None:
+            raise RequestError(http.HTTPStatus.LENGTH_REQUIRED, "the request needs a Content-Length header")
+        if length > self.max_body_bytes:
+            raise RequestError(http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                               f"request body of {length} bytes is over the limit of {self.max_body_bytes} bytes "
+                               f"(--max-body-mb {self.max_body_bytes / 1024 / 1024:g})", close=True)
+        if length == 0:
+            raise RequestError(http.HTTPStatus.BAD_REQUEST, 'empty request body: send JSON {"instances": [...]}')
+        return length
+
+    # --- the model, in the batch threads -------------------------------------------------------
+
+    def _run_batch(self, signature, items):
+        """[(caption, score)] for `items` of one signature, in one SavedModel call (split by pixels)."""
+        if signature == caption.SERVING_SIGNATURE:
+            captions, scores = self.captioner.caption_images(items)
+        else:
+            captions, scores = self.captioner.caption_features(items)
+        return list(zip(captions, scores))
+
+    def _observe_call(self, signature, size):
+        self.metrics.batch_size.labels(signature).observe(size)
+
+
+def _json_response(data, status=http.HTTPStatus.OK):
+    """A JSON answer; Content-Type "application/json" with no charset parameter (JSON is UTF-8), as TF Serving sends."""
+    body = json.dumps(data, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+def _refuse(status, message):
+    async def handler(request, facts):
+        raise RequestError(status, message)
+
+    return handler
+
+
+@dataclasses.dataclass
+class PredictCall:
+    """A checked predict request: its signature, instances and which format answers it."""
+
+    signature: str
+    items: list  # bytes (images) or lists of FEATURE_DIM floats
+    columnar: bool
+    field: str  # "instances" or "inputs", for error messages
+
+
+def _parse_predict(body, max_images):
+    """Parses and checks a predict body (bytes) into a PredictCall; RequestError if it is bad.
+
+    Images are only header-checked here (`caption.header_problem`): the model's decode is the
+    one decode of a good image.
+    """
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestError(http.HTTPStatus.BAD_REQUEST, f"request body is not valid JSON: {error}") from None
+    if not isinstance(request, dict):
+        raise RequestError(http.HTTPStatus.BAD_REQUEST,
+                           f'request must be a JSON object like {{"instances": [...]}}, got {type(request).__name__}')
+    signature = request.get("signature_name", caption.SERVING_SIGNATURE)
+    if signature not in (caption.SERVING_SIGNATURE, caption.FEATURES_SIGNATURE):
+        raise RequestError(http.HTTPStatus.BAD_REQUEST,
+                           f"unknown signature_name {signature!r}: use {caption.SERVING_SIGNATURE!r} "
+                           f"or {caption.FEATURES_SIGNATURE!r}")
+    if ("instances" in request) == ("inputs" in request):
+        raise RequestError(http.HTTPStatus.BAD_REQUEST,
+                           'request must have exactly one of "instances" (rows) or "inputs" (columns)')
+    columnar = "inputs" in request
+    items = request["inputs"] if columnar else request["instances"]
+    input_name = "images" if signature == caption.SERVING_SIGNATURE else "features"
+    field = "inputs" if columnar else "instances"
+    if columnar and isinstance(items, dict):
+        if set(items) != {input_name}:
+            raise RequestError(http.HTTPStatus.BAD_REQUEST,
+                               f'"inputs" must name the one input {input_name!r}, got {sorted(items)}')
+        items = items[input_name]
+    if not isinstance(items, list):
+        raise RequestError(http.HTTPStatus.BAD_REQUEST, f'"{field}" must be a list, got {type(items).__name__}')
+    if not items:
+        raise RequestError(http.HTTPStatus.BAD_REQUEST, f'"{field}" is empty: send at least one image')
+    if len(items) > max_images:
+        raise RequestError(http.HTTPStatus.BAD_REQUEST,
+                           f'"{field}" has {len(items)} items, more than the limit of '
+                           f"{max_images} per request (--max-images)")
+    read = _instance_image if signature == caption.SERVING_SIGNATURE else _instance_features
+    items = [read(item, index, field, unwrap=not columnar) for index, item in enumerate(items)]
+    return PredictCall(signature, items, columnar, field)
+
+
+def _diagnose(call, error):
+    """The RequestError (to raise) for a request whose own model call was refused."""
+    if call.signature == caption.SERVING_SIGNATURE:
+        # Instances were only header-checked: decode each on its own to name the one that failed.
+        for index, image_bytes in enumerate(call.items):
+            problem = caption.image_problem(image_bytes)
+            if problem:
+                return RequestError(http.HTTPStatus.BAD_REQUEST, f"{call.field}[{index}]: {problem}")
+        return RequestError(http.HTTPStatus.BAD_REQUEST,
+                            f"the model cannot decode an image ({errors.op_error_reason(error)})")
+    return RequestError(http.HTTPStatus.BAD_REQUEST, f"the model refused the features ({errors.op_error_reason(error)})")
+
+
+def read_signature_defs(model_dir):
+    """The SavedModel's signature defs in TF Serving's metadata JSON (dict name -> SignatureDef).
+
+    Read from `saved_model.pb` itself, so dtypes ("DT_STRING"), shapes (`tensor_shape.dim`,
+    sizes as strings) and tensor names are the export's own, printed the way TF Serving
+    prints them (proto field names, fields at their defaults included).
+    """
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((Path(model_dir) / "saved_model.pb").read_bytes())
+    signature_defs = saved_model.meta_graphs[0].signature_def
+    return {name: json_format.MessageToDict(signature_defs[name], preserving_proto_field_name=True,
+                                            always_print_fields_with_no_presence=True)
+            for name in sorted(signature_defs)}
 
 
 def _model_path(path):
@@ -387,12 +571,6 @@ def _model_path(path):
     if rest in ("", "/metadata", ":predict"):
         return rest
     return None
-
-
-def _model_status():
-    return {"model_version_status": [{
-        "version": MODEL_VERSION, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""},
-    }]}
 
 
 def _instance_image(item, index, field, unwrap):

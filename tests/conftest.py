@@ -86,6 +86,14 @@ def exported_out(trained_out, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def exported_captioner(exported_out):
+    """The SavedModel of `exported_out`, loaded once (a caption.ExportedCaptioner) for in-process servers."""
+    from pipeline import caption
+
+    return caption.ExportedCaptioner(exported_out / "saved_model")
+
+
 @pytest.fixture
 def copy_run(tmp_path):
     """copy_run(out) -> a private copy of a session run folder, safe to change."""

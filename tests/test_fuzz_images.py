@@ -209,10 +209,8 @@ def test_saved_model_captions_or_refuses_fuzzed_images(captioner):
     assert memory.rise < MAX_RSS_RISE_BYTES
 
 
-def test_server_answers_fuzzed_images_with_a_caption_or_a_400(exported_out):
-    server = serve.make_server(exported_out / "saved_model", port=0, log_stream=io.StringIO())
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def test_server_answers_fuzzed_images_with_a_caption_or_a_400(exported_captioner):
+    server = serve.CaptionServer(exported_captioner, serve.ServeSettings(port=0), log_stream=io.StringIO()).start()
     connection = http.client.HTTPConnection(*server.server_address[:2], timeout=120)
 
     @hypothesis.settings(FUZZ, max_examples=30)
@@ -234,9 +232,7 @@ def test_server_answers_fuzzed_images_with_a_caption_or_a_400(exported_out):
         assert connection.getresponse().status == 200  # still serving
     finally:
         connection.close()
-        server.shutdown()
-        server.server_close()
-        thread.join()
+        server.stop()
     assert memory.rise < MAX_RSS_RISE_BYTES
 
 

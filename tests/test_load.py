@@ -11,13 +11,15 @@ import http.client
 import inspect
 import io
 import json
+import signal
 import socket
+import time
 
 import pytest
 from PIL import Image
 
 from benchmarks import bench_load
-from pipeline import caption, datasets, features, serve
+from pipeline import datasets, features, serve
 from tests.conftest import wait_until
 
 TOTAL_REQUESTS = 2000
@@ -34,9 +36,9 @@ def server(exported_out):
 
 
 @pytest.fixture(scope="module")
-def good_requests(exported_out):
+def good_requests(exported_out, exported_captioner):
     """(feature requests, image requests): LoadRequests with the captions the model writes for them."""
-    captioner = caption.ExportedCaptioner(exported_out / "saved_model")
+    captioner = exported_captioner
     rows = features.read_features(exported_out).features
     feature_requests = []
     for start in range(0, 40, 2):  # 20 distinct batches of 1 to 3 rows
@@ -162,3 +164,44 @@ def test_limits_are_enforced_on_the_wire(server, good_requests):
         assert status == 200 and len(answer["predictions"]) == MAX_IMAGES
     finally:
         connection.close()
+
+
+def _read_response(connection):
+    """(status, parsed JSON) of the next response on a raw socket."""
+    response = http.client.HTTPResponse(connection)
+    response.begin()
+    return response.status, json.loads(response.read())
+
+
+def _refuses_connections(host, port):
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_sigterm_stops_accepting_finishes_the_request_in_flight_and_exits_0(exported_out, good_requests):
+    feature_requests, _, _ = good_requests
+    first, slow = feature_requests[0], feature_requests[1]
+    with bench_load.ServerProcess(exported_out / "saved_model", max_body_mb=MAX_BODY_MB,
+                                  max_images=MAX_IMAGES) as server:
+        with socket.create_connection((server.host, server.port), timeout=60) as connection:
+            head = f"POST {bench_load.PREDICT} HTTP/1.1\r\nHost: test\r\nContent-Length: {{}}\r\n\r\n"
+            connection.sendall(head.format(len(first.body)).encode() + first.body)
+            assert _read_response(connection)[0] == 200  # the server holds this connection
+            # A slow client: half of the body, then SIGTERM while the server waits for the rest.
+            half = len(slow.body) // 2
+            connection.sendall(head.format(len(slow.body)).encode() + slow.body[:half])
+            time.sleep(1.0)  # the server reads the head and starts the request: nothing to poll for
+            server.process.send_signal(signal.SIGTERM)
+            assert wait_until(lambda: any("SIGTERM: stopping" in line for line in server.output), seconds=30)
+            assert wait_until(lambda: _refuses_connections(server.host, server.port), seconds=30)
+            assert server.process.poll() is None  # still finishing the request in flight
+            connection.sendall(slow.body[half:])
+            status, answer = _read_response(connection)
+            assert status == 200
+            assert [prediction["caption"] for prediction in answer["predictions"]] == slow.captions
+        assert server.process.wait(60) == 0
+        assert server.log_text().count(f'"POST {bench_load.PREDICT}" 200 ') == 2
+        assert "Traceback" not in server.log_text()

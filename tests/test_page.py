@@ -3,7 +3,6 @@
 import base64
 import io
 import json
-import threading
 import urllib.request
 
 import pytest
@@ -19,14 +18,9 @@ SCREENSHOT = "/tmp/captioner_page.png"
 
 
 @pytest.fixture(scope="module")
-def page_server(exported_out):
-    server = serve.make_server(exported_out / "saved_model", host="127.0.0.1", port=0, log_stream=io.StringIO())
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
+def page_server(exported_captioner):
+    with serve.CaptionServer(exported_captioner, serve.ServeSettings(port=0), log_stream=io.StringIO()) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

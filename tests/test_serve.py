@@ -7,9 +7,11 @@ import io
 import json
 import socket
 import threading
+import time
 
 import pytest
 from PIL import Image
+from prometheus_client import parser as prometheus_parser
 
 from pipeline import datasets, errors, features, serve
 from tests.conftest import wait_until
@@ -20,17 +22,12 @@ PREDICT = "/v1/models/captioner:predict"
 
 
 @pytest.fixture(scope="module")
-def live_server(exported_out):
-    """(server, log) with the server serving in a background thread until the module ends."""
+def live_server(exported_captioner):
+    """(server, log): a server with the default batching, serving in a background thread until the module ends."""
     log = io.StringIO()
-    server = serve.make_server(exported_out / "saved_model", host="127.0.0.1", port=0,
-                               max_body_mb=MAX_BODY_MB, max_images=MAX_IMAGES, log_stream=log)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server, log
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    settings = serve.ServeSettings(port=0, max_body_mb=MAX_BODY_MB, max_images=MAX_IMAGES)
+    with serve.CaptionServer(exported_captioner, settings, log_stream=log) as server:
+        yield server, log
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +38,11 @@ def demo_images(exported_out):
 
 
 @pytest.fixture(scope="module")
-def expected(live_server, demo_images):
+def expected(exported_captioner, demo_images):
     """{image bytes: (caption, score)} straight from the loaded SavedModel, one image per call."""
-    server, _ = live_server
     answers = {}
     for image_bytes in demo_images:
-        (caption_text,), (score,) = server.captioner.caption_images([image_bytes])
+        (caption_text,), (score,) = exported_captioner.caption_images([image_bytes])
         answers[image_bytes] = (caption_text, score)
     return answers
 
@@ -112,20 +108,48 @@ def test_tf_serving_request_variants(live_server, demo_images, expected, exporte
 
 def test_status_metadata_and_page(live_server):
     server, _ = live_server
-    status, answer, _ = request(server, "GET", "/v1/models/captioner")
+    for path in ("/v1/models/captioner", "/v1/models/captioner/versions/1"):
+        status, answer, _ = request(server, "GET", path)
+        assert status == 200
+        assert answer == {"model_version_status": [
+            {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+    status, answer, _ = request(server, "GET", "/v1/models/captioner/versions/1/metadata")
     assert status == 200
-    assert answer == {"model_version_status": [
-        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
-    status, answer, _ = request(server, "GET", "/v1/models/captioner/metadata")
-    assert status == 200
-    signatures = answer["metadata"]["signature_def"]
-    assert signatures["serving_default"]["inputs"] == {"images": {"dtype": "string", "shape": [-1]}}
-    assert signatures["caption_features"]["inputs"] == {"features": {"dtype": "float32", "shape": [-1, 2048]}}
-    assert answer["metadata"]["decode"]["beam_size"] == 3
+    assert answer["model_spec"] == {"name": "captioner", "signature_name": "", "version": "1"}
+    # TF Serving's shape: metadata.signature_def.signature_def, dtypes and shapes as its protos print them.
+    signatures = answer["metadata"]["signature_def"]["signature_def"]
+    assert {"serving_default", "caption_features"} <= set(signatures)
+    vector = {"dim": [{"size": "-1", "name": ""}], "unknown_rank": False}
+    serving = signatures["serving_default"]
+    assert serving["method_name"] == "tensorflow/serving/predict"
+    assert {name: (tensor["dtype"], tensor["tensor_shape"]) for name, tensor in serving["inputs"].items()} == {
+        "images": ("DT_STRING", vector)}
+    assert {name: (tensor["dtype"], tensor["tensor_shape"]) for name, tensor in serving["outputs"].items()} == {
+        "captions": ("DT_STRING", vector), "scores": ("DT_FLOAT", vector)}
+    features_input = signatures["caption_features"]["inputs"]["features"]
+    assert features_input["dtype"] == "DT_FLOAT"
+    assert features_input["tensor_shape"]["dim"] == [{"size": "-1", "name": ""}, {"size": "2048", "name": ""}]
+    assert answer["metadata"]["captioner"]["decode"]["beam_size"] == 3
+    status, answer, _ = request(server, "GET", "/v1/models/captioner/versions/2")
+    assert status == 404 and "no such resource" in answer["error"]
     status, page, response = request(server, "GET", "/")
     assert status == 200 and response.getheader("Content-Type") == "text/html; charset=utf-8"
     assert b'<input id="file" type="file"' in page and PREDICT.encode() in page
     assert b"http://" not in page and b"https://" not in page  # self-contained: nothing fetched elsewhere
+
+
+def test_columnar_format_answers_outputs_by_name(live_server, demo_images, expected):
+    server, _ = live_server
+    chosen = [demo_images[3], demo_images[1]]
+    instances = [{"b64": b64(image)} for image in chosen]
+    for inputs in ({"images": instances}, instances):  # TF Serving accepts both for a single input
+        status, answer, _ = request(server, "POST", "/v1/models/captioner/versions/1:predict", {"inputs": inputs})
+        assert status == 200
+        assert set(answer) == {"outputs"} and set(answer["outputs"]) == {"captions", "scores"}
+        assert answer["outputs"]["captions"] == [expected[image][0] for image in chosen]
+        assert answer["outputs"]["scores"] == pytest.approx([expected[image][1] for image in chosen], abs=1e-3)
+    status, answer, _ = request(server, "POST", PREDICT, {"inputs": {"pixels": instances}})
+    assert status == 400 and "must name the one input 'images'" in answer["error"]
 
 
 def _png(color, size=(40, 30)):
@@ -246,8 +270,125 @@ def test_one_log_line_per_request(live_server, demo_images):
     assert lines[1].startswith(f'127.0.0.1 "POST {PREDICT}" 200 ') and lines[1].endswith(" images=2")
 
 
-def test_make_server_refuses_bad_limits_and_missing_model(tmp_path, exported_out):
-    with pytest.raises(errors.PipelineError, match="--max-images must be at least 1"):
-        serve.make_server(exported_out / "saved_model", port=0, max_images=0)
+def test_make_server_refuses_bad_settings_and_missing_model(tmp_path, exported_out):
+    model = exported_out / "saved_model"
+    for settings, message in [({"max_images": 0}, "--max-images must be at least 1"),
+                              ({"max_batch_size": 0}, "--max-batch-size must be at least 1"),
+                              ({"batch_timeout_ms": -1}, "--batch-timeout-ms must be 0 or more"),
+                              ({"num_batch_threads": 0}, "--num-batch-threads must be at least 1"),
+                              ({"read_timeout_s": 0}, "--read-timeout-s must be positive")]:
+        with pytest.raises(errors.PipelineError, match=message):
+            serve.make_server(model, port=0, **settings)
     with pytest.raises(errors.PipelineError, match="no exported SavedModel here"):
         serve.make_server(tmp_path / "saved_model", port=0)
+
+
+def metric_samples(server):
+    """{(sample name, sorted label items): value} of the server's Prometheus page, parsed by prometheus_client."""
+    status, text, response = request(server, "GET", "/monitoring/prometheus/metrics")
+    assert status == 200 and response.getheader("Content-Type").startswith("text/plain")
+    samples = {}
+    for family in prometheus_parser.text_string_to_metric_families(text.decode("utf-8")):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_metrics_count_requests_latency_batches_and_images(live_server, demo_images):
+    server, _ = live_server
+    before = metric_samples(server)
+    request(server, "GET", "/v1/models/captioner")
+    request(server, "POST", PREDICT, {"instances": [{"b64": b64(demo_images[0])}, {"b64": b64(demo_images[1])}]})
+    request(server, "POST", PREDICT, {"instances": [{"b64": "@@"}]})
+    after = metric_samples(server)
+
+    def change(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert change("captioner_requests_total", route="status", status="200") == 1
+    assert change("captioner_requests_total", route="predict", status="200") == 1
+    assert change("captioner_requests_total", route="predict", status="400") == 1
+    assert change("captioner_requests_total", route="metrics", status="200") == 1  # the `before` read
+    assert change("captioner_request_latency_seconds_count", route="predict") == 2
+    assert change("captioner_request_latency_seconds_sum", route="predict") > 0
+    assert change("captioner_request_latency_seconds_bucket", route="predict", le="+Inf") == 2
+    assert change("captioner_images_captioned_total", signature="serving_default") == 2
+    assert change("captioner_batch_size_count", signature="serving_default") == 1
+    assert change("captioner_batch_size_sum", signature="serving_default") == 2
+
+
+@pytest.fixture(scope="module")
+def batching_server(exported_captioner):
+    """A server whose batches wait up to 500 ms to fill, so concurrent requests surely share a model call."""
+    settings = serve.ServeSettings(port=0, max_images=MAX_IMAGES, max_batch_size=16, batch_timeout_ms=500)
+    with serve.CaptionServer(exported_captioner, settings, log_stream=io.StringIO()) as server:
+        yield server
+
+
+def _concurrently(server, bodies):
+    """The (status, answer, response) of each body POSTed to predict, all sent at once from their own threads."""
+    barrier = threading.Barrier(len(bodies))
+
+    def call(body):
+        barrier.wait()
+        return request(server, "POST", PREDICT, body)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        return list(pool.map(call, bodies))
+
+
+def test_concurrent_requests_share_a_model_call_and_get_their_own_predictions(batching_server, demo_images,
+                                                                             expected):
+    jobs = [[demo_images[0]], [demo_images[2], demo_images[1]], [demo_images[3]],
+            [demo_images[4], demo_images[0], demo_images[2]], [demo_images[1]]]
+    before = metric_samples(batching_server)
+    results = _concurrently(batching_server, [{"instances": [{"b64": b64(image)} for image in job]} for job in jobs])
+    for job, (status, answer, _) in zip(jobs, results):
+        assert status == 200
+        assert_prediction(answer, [expected[image] for image in job])
+    after = metric_samples(batching_server)
+    key = ("captioner_batch_size_count", (("signature", "serving_default"),))
+    calls = after[key] - before.get(key, 0.0)
+    sum_key = ("captioner_batch_size_sum", (("signature", "serving_default"),))
+    assert after[sum_key] - before.get(sum_key, 0.0) == sum(map(len, jobs))
+    assert calls < len(jobs)  # at least two requests shared a model call
+
+
+def test_an_instance_that_does_not_decode_fails_only_its_own_request(batching_server, demo_images, expected):
+    # Passes the header check (a whole PNG header), fails the model's decode: the batch is refused,
+    # then each request runs on its own.
+    undecodable = _png((9, 9, 9))[:40]
+    jobs = [[demo_images[0], demo_images[1]], [demo_images[2], undecodable], [demo_images[3]]]
+    before = metric_samples(batching_server)
+    results = _concurrently(batching_server, [{"instances": [{"b64": b64(image)} for image in job]} for job in jobs])
+    status, answer, _ = results[1]
+    assert status == 400 and answer["error"].startswith("instances[1]: not a readable"), answer
+    for job, (status, answer, _) in (pair for index, pair in enumerate(zip(jobs, results)) if index != 1):
+        assert status == 200
+        assert_prediction(answer, [expected[image] for image in job])
+    after = metric_samples(batching_server)
+    key = ("captioner_images_captioned_total", (("signature", "serving_default"),))
+    assert after[key] - before.get(key, 0.0) == 3
+
+
+def test_a_body_that_stalls_gets_408_after_the_read_timeout(exported_captioner, demo_images, expected):
+    settings = serve.ServeSettings(port=0, read_timeout_s=1.0)
+    with serve.CaptionServer(exported_captioner, settings, log_stream=io.StringIO()) as server:
+        body = json.dumps({"instances": [{"b64": b64(demo_images[0])}]}).encode()
+        with socket.create_connection(server.server_address, timeout=30) as connection:
+            connection.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                               + body[:len(body) // 2])
+            sent = time.monotonic()
+            response = connection.makefile("rb").read()  # to the server's close
+            waited = time.monotonic() - sent
+        head, _, answer = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in head
+        assert "--read-timeout-s" in json.loads(answer)["error"]
+        assert waited >= 0.9  # not answered before the client had its second to send the rest
+        # A connection that never sends a request is closed after the timeout too.
+        with socket.create_connection(server.server_address, timeout=30) as idle:
+            assert idle.recv(1) == b""
+        status, answer, _ = request(server, "POST", PREDICT, {"instances": [{"b64": b64(demo_images[0])}]})
+        assert status == 200
+        assert_prediction(answer, [expected[demo_images[0]]])
