@@ -14,6 +14,9 @@ uses since version 2) or "keras" (the plain Keras model). Version 1 caches lack 
 were all written by the plain model: they read as encoder_graph="keras" and stay valid
 for train, evaluate and export (the same weights, the same fingerprint, features equal
 to cosine >= 0.99999 at fp32). Only adding rows to one is refused (see `check_graph`).
+Version 2 also marks the decoding that turns a JPEG with an EXIF orientation upright
+before the resize (`models.encoder.exif_orientation`); a version 1 cache saw such photos
+as stored (sideways), one more reason new rows are never added to it.
 
 Crash safety: a batch is appended (datasets resized and written, file flushed) before
 `num_rows` is raised and flushed again, so `num_rows` only ever counts rows whose
