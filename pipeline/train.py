@@ -23,6 +23,7 @@ Training reads one endless stream of epochs (`make_training_dataset`), so epoch 
 same batches whatever the distribution strategy and whether or not the run was resumed.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -634,6 +635,28 @@ def _distribute_datasets(strategy, make_train, make_val):
             strategy.distribute_datasets_from_function(make_val))
 
 
+@contextlib.contextmanager
+def _lost_worker_errors(config, checkpoint_dir):
+    """Turns a multi-worker collective that failed for want of a peer into one PipelineError line.
+
+    A worker that dies (or never comes) stops the others in their next collective: the
+    coordination service reports it unhealthy when its heartbeats stop, or the collective
+    times out (COLLECTIVE_TIMEOUT_SECONDS). Every worker must then be restarted with --resume.
+    """
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+            tf.errors.AbortedError) as error:
+        if config.train.strategy != "multiworker":
+            raise
+        raise errors.PipelineError(
+            f"train: the cluster of TF_CONFIG lost a worker ({' '.join(errors.op_error_reason(error).split())}); "
+            f"restart every worker with `train --resume` to continue after epoch {_checkpoint_epoch(checkpoint_dir) or 0}"
+        ) from None
+
+
 def _worker_scratch_dir(out_dir, strategy):
     """A new, empty OUT/.worker-TYPE-INDEX.tmp/ for a non-chief worker's writes (Path).
 
@@ -778,7 +801,6 @@ def run_train(out_dir, overrides, resume=False):
     config = saved_config.replace(overrides)
     _check_settings(config)
     import keras
-    import tensorflow as tf
 
     # Before anything else touches TF: MultiWorkerMirroredStrategy must configure the
     # collective ops at startup, and TF_CONFIG problems should stop the run first.
@@ -794,7 +816,9 @@ def run_train(out_dir, overrides, resume=False):
             raise errors.ArtifactError(
                 f"{checkpoint_dir}: no checkpoint to resume from; run `train` without --resume"
             )
-        if dataclasses.asdict(saved_config.decoder) != dataclasses.asdict(config.decoder):
+        # The chief's config.json describes the checkpoint; another worker's OUT may hold
+        # only the cache's (it never writes OUT).
+        if is_chief and dataclasses.asdict(saved_config.decoder) != dataclasses.asdict(config.decoder):
             raise errors.PipelineError(
                 f"--resume cannot change the decoder's shape (checkpoint: {dataclasses.asdict(saved_config.decoder)}, "
                 f"asked: {dataclasses.asdict(config.decoder)}); train without --resume instead"
@@ -814,7 +838,7 @@ def run_train(out_dir, overrides, resume=False):
     batch_size = config.train.batch_size
     steps_per_epoch = -(-len(data.train) // batch_size)
     keras.utils.set_random_seed(config.seed)
-    with strategy.scope():
+    with _lost_worker_errors(config, checkpoint_dir), strategy.scope():
         model = build_model(config, config.decoder.vocab_size, data.feature_dim,
                             steps_per_execution=steps_per_execution_for(steps_per_epoch))
     # Endless, epoch e's order fixed by (seed, e): a resumed run trains on the batches
@@ -847,17 +871,12 @@ def run_train(out_dir, overrides, resume=False):
     callbacks = _make_callbacks(out_dir, config, history, is_chief, write_dir)
     fit_started = time.monotonic()
     try:
-        model.fit(
-            train_dataset, steps_per_epoch=steps_per_epoch, validation_data=val_dataset, epochs=config.train.epochs,
-            callbacks=callbacks, verbose=2, shuffle=False,  # the dataset shuffles itself, seeded
-        )
-    except tf.errors.OpError as error:
-        if config.train.strategy != "multiworker":
-            raise
-        raise errors.PipelineError(
-            f"train: the cluster of TF_CONFIG lost a worker ({errors.op_error_reason(error)}); restart every "
-            f"worker with `train --resume` to continue from epoch {_checkpoint_epoch(checkpoint_dir) or 0}"
-        ) from None
+        with _lost_worker_errors(config, checkpoint_dir):
+            model.fit(
+                train_dataset, steps_per_epoch=steps_per_epoch, validation_data=val_dataset,
+                epochs=config.train.epochs, callbacks=callbacks, verbose=2,
+                shuffle=False,  # the dataset shuffles itself, seeded
+            )
     except (OSError, RuntimeError) as error:
         # h5py reports a failed checkpoint write as OSError, a failed flush or close as
         # RuntimeError; any other RuntimeError is a bug and keeps its traceback.
