@@ -51,9 +51,11 @@ SORT_WINDOW_BATCHES = 16
 STEPS_PER_EXECUTION = 4
 # Batches tf.data prepares ahead of the training step (a gather and a pad: far faster than the step).
 PREFETCH_BATCHES = 2
-# A collective across workers that has not completed in this time fails, so the survivors
-# of a lost worker stop (for a restart with --resume) instead of waiting forever.
-COLLECTIVE_TIMEOUT_SECONDS = 120
+# A collective across workers that has not completed in this time fails, so workers whose
+# peer hangs stop (for a restart with --resume) instead of waiting forever. A dead peer is
+# found sooner, by the coordination service's heartbeats. Generous: the first collective
+# (the variables' initial values) also waits for the slowest worker to load its cache.
+COLLECTIVE_TIMEOUT_SECONDS = 600
 
 
 @dataclasses.dataclass
@@ -651,9 +653,12 @@ def _lost_worker_errors(config, checkpoint_dir):
             tf.errors.AbortedError) as error:
         if config.train.strategy != "multiworker":
             raise
+        finished = _checkpoint_epoch(checkpoint_dir)
+        advice = (f"restart every worker with `train --resume` to continue after epoch {finished}" if finished else
+                  "restart every worker with `train --resume` (without it if the chief has no checkpoint yet)")
         raise errors.PipelineError(
             f"train: the cluster of TF_CONFIG lost a worker ({' '.join(errors.op_error_reason(error).split())}); "
-            f"restart every worker with `train --resume` to continue after epoch {_checkpoint_epoch(checkpoint_dir) or 0}"
+            f"{advice}"
         ) from None
 
 
