@@ -44,7 +44,8 @@ FLAGS = ["--epochs", "3", "--batch-size", "128", "--embedding-dim", "64", "--uni
 WORKER_SECONDS = 1800
 
 
-def _free_ports(count):
+def free_ports(count):
+    """`count` TCP ports (ints) free on 127.0.0.1 a moment ago, for a loopback cluster."""
     sockets = [socket.socket() for _ in range(count)]
     for each in sockets:
         each.bind(("127.0.0.1", 0))
@@ -54,18 +55,22 @@ def _free_ports(count):
     return ports
 
 
+def worker_tf_config(addresses, index):
+    """The TF_CONFIG (str) of worker `index` of a cluster of workers at `addresses` ("host:port")."""
+    return json.dumps({"cluster": {"worker": list(addresses)}, "task": {"type": "worker", "index": index}})
+
+
 def _train(outs):
     """Runs `train` on each OUT (one process, or one worker per OUT); returns the wall seconds."""
     repo = Path(__file__).resolve().parents[1]
-    addresses = [f"127.0.0.1:{port}" for port in _free_ports(len(outs))]
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(len(outs))]
     started = time.monotonic()
     processes = []
     for index, out in enumerate(outs):
         environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
         command = [sys.executable, "run_pipeline.py", "train", "--out", str(out), *FLAGS]
         if len(outs) > 1:
-            environment["TF_CONFIG"] = json.dumps(
-                {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
+            environment["TF_CONFIG"] = worker_tf_config(addresses, index)
             command += ["--strategy", "multiworker"]
         processes.append(subprocess.Popen(command, cwd=repo, env=environment, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.PIPE, text=True))

@@ -545,8 +545,8 @@ def make_strategy(name):
         return tf.distribute.MirroredStrategy([device.name for device in devices])
     if name == "multiworker":
         check_tf_config(os.environ.get("TF_CONFIG"))
-        return _nested_reduce_multiworker_strategy()(communication_options=tf.distribute.experimental.CommunicationOptions(
-            timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS))
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS)
+        return _nested_reduce_multiworker_strategy()(communication_options=options)
     return tf.distribute.get_strategy()
 
 

@@ -6,15 +6,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
+from benchmarks import bench_multiworker
 from pipeline import train
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -26,40 +27,39 @@ WORKER_SECONDS = 240
 POLL_SECONDS = 0.02
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for each in sockets:
-        each.bind(("127.0.0.1", 0))
-    ports = [each.getsockname()[1] for each in sockets]
-    for each in sockets:
-        each.close()
-    return ports
+def _start_workers(outs, log_dir, extra=()):
+    """One `train --strategy multiworker` process per OUT, worker i on the i-th free port.
 
-
-def _start_workers(outs, extra=()):
-    """One `train --strategy multiworker` process per OUT, worker i on the i-th free port."""
-    addresses = [f"127.0.0.1:{port}" for port in _free_ports(len(outs))]
-    processes = []
+    Returns [(process, path of its stderr log)]: a file, not a pipe nobody reads while
+    the test polls, which could fill and stall a worker.
+    """
+    addresses = [f"127.0.0.1:{port}" for port in bench_multiworker.free_ports(len(outs))]
+    workers = []
     for index, out in enumerate(outs):
-        tf_config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
-        environment = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "CUDA_VISIBLE_DEVICES": ""}
-        processes.append(subprocess.Popen(
-            [sys.executable, "run_pipeline.py", "train", "--out", str(out), "--strategy", "multiworker", *FLAGS, *extra],
-            cwd=REPOSITORY, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    return processes
+        environment = {**os.environ, "TF_CONFIG": bench_multiworker.worker_tf_config(addresses, index),
+                       "CUDA_VISIBLE_DEVICES": ""}
+        log = Path(log_dir) / f"worker{index}{'-resumed' if extra else ''}.log"
+        with open(log, "w") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "run_pipeline.py", "train", "--out", str(out), "--strategy", "multiworker",
+                 *FLAGS, *extra],
+                cwd=REPOSITORY, env=environment, stdout=subprocess.DEVNULL, stderr=stderr)
+        workers.append((process, log))
+    return workers
 
 
-def _finish(processes):
-    """[(returncode, stderr)] of every process, each given WORKER_SECONDS at most."""
+def _finish(workers):
+    """[(returncode, stderr text)] of every worker, each given WORKER_SECONDS at most."""
     results = []
-    for process in processes:
+    for process, log in workers:
         try:
-            _, stderr = process.communicate(timeout=WORKER_SECONDS)
+            process.wait(timeout=WORKER_SECONDS)
         except subprocess.TimeoutExpired:
-            for each in processes:
+            for each, _ in workers:
                 each.kill()
+                each.wait()
             pytest.fail(f"a worker did not end within {WORKER_SECONDS} s")
-        results.append((process.returncode, stderr))
+        results.append((process.returncode, log.read_text()))
     return results
 
 
@@ -93,18 +93,22 @@ def test_two_workers_killed_and_resumed_train_like_one_process(extracted_out, tm
     scratch = worker_out / ".worker-worker-1.tmp"
 
     # Run 1: SIGKILL worker 1 inside epoch 2, once the chief has checkpointed epoch 1.
-    chief, worker = _start_workers([chief_out, worker_out])
+    workers = _start_workers([chief_out, worker_out], tmp_path)
+    (chief, chief_log), (worker, _) = workers
     deadline = time.monotonic() + WORKER_SECONDS
     while _history_epochs(chief_out) != [1] and time.monotonic() < deadline:
         if chief.poll() is not None:
             worker.kill()
-            pytest.fail(f"the chief ended (code {chief.returncode}) before epoch 1: {chief.stderr.read()[-3000:]}")
+            worker.wait()
+            pytest.fail(f"the chief ended (code {chief.returncode}) before epoch 1: {chief_log.read_text()[-3000:]}")
         time.sleep(POLL_SECONDS)
     assert _history_epochs(chief_out) == [1] and _checkpoint_epoch(chief_out) == 1, "epoch 1 was not recorded in time"
     assert scratch.is_dir()  # the non-chief's checkpoints and logs go there, not to its OUT
     worker.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
     # The chief, blocked in a collective with the dead worker, must end by itself.
-    (chief_code, chief_stderr), (worker_code, _) = _finish([chief, worker])
+    (chief_code, chief_stderr), (worker_code, _) = _finish(workers)
+    print(f"the chief ended {time.monotonic() - killed:.1f} s after the kill")
     assert worker_code == -signal.SIGKILL
     assert chief_code == 2, chief_stderr[-3000:]
     assert "lost a worker" in chief_stderr and "--resume" in chief_stderr, chief_stderr[-3000:]
@@ -115,7 +119,7 @@ def test_two_workers_killed_and_resumed_train_like_one_process(extracted_out, tm
     # is copied to the other machine first (README, "Beyond one machine").
     shutil.copytree(chief_out / train.CHECKPOINT_DIR, worker_out / train.CHECKPOINT_DIR)
     copied = {path: path.read_bytes() for path in (worker_out / train.CHECKPOINT_DIR).iterdir()}
-    results = _finish(_start_workers([chief_out, worker_out], ["--resume"]))
+    results = _finish(_start_workers([chief_out, worker_out], tmp_path, ["--resume"]))
     for code, stderr in results:
         assert code == 0, "\n\n".join(stderr[-3000:] for _, stderr in results)
         assert "resuming after epoch 1 of 2" in stderr and "1 epochs run (now 2 of 2)" in stderr
@@ -127,13 +131,17 @@ def test_two_workers_killed_and_resumed_train_like_one_process(extracted_out, tm
     # Nothing half-written in the chief's OUT: no temporary left, every artifact loads.
     assert not [path for path in chief_out.rglob("*") if ".tmp" in path.name]
     json.loads((chief_out / train.HISTORY_FILE).read_text())
+    for weights in (chief_out / train.CHECKPOINT_DIR).glob("*.h5*"):
+        h5py.File(weights, "r").close()
 
     # One process, same global batch and seed, two uninterrupted epochs: the same weights.
     reference_out = tmp_path / "one_process"
     shutil.copytree(extracted_out, reference_out)
     train.run_train(reference_out, dict(OVERRIDES))
     reference, distributed = _weights(reference_out), _weights(chief_out)
-    assert max(float(np.max(np.abs(a - b))) for a, b in zip(reference, distributed)) < 1e-5
+    difference = max(float(np.max(np.abs(a - b))) for a, b in zip(reference, distributed))
+    print(f"largest weight difference from one process: {difference:.2e}")
+    assert difference < 1e-5
     losses = [[entry["loss"] for entry in train.read_history(out)] for out in (reference_out, chief_out)]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
 
