@@ -565,7 +565,8 @@ def _nested_reduce_multiworker_strategy():
     the same shape on every worker (`_replica_slices`), as the collective needs. Keras also
     reduces the replicas' scalar logs with `axis=0`, which fails on a scalar ("Invalid
     reduction dimension 0 for input with 0 dimensions"); the mean of scalars over replicas
-    is their reduction with `axis=None`.
+    is their reduction with `axis=None`. (Reported upstream as keras-team/keras#20329 and
+    #20585: Keras 3 `fit` under MultiWorkerMirroredStrategy.)
     """
     if _NESTED_REDUCE_STRATEGY:
         return _NESTED_REDUCE_STRATEGY[0]
