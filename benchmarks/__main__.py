@@ -27,6 +27,7 @@ BENCHMARKS = {
     "bench_serving": "SavedModel latency, folded and plain encoder; encoder and beam-search ms per image",
     "bench_memory": "training peak memory on a small and a 20x larger cache",
     "bench_load": "HTTP server under load: batching against --max-batch-size 1, latency and memory",
+    "bench_multiworker": "two-worker train on loopback beside one process: epoch time, weight agreement",
 }
 
 # figure -> (target description, test on the value or None)
@@ -71,6 +72,10 @@ TARGETS = {
     "serve_unbatched_p99_ms": ("", None),
     "serve_failed_good": ("== 0", lambda value: value == 0),
     "serve_rss_growth": ("< 0.10", lambda value: value < 0.10),
+    "one_process_epoch_seconds": ("", None),
+    "multiworker_epoch_seconds": ("", None),
+    "multiworker_epoch_ratio": ("", None),
+    "multiworker_weight_difference": ("< 1e-4", lambda value: value < 1e-4),
 }
 
 

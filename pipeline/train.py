@@ -23,6 +23,7 @@ Training reads one endless stream of epochs (`make_training_dataset`), so epoch 
 same batches whatever the distribution strategy and whether or not the run was resumed.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -50,6 +51,11 @@ SORT_WINDOW_BATCHES = 16
 STEPS_PER_EXECUTION = 4
 # Batches tf.data prepares ahead of the training step (a gather and a pad: far faster than the step).
 PREFETCH_BATCHES = 2
+# A collective across workers that has not completed in this time fails, so workers whose
+# peer hangs stop (for a restart with --resume) instead of waiting forever. A dead peer is
+# found sooner, by the coordination service's heartbeats. Generous: the first collective
+# (the variables' initial values) also waits for the slowest worker to load its cache.
+COLLECTIVE_TIMEOUT_SECONDS = 600
 
 
 @dataclasses.dataclass
@@ -230,6 +236,39 @@ def _caption_batches(split, batch_size, shuffle_seed, sort_window_batches):
     return epoch_batches, num_batches
 
 
+def _replica_slices(dataset, input_context):
+    """Global batches -> this input pipeline's per-replica slices of each (multi-worker input).
+
+    dataset: tf.data.Dataset of global batches `(rows int32 [b], token_ids int32 [b, L])`.
+    input_context: tf.distribute.InputContext of this worker (R replicas in all, r of them
+    local, this pipeline's first replica index p * r).
+    Returns a tf.data.Dataset of `(rows int32 [s], token_ids int32 [s, L])`, s = ceil(b / R):
+    for each global batch, in order, the slices of replicas p * r .. p * r + r - 1, which
+    `distribute_datasets_from_function` hands to the local replicas in turn. Replica k takes
+    captions k * s .. (k + 1) * s - 1 of the batch, so every caption of an epoch goes to
+    exactly one replica once. The last replicas' slices are filled up to s with rows whose
+    tokens are all PAD_ID (feature row 0): they hold no target, so they add nothing to the
+    loss, its token count or the gradient, and every replica's slice has one shape, as the
+    cross-worker collectives on a batch (Keras' first-batch peek) require.
+    """
+    import tensorflow as tf
+
+    num_replicas = input_context.num_replicas_in_sync
+    local_replicas = num_replicas // input_context.num_input_pipelines
+    first = input_context.input_pipeline_id * local_replicas
+
+    def slices(rows, token_ids):
+        per_replica = -(-tf.shape(rows)[0] // num_replicas)
+        padding = per_replica * num_replicas - tf.shape(rows)[0]
+        rows = tf.pad(rows, [[0, padding]])
+        token_ids = tf.pad(token_ids, [[0, padding], [0, 0]], constant_values=np.int32(text.PAD_ID))
+        rows = tf.reshape(rows, [num_replicas, per_replica])[first:first + local_replicas]
+        token_ids = tf.reshape(token_ids, [num_replicas, per_replica, -1])[first:first + local_replicas]
+        return tf.data.Dataset.from_tensor_slices((rows, token_ids))
+
+    return dataset.flat_map(slices)
+
+
 def _to_model_batches(dataset, feature_rows):
     """(rows, token_ids) batches -> the model's (inputs, targets) batches, prefetched."""
     import tensorflow as tf
@@ -244,13 +283,14 @@ def _to_model_batches(dataset, feature_rows):
 
     dataset = dataset.map(to_model_inputs, num_parallel_calls=tf_data.cpu_count())
     options = tf_data.untuned_options()
-    # Elements come from in-memory tensors, not files: shard by element across workers.
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    # Each worker takes its slice of every global batch itself (`_replica_slices`); tf.data's
+    # auto-sharding would instead hand whole global batches to alternate workers.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return dataset.with_options(options).prefetch(PREFETCH_BATCHES)
 
 
 def make_caption_dataset(split, feature_rows, batch_size, *, shuffle_seed=None, epoch=0,
-                         sort_window_batches=SORT_WINDOW_BATCHES):
+                         sort_window_batches=SORT_WINDOW_BATCHES, input_context=None):
     """One epoch of one split as a tf.data pipeline (validation, tests, benchmarks).
 
     Args:
@@ -269,6 +309,9 @@ def make_caption_dataset(split, feature_rows, batch_size, *, shuffle_seed=None, 
             captions of nearly one length, so padding (which the LSTM and the vocabulary-wide
             softmax compute on like on real words) almost vanishes, while which captions meet
             in a batch stays random. 1 turns it off.
+        input_context: None, or the tf.distribute.InputContext a multi-worker strategy passes
+            to `distribute_datasets_from_function`: the dataset then gives this worker's
+            per-replica slices of each global batch (`_replica_slices`).
     Returns:
         tf.data.Dataset of `({"image_features": float32 [B, D], "caption_tokens": int32 [B, T]},
         targets int32 [B, T])`, T = the batch's longest caption + 1, padded with 0; targets are
@@ -278,23 +321,28 @@ def make_caption_dataset(split, feature_rows, batch_size, *, shuffle_seed=None, 
 
     epoch_batches, num_batches = _caption_batches(split, batch_size, shuffle_seed, sort_window_batches)
     dataset = epoch_batches(tf.constant(epoch, tf.int64))
+    if input_context is not None:
+        dataset = _replica_slices(dataset, input_context)
+        num_batches *= input_context.num_replicas_in_sync // input_context.num_input_pipelines
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_batches))
     return _to_model_batches(dataset, feature_rows)
 
 
 def make_training_dataset(split, feature_rows, batch_size, *, shuffle_seed, initial_epoch=0,
-                          sort_window_batches=SORT_WINDOW_BATCHES):
+                          sort_window_batches=SORT_WINDOW_BATCHES, input_context=None):
     """The endless training stream: epochs `initial_epoch`, `initial_epoch + 1`, ... back to back.
 
     Epoch `e` holds exactly the batches of `make_caption_dataset(..., shuffle_seed, epoch=e)`;
     train on it with `model.fit(..., steps_per_epoch=ceil(len(split) / batch_size))` and a
     `steps_per_execution` dividing that (`steps_per_execution_for`), so no execution spans
-    two epochs. Element spec as `make_caption_dataset`.
+    two epochs. Element spec and `input_context` as `make_caption_dataset`.
     """
     import tensorflow as tf
 
     epoch_batches, _ = _caption_batches(split, batch_size, shuffle_seed, sort_window_batches)
     dataset = tf.data.Dataset.counter(start=initial_epoch, dtype=tf.int64).flat_map(epoch_batches)
+    if input_context is not None:
+        dataset = _replica_slices(dataset, input_context)
     return _to_model_batches(dataset, feature_rows)
 
 
@@ -497,8 +545,47 @@ def make_strategy(name):
         return tf.distribute.MirroredStrategy([device.name for device in devices])
     if name == "multiworker":
         check_tf_config(os.environ.get("TF_CONFIG"))
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS)
+        return _nested_reduce_multiworker_strategy()(communication_options=options)
     return tf.distribute.get_strategy()
+
+
+_NESTED_REDUCE_STRATEGY = []
+
+
+def _nested_reduce_multiworker_strategy():
+    """`tf.distribute.MultiWorkerMirroredStrategy` whose `reduce` takes what Keras 3 gives it.
+
+    Keras 3's `fit` and `evaluate` peek at one distributed batch to build the model and
+    hand the whole batch, a dict of PerReplica values, to `strategy.reduce`.
+    MirroredStrategy reduces such a nest leaf by leaf; the collective strategy's
+    `_reduce_to` converts its argument to one tensor and fails ("Attempt to convert a value
+    ({'image_features': PerReplica:{...}, ...}) with an unsupported type (<class 'dict'>)").
+    Reducing each leaf on its own is what MirroredStrategy does; the leaves of a batch have
+    the same shape on every worker (`_replica_slices`), as the collective needs. Keras also
+    reduces the replicas' scalar logs with `axis=0`, which fails on a scalar ("Invalid
+    reduction dimension 0 for input with 0 dimensions"); the mean of scalars over replicas
+    is their reduction with `axis=None`. (Reported upstream as keras-team/keras#20329 and
+    #20585: Keras 3 `fit` under MultiWorkerMirroredStrategy.)
+    """
+    if _NESTED_REDUCE_STRATEGY:
+        return _NESTED_REDUCE_STRATEGY[0]
+    import tensorflow as tf
+
+    class NestedReduceMultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+        def reduce(self, reduce_op, value, axis):
+            reduce = super().reduce
+
+            def reduce_leaf(leaf):
+                # Keras reduces each replica's scalar logs (loss, metrics) "along axis 0":
+                # for scalars that is the mean over replicas, axis None.
+                scalar = all(local.shape.rank == 0 for local in self.experimental_local_results(leaf))
+                return reduce(reduce_op, leaf, None if scalar else axis)
+
+            return tf.nest.map_structure(reduce_leaf, value)
+
+    _NESTED_REDUCE_STRATEGY.append(NestedReduceMultiWorkerMirroredStrategy)
+    return NestedReduceMultiWorkerMirroredStrategy
 
 
 def check_tf_config(raw):
@@ -534,6 +621,61 @@ def check_tf_config(raw):
         )
 
 
+def _distribute_datasets(strategy, make_train, make_val):
+    """(train, val) datasets for `model.fit` under `strategy`.
+
+    make_train, make_val: input_context (tf.distribute.InputContext or None) -> tf.data.Dataset.
+    Under a multi-worker strategy every worker builds the same global batches and takes
+    its replicas' slices of each (`_replica_slices`), through
+    `strategy.distribute_datasets_from_function`; elsewhere the plain global-batch
+    datasets, which Keras splits across the local replicas itself.
+    """
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return make_train(None), make_val(None)
+    return (strategy.distribute_datasets_from_function(make_train),
+            strategy.distribute_datasets_from_function(make_val))
+
+
+@contextlib.contextmanager
+def _lost_worker_errors(config, checkpoint_dir):
+    """Turns a multi-worker collective that failed for want of a peer into one PipelineError line.
+
+    A worker that dies (or never comes) stops the others in their next collective: the
+    coordination service reports it unhealthy when its heartbeats stop, or the collective
+    times out (COLLECTIVE_TIMEOUT_SECONDS). Every worker must then be restarted with --resume.
+    """
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+            tf.errors.AbortedError) as error:
+        if config.train.strategy != "multiworker":
+            raise
+        finished = _checkpoint_epoch(checkpoint_dir)
+        advice = (f"restart every worker with `train --resume` to continue after epoch {finished}" if finished else
+                  "restart every worker with `train --resume` (without it if the chief has no checkpoint yet)")
+        raise errors.PipelineError(
+            f"train: the cluster of TF_CONFIG lost a worker ({' '.join(errors.op_error_reason(error).split())}); "
+            f"{advice}"
+        ) from None
+
+
+def _worker_scratch_dir(out_dir, strategy):
+    """A new, empty OUT/.worker-TYPE-INDEX.tmp/ for a non-chief worker's writes (Path).
+
+    One per task, so workers sharing OUT never meet; a folder a killed worker left behind
+    is replaced when it restarts, and `run_train` removes it when the worker ends.
+    """
+    resolver = strategy.cluster_resolver
+    path = Path(out_dir) / f".worker-{resolver.task_type}-{resolver.task_id}.tmp"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    return path
+
+
 def _is_chief(strategy):
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
@@ -563,10 +705,12 @@ def _checkpoint_epoch(checkpoint_dir):
         raise errors.ArtifactError(f"{metadata}: damaged checkpoint metadata ({error}); train again without --resume")
 
 
-def _make_callbacks(out_dir, config, history, is_chief):
+def _make_callbacks(out_dir, config, history, is_chief, write_dir):
+    """The callbacks of `run_train`'s fit; checkpoints and TensorBoard logs go to `write_dir`
+    (OUT on the chief, a worker's scratch folder elsewhere); only the chief writes OUT."""
     import keras
 
-    out_dir = Path(out_dir)
+    out_dir, write_dir = Path(out_dir), Path(write_dir)
 
     class EpochRecorder(keras.callbacks.Callback):
         """Keeps decoder.keras (best val_loss, atomic) and history.json (every epoch, atomic).
@@ -593,6 +737,10 @@ def _make_callbacks(out_dir, config, history, is_chief):
             val_loss = entry.get("val_loss", math.inf)
             entry["best"] = bool(val_loss < self.best)
             if not is_chief:
+                # Every worker has the same logs (Keras reduces them across workers); the
+                # chief alone writes them.
+                history.append(entry)
+                self.best = min(self.best, val_loss)
                 return
             if val_loss < self.best:
                 self.best = val_loss
@@ -608,7 +756,7 @@ def _make_callbacks(out_dir, config, history, is_chief):
 
     callbacks = [
         keras.callbacks.BackupAndRestore(
-            str(out_dir / CHECKPOINT_DIR), save_freq="epoch", double_checkpoint=True,
+            str(write_dir / CHECKPOINT_DIR), save_freq="epoch", double_checkpoint=True,
             # Kept after a finished run: `--resume --epochs N` may extend it later.
             delete_checkpoint=False,
         ),
@@ -623,7 +771,7 @@ def _make_callbacks(out_dir, config, history, is_chief):
     ]
     if _tensorboard_installed():
         callbacks.append(
-            keras.callbacks.TensorBoard(log_dir=str(out_dir / LOG_DIR), update_freq="epoch", write_graph=False)
+            keras.callbacks.TensorBoard(log_dir=str(write_dir / LOG_DIR), update_freq="epoch", write_graph=False)
         )
     else:
         # tf.summary needs the tensorboard package; training is still worth running without it.
@@ -663,6 +811,7 @@ def run_train(out_dir, overrides, resume=False):
     # Before anything else touches TF: MultiWorkerMirroredStrategy must configure the
     # collective ops at startup, and TF_CONFIG problems should stop the run first.
     strategy = make_strategy(config.train.strategy)
+    is_chief = _is_chief(strategy)
     data = load_training_data(out_dir, config)
     config.decoder.vocab_size = len(data.vocabulary)
 
@@ -673,7 +822,9 @@ def run_train(out_dir, overrides, resume=False):
             raise errors.ArtifactError(
                 f"{checkpoint_dir}: no checkpoint to resume from; run `train` without --resume"
             )
-        if dataclasses.asdict(saved_config.decoder) != dataclasses.asdict(config.decoder):
+        # The chief's config.json describes the checkpoint; another worker's OUT may hold
+        # only the cache's (it never writes OUT).
+        if is_chief and dataclasses.asdict(saved_config.decoder) != dataclasses.asdict(config.decoder):
             raise errors.PipelineError(
                 f"--resume cannot change the decoder's shape (checkpoint: {dataclasses.asdict(saved_config.decoder)}, "
                 f"asked: {dataclasses.asdict(config.decoder)}); train without --resume instead"
@@ -681,25 +832,31 @@ def run_train(out_dir, overrides, resume=False):
         history = [entry for entry in read_history(out_dir) if entry.get("epoch", 0) <= finished]
     else:
         finished = 0
-        for stale in (checkpoint_dir, out_dir / LOG_DIR):
-            if stale.exists():
-                shutil.rmtree(stale)
-        (out_dir / HISTORY_FILE).unlink(missing_ok=True)
+        if is_chief:
+            for stale in (checkpoint_dir, out_dir / LOG_DIR):
+                if stale.exists():
+                    shutil.rmtree(stale)
+            (out_dir / HISTORY_FILE).unlink(missing_ok=True)
         history = []
-    config.save(out_dir)
+    if is_chief:
+        config.save(out_dir)
 
     batch_size = config.train.batch_size
     steps_per_epoch = -(-len(data.train) // batch_size)
     keras.utils.set_random_seed(config.seed)
-    with strategy.scope():
+    with _lost_worker_errors(config, checkpoint_dir), strategy.scope():
         model = build_model(config, config.decoder.vocab_size, data.feature_dim,
                             steps_per_execution=steps_per_execution_for(steps_per_epoch))
     # Endless, epoch e's order fixed by (seed, e): a resumed run trains on the batches
     # the uninterrupted run would have, and so does every distribution strategy.
-    train_dataset = make_training_dataset(
-        data.train, data.feature_rows, batch_size, shuffle_seed=config.seed, initial_epoch=finished,
+    train_dataset, val_dataset = _distribute_datasets(
+        strategy,
+        lambda input_context: make_training_dataset(
+            data.train, data.feature_rows, batch_size, shuffle_seed=config.seed, initial_epoch=finished,
+            input_context=input_context),
+        lambda input_context: make_caption_dataset(data.val, data.feature_rows, batch_size,
+                                                   input_context=input_context),
     )
-    val_dataset = make_caption_dataset(data.val, data.feature_rows, batch_size)
     print(
         f"train: {len(data.train)} train captions ({data.train.images} images), {len(data.val)} val captions "
         f"({data.val.images} images), vocabulary {config.decoder.vocab_size}, "
@@ -711,13 +868,21 @@ def run_train(out_dir, overrides, resume=False):
     if resume:
         print(f"train: resuming after epoch {finished} of {config.train.epochs}", file=sys.stderr)
 
-    callbacks = _make_callbacks(out_dir, config, history, _is_chief(strategy))
+    # Only the chief writes OUT (which several workers may share); the others keep their
+    # checkpoints and logs in a scratch folder of their own, removed when they end.
+    write_dir = out_dir if is_chief else _worker_scratch_dir(out_dir, strategy)
+    if resume and not is_chief:
+        # Every worker restores the chief's checkpoint: the same weights, optimizer state and epoch.
+        shutil.copytree(checkpoint_dir, write_dir / CHECKPOINT_DIR)
+    callbacks = _make_callbacks(out_dir, config, history, is_chief, write_dir)
     fit_started = time.monotonic()
     try:
-        model.fit(
-            train_dataset, steps_per_epoch=steps_per_epoch, validation_data=val_dataset, epochs=config.train.epochs,
-            callbacks=callbacks, verbose=2, shuffle=False,  # the dataset shuffles itself, seeded
-        )
+        with _lost_worker_errors(config, checkpoint_dir):
+            model.fit(
+                train_dataset, steps_per_epoch=steps_per_epoch, validation_data=val_dataset,
+                epochs=config.train.epochs, callbacks=callbacks, verbose=2,
+                shuffle=False,  # the dataset shuffles itself, seeded
+            )
     except (OSError, RuntimeError) as error:
         # h5py reports a failed checkpoint write as OSError, a failed flush or close as
         # RuntimeError; any other RuntimeError is a bug and keeps its traceback.
@@ -731,9 +896,12 @@ def run_train(out_dir, overrides, resume=False):
     finally:
         if isinstance(data.feature_rows, StreamedFeatures):
             data.feature_rows.close()
+        if not is_chief:
+            shutil.rmtree(write_dir, ignore_errors=True)
     fit_seconds = time.monotonic() - fit_started
     epochs_run = sum(1 for entry in history if entry["epoch"] > finished)
-    config.save(out_dir)
+    if is_chief:
+        config.save(out_dir)
 
     best = min((entry for entry in history if "val_loss" in entry), key=lambda entry: entry["val_loss"], default=None)
     captions_seen = epochs_run * len(data.train)

@@ -1,0 +1,172 @@
+"""`train --strategy multiworker` for real: two `run_pipeline.py train` processes on
+127.0.0.1 forming a `MultiWorkerMirroredStrategy` cluster from their `TF_CONFIG`, each
+with its own copy of the cache (two machines without shared storage)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from benchmarks import bench_multiworker
+from pipeline import train
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+FLAGS = ["--epochs", "2", "--batch-size", "32", "--units", "32", "--embedding-dim", "16", "--dropout", "0"]
+OVERRIDES = {"train.epochs": 2, "train.batch_size": 32, "decoder.units": 32, "decoder.embedding_dim": 16,
+             "decoder.dropout": 0.0}
+# Every wait is bounded: a hung worker fails the test, never the suite.
+WORKER_SECONDS = 240
+POLL_SECONDS = 0.02
+
+
+def _start_workers(outs, log_dir, extra=()):
+    """One `train --strategy multiworker` process per OUT, worker i on the i-th free port.
+
+    Returns [(process, path of its stderr log)]: a file, not a pipe nobody reads while
+    the test polls, which could fill and stall a worker.
+    """
+    addresses = [f"127.0.0.1:{port}" for port in bench_multiworker.free_ports(len(outs))]
+    workers = []
+    for index, out in enumerate(outs):
+        environment = {**os.environ, "TF_CONFIG": bench_multiworker.worker_tf_config(addresses, index),
+                       "CUDA_VISIBLE_DEVICES": ""}
+        log = Path(log_dir) / f"worker{index}{'-resumed' if extra else ''}.log"
+        with open(log, "w") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "run_pipeline.py", "train", "--out", str(out), "--strategy", "multiworker",
+                 *FLAGS, *extra],
+                cwd=REPOSITORY, env=environment, stdout=subprocess.DEVNULL, stderr=stderr)
+        workers.append((process, log))
+    return workers
+
+
+def _finish(workers):
+    """[(returncode, stderr text)] of every worker, each given WORKER_SECONDS at most."""
+    results = []
+    for process, log in workers:
+        try:
+            process.wait(timeout=WORKER_SECONDS)
+        except subprocess.TimeoutExpired:
+            for each, _ in workers:
+                each.kill()
+                each.wait()
+            pytest.fail(f"a worker did not end within {WORKER_SECONDS} s")
+        results.append((process.returncode, log.read_text()))
+    return results
+
+
+def _checkpoint_epoch(out):
+    metadata = out / train.CHECKPOINT_DIR / "training_metadata.json"
+    try:
+        return json.loads(metadata.read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _history_epochs(out):
+    return [entry["epoch"] for entry in train.read_history(out)]  # written atomically: whole or absent
+
+
+def _weights(out):
+    import keras
+
+    return keras.models.load_model(out / train.DECODER_FILE, compile=False).get_weights()
+
+
+def _listing(folder):
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+def test_two_workers_killed_and_resumed_train_like_one_process(extracted_out, tmp_path):
+    chief_out, worker_out = tmp_path / "machine0", tmp_path / "machine1"
+    for out in (chief_out, worker_out):
+        shutil.copytree(extracted_out, out)
+    cache_listing = _listing(worker_out)
+    scratch = worker_out / ".worker-worker-1.tmp"
+
+    # Run 1: SIGKILL worker 1 inside epoch 2, once the chief has checkpointed epoch 1.
+    workers = _start_workers([chief_out, worker_out], tmp_path)
+    (chief, chief_log), (worker, _) = workers
+    deadline = time.monotonic() + WORKER_SECONDS
+    while _history_epochs(chief_out) != [1] and time.monotonic() < deadline:
+        if chief.poll() is not None:
+            worker.kill()
+            worker.wait()
+            pytest.fail(f"the chief ended (code {chief.returncode}) before epoch 1: {chief_log.read_text()[-3000:]}")
+        time.sleep(POLL_SECONDS)
+    assert _history_epochs(chief_out) == [1] and _checkpoint_epoch(chief_out) == 1, "epoch 1 was not recorded in time"
+    assert scratch.is_dir()  # the non-chief's checkpoints and logs go there, not to its OUT
+    worker.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    # The chief, blocked in a collective with the dead worker, must end by itself.
+    (chief_code, chief_stderr), (worker_code, _) = _finish(workers)
+    print(f"the chief ended {time.monotonic() - killed:.1f} s after the kill")
+    assert worker_code == -signal.SIGKILL
+    assert chief_code == 2, chief_stderr[-3000:]
+    assert "lost a worker" in chief_stderr and "--resume" in chief_stderr, chief_stderr[-3000:]
+    # Killed inside epoch 2: the chief's OUT still holds epoch 1, complete.
+    assert _checkpoint_epoch(chief_out) == 1 and _history_epochs(chief_out) == [1]
+
+    # Run 2: both restarted with --resume; without shared storage the chief's checkpoint
+    # is copied to the other machine first (README, "Beyond one machine").
+    shutil.copytree(chief_out / train.CHECKPOINT_DIR, worker_out / train.CHECKPOINT_DIR)
+    copied = {path: path.read_bytes() for path in (worker_out / train.CHECKPOINT_DIR).iterdir()}
+    results = _finish(_start_workers([chief_out, worker_out], tmp_path, ["--resume"]))
+    for code, stderr in results:
+        assert code == 0, "\n\n".join(stderr[-3000:] for _, stderr in results)
+        assert "resuming after epoch 1 of 2" in stderr and "1 epochs run (now 2 of 2)" in stderr
+    assert _history_epochs(chief_out) == [1, 2] and _checkpoint_epoch(chief_out) == 2
+    # Worker 1 left its OUT as the cache plus the copied checkpoint, byte for byte, and removed its scratch folder.
+    assert _listing(worker_out) == sorted(cache_listing + [train.CHECKPOINT_DIR] + [
+        f"{train.CHECKPOINT_DIR}/{path.name}" for path in copied])
+    assert all(path.read_bytes() == content for path, content in copied.items())
+    # Nothing half-written in the chief's OUT: no temporary left, every artifact loads.
+    assert not [path for path in chief_out.rglob("*") if ".tmp" in path.name]
+    json.loads((chief_out / train.HISTORY_FILE).read_text())
+    for weights in (chief_out / train.CHECKPOINT_DIR).glob("*.h5*"):
+        h5py.File(weights, "r").close()
+
+    # One process, same global batch and seed, two uninterrupted epochs: the same weights.
+    reference_out = tmp_path / "one_process"
+    shutil.copytree(extracted_out, reference_out)
+    train.run_train(reference_out, dict(OVERRIDES))
+    reference, distributed = _weights(reference_out), _weights(chief_out)
+    difference = max(float(np.max(np.abs(a - b))) for a, b in zip(reference, distributed))
+    print(f"largest weight difference from one process: {difference:.2e}")
+    assert difference < 1e-5
+    losses = [[entry["loss"] for entry in train.read_history(out)] for out in (reference_out, chief_out)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+def test_each_replica_takes_its_padded_slice_of_every_global_batch():
+    import tensorflow as tf
+
+    split = train.CaptionSplit(np.arange(13, dtype=np.int32), [np.asarray([1, 4 + index % 5, 2], np.int32)
+                                                               for index in range(13)], images=13)
+    rows = train.InMemoryFeatures(np.arange(13, dtype=np.float32)[:, None])
+
+    def batches(**options):
+        return [(inputs["image_features"][:, 0].astype(int).tolist(), targets.tolist())
+                for inputs, targets in train.make_caption_dataset(
+                    split, rows, 5, shuffle_seed=3, epoch=1, sort_window_batches=2, **options).as_numpy_iterator()]
+
+    whole = batches()
+    # Two workers of two replicas each: worker w's elements are replicas 2w and 2w + 1 of each batch.
+    workers = [batches(input_context=tf.distribute.InputContext(2, index, 4)) for index in (0, 1)]
+    assert [len(elements) for elements in workers] == [2 * len(whole)] * 2
+    for number, (batch_rows, batch_targets) in enumerate(whole):
+        slices = workers[0][2 * number:2 * number + 2] + workers[1][2 * number:2 * number + 2]
+        size = -(-len(batch_rows) // 4)
+        assert all(len(slice_rows) == size for slice_rows, _ in slices)  # one shape on every replica
+        real = [(row, target) for slice_rows, slice_targets in slices
+                for row, target in zip(slice_rows, slice_targets) if any(target)]
+        # In order, each caption once; the filling rows hold no target at all.
+        assert real == list(zip(batch_rows, batch_targets))
