@@ -6,7 +6,6 @@ have random statistics (the reference the folded forms are compared with).
 """
 
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path
