@@ -43,10 +43,8 @@ DEMO_TRAIN_OVERRIDES = {
     "decoder.embedding_dim": 64,
     "decoder.units": 256,
     "decoder.dropout": 0.1,
-    "train.epochs": 24,
     "train.batch_size": 64,
     "train.learning_rate": 3e-3,
-    "train.early_stopping_patience": 4,
 }
 DEMO_DECODE_OVERRIDES = {}
 

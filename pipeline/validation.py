@@ -31,7 +31,8 @@ class ValidationScorer:
     batched) and scores them with corpus CIDEr-D (pycocoevalcap, df from the split's own refs, as the
     test metric) plus BLEU-4."""
 
-    def __init__(self, image_features, references, words, max_length, batch_size=DEFAULT_BATCH_SIZE):
+    def __init__(self, image_features, references, words, max_length, batch_size=DEFAULT_BATCH_SIZE, beam_size=1,
+                 length_penalty=0.0):
         """
         Args:
             image_features: np.ndarray float32 [N, F], one vector per image.
@@ -40,6 +41,9 @@ class ValidationScorer:
             words: list[str], the vocabulary (index = id, special tokens first).
             max_length: int >= 1, generated words at most (`decode.max_length`).
             batch_size: int >= 1, images per call of the captioner.
+            beam_size: int >= 1; 1 (the default) is greedy search, more a beam search as
+                the test captions use (several times the cost).
+            length_penalty: float >= 0, for beam search (`decode.length_penalty`).
         """
         image_features = np.asarray(image_features, dtype=np.float32)
         if image_features.ndim != 2 or len(image_features) != len(references):
@@ -50,13 +54,16 @@ class ValidationScorer:
             raise ValueError("no images to validate on")
         if any(not captions for captions in references):
             raise ValueError("every validation image needs at least one reference caption")
-        if max_length < 1 or batch_size < 1:
-            raise ValueError(f"max_length and batch_size must be >= 1, got {max_length} and {batch_size}")
+        if max_length < 1 or batch_size < 1 or beam_size < 1:
+            raise ValueError(f"max_length, batch_size and beam_size must be >= 1, got {max_length}, {batch_size} "
+                             f"and {beam_size}")
         self.image_features = image_features
         self.references = [[list(words_) for words_ in captions] for captions in references]
         self.words = list(words)
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
+        self.beam_size = int(beam_size)
+        self.length_penalty = float(length_penalty)
         self._model = None
         self._captioner = None
 
@@ -64,14 +71,15 @@ class ValidationScorer:
         return len(self.image_features)
 
     def captions(self, decoder_model):
-        """Greedy captions of the split: list over the N images of list[str] words."""
+        """The captions of the split (greedy unless beam_size > 1): list over the N images of list[str] words."""
         if decoder_model is not self._model:
             # One captioner (one traced tf.function) per model: the weights it reads are the
             # model's variables, so later calls see the training's updates without a retrace.
             from models import captioner
             from pipeline import config as config_module
 
-            decode_config = config_module.DecodeConfig(beam_size=1, max_length=self.max_length)
+            decode_config = config_module.DecodeConfig(
+                beam_size=self.beam_size, max_length=self.max_length, length_penalty=self.length_penalty)
             self._captioner = captioner.FeatureCaptioner(
                 decoder_model, self.words, decode_config,
                 start_id=text.START_ID, end_id=text.END_ID, unk_id=text.UNK_ID, pad_id=text.PAD_ID,
@@ -103,14 +111,16 @@ class ValidationScorer:
         }
 
 
-def build_validation_scorer(out_dir, config, split="val", max_images=None, batch_size=DEFAULT_BATCH_SIZE):
+def build_validation_scorer(out_dir, config, split="val", max_images=None, batch_size=DEFAULT_BATCH_SIZE,
+                            beam_size=1):
     """The ValidationScorer of one split of OUT: reads captions.json, vocab.json and the
     split's rows of features.h5.
 
     Images listed in extract_errors.json and images without any word in their captions are
     left out. `max_images` (int or None) keeps the split's first images in captions.json
     order, so the subset is the same in every run and every process. `config` supplies
-    `decode.max_length` and the encoder settings the cache is checked against.
+    `decode.max_length` (and `decode.length_penalty` for `beam_size` > 1) and the encoder
+    settings the cache is checked against.
     Raises ArtifactError (damaged or foreign cache, missing rows) or PipelineError (no
     usable image in the split).
     """
@@ -149,7 +159,8 @@ def build_validation_scorer(out_dir, config, split="val", max_images=None, batch
                 f"{train.EXTRACT_ERRORS_FILE} (e.g. {lacking[0]!r}); rerun `extract` to complete the cache"
             )
         image_features = reader.read([row_of_image[record.image_id] for record in records])
-    return ValidationScorer(image_features, references, vocabulary.words, config.decode.max_length, batch_size)
+    return ValidationScorer(image_features, references, vocabulary.words, config.decode.max_length, batch_size,
+                            beam_size=beam_size, length_penalty=config.decode.length_penalty)
 
 
 class EarlyStopper:
