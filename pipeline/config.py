@@ -57,7 +57,7 @@ class DecoderConfig:
 class TrainConfig:
     # A cap, in passes over the training captions (rounded up to whole validation periods):
     # training normally ends before it, by early stopping on validation (README).
-    epochs: int = 100
+    epochs: int = 200
     # 128: on a 2-core CPU, twice the captions/s of 64 (benchmarks/bench_train.py, README).
     batch_size: int = 128
     learning_rate: float = 1e-3  # the peak rate, reached at the end of the warm-up

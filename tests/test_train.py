@@ -215,7 +215,7 @@ def test_stopping_selection_and_learning_rate_cuts_follow_the_score_and_resume_w
     # A fresh run (no --resume) replaces the old checkpoints and history; --select-on loss
     # keeps the weights of the lowest validation loss.
     loss_scorer = _ScriptedScorer([0.0] * 3)
-    fresh = train.run_train(resumed_out, {"train.epochs": 3, "train.select_on": "loss", "train.patience_steps": 100},
+    fresh = train.run_train(resumed_out, {"train.epochs": 2, "train.select_on": "loss", "train.patience_steps": 100},
                             validation_scorer=loss_scorer)
     assert (fresh["initial_period"], fresh["steps"], fresh["select_on"]) == (0, 15, "loss")
     fresh_history = train.read_history(resumed_out)
