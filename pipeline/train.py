@@ -712,9 +712,22 @@ def _make_callbacks(out_dir, config, history, is_chief, *, scorer, schedule, per
                 self.last_reduction_step = stopping_state["last_reduction_step"]
             schedule.scale.assign(train_config.reduce_lr_factor ** self.lr_reductions)
             self.marks = {}
+            self.dropout_seeds = []
+
+        def on_train_begin(self, logs=None):
+            # The dropout layers' random state is not part of the weights BackupAndRestore
+            # saves; keyed per period below, the masks of period p are the same whether or
+            # not the run was resumed before it.
+            self.dropout_seeds = [
+                (variable, int(keras.ops.convert_to_numpy(variable)[0]))
+                for variable in self.model.variables if variable.path.endswith("seed_generator_state")
+            ]
 
         def on_epoch_begin(self, epoch, logs=None):
             self.marks = {"begin": time.monotonic()}
+            for variable, first in self.dropout_seeds:
+                # The second word counts draws within the period (far fewer than 2**32).
+                variable.assign(np.asarray([first, epoch << 32], dtype=variable.dtype))
 
         def on_test_begin(self, logs=None):
             self.marks["test_begin"] = time.monotonic()

@@ -205,12 +205,12 @@ def test_stopping_selection_and_learning_rate_cuts_follow_the_score_and_resume_w
     assert resumed_history[:3] == history_before  # earlier periods are kept as they were
     for name in ("step", "best", "lr_reduced", "learning_rate", "val_cider"):
         assert [entry[name] for entry in resumed_history] == [entry[name] for entry in history], name
-    # Step 16 trained on batch 4 of epoch 3, as in the uninterrupted run: the same losses, up
-    # to float reordering (two uninterrupted runs differ by ~5e-5 here; a resume from the
-    # wrong batch or rate differs by percents).
-    assert [entry["loss"] for entry in resumed_history] == pytest.approx([entry["loss"] for entry in history], rel=3e-4)
+    # Step 16 trained on batch 4 of epoch 3 with period 4's dropout masks, as in the
+    # uninterrupted run: the same losses and weights, up to float reordering (a resume from
+    # the wrong batch, rate or dropout stream differs by 1e-4 to percents).
+    assert [entry["loss"] for entry in resumed_history] == pytest.approx([entry["loss"] for entry in history], rel=1e-6)
     assert _optimizer_iterations(resumed_out) == 20
-    _assert_same_weights(_decoder_weights(resumed_out), _decoder_weights(out), tolerance=1e-3)
+    _assert_same_weights(_decoder_weights(resumed_out), _decoder_weights(out), tolerance=1e-6)
 
     # A fresh run (no --resume) replaces the old checkpoints and history; --select-on loss
     # keeps the weights of the lowest validation loss.
