@@ -26,6 +26,7 @@ BENCHMARKS = {
     "bench_train": "stage 2: teacher forcing vs the per-prefix merge model",
     "bench_serving": "SavedModel latency and the share of decoding",
     "bench_memory": "training peak memory on a small and a 20x larger cache",
+    "bench_validation": "stage 2: the share of validation (val loss, greedy captions, CIDEr-D) in training",
     "bench_load": "HTTP server under load: latency and memory",
 }
 
@@ -45,6 +46,8 @@ TARGETS = {
     "savedmodel_batch16_images_per_s": ("", None),
     "savedmodel_decode_share": ("< 0.25", lambda value: value < 0.25),
     "serve_photo_overhead": ("< 1.4", lambda value: value < 1.4),
+    "validation_greedy_share": ("<= 0.10", lambda value: value <= 0.10),
+    "validation_share": ("", None),
     "train_peak_rss_mb_small": ("", None),
     "train_peak_rss_mb_large": ("", None),
     "train_peak_rss_ratio": ("< 1.3", lambda value: value < 1.3),

@@ -99,13 +99,14 @@ def run(quick, args=None):
         overrides = {
             "train.validate_every_steps": args.validate_every_steps,
             "train.validation_images": args.validation_images,
-            # The cap ends the run after `periods` periods; early stopping must not.
-            "train.epochs": -(-periods * args.validate_every_steps // steps_per_epoch),
+            # The cap (whole epochs, rounded up to whole periods) ends the run after
+            # `periods` periods; early stopping must not.
+            "train.epochs": max(1, periods * args.validate_every_steps // steps_per_epoch),
             "train.patience_steps": 10 * periods * args.validate_every_steps,
         }
         summary = train.run_train(out_dir, overrides)
         history = train.read_history(out_dir)
-    later = history[1:periods]
+    later = history[1:]
 
     def share(entries):
         validation = sum(entry["val_loss_seconds"] + entry["val_seconds"] for entry in entries)
@@ -119,12 +120,12 @@ def run(quick, args=None):
         "val_images_scored": summary["val_images_scored"],
         "validation_share_first_period": share(history[:1]),
         "validation_share": share(later),
-        "greedy_share": sum(entry["val_seconds"] for entry in later) / sum(entry["seconds"] for entry in later),
+        "validation_greedy_share": sum(entry["val_seconds"] for entry in later) / sum(entry["seconds"] for entry in later),
         "train_captions_per_s_in_run": summary["captions_per_second"],
     }
     print(f"validation every {args.validate_every_steps} steps on {results['val_images_scored']} val images: "
           f"{100 * results['validation_share']:.1f}% of the period (greedy captions + CIDEr-D "
-          f"{100 * results['greedy_share']:.1f}%), first period {100 * results['validation_share_first_period']:.1f}% "
+          f"{100 * results['validation_greedy_share']:.1f}%), first period {100 * results['validation_share_first_period']:.1f}% "
           "(with tracing)", file=sys.stderr)
     return results
 
