@@ -26,6 +26,7 @@ BENCHMARKS = {
     "bench_train": "stage 2: teacher forcing vs the per-prefix merge model",
     "bench_serving": "SavedModel latency, folded and plain encoder; encoder and beam-search ms per image",
     "bench_memory": "training peak memory on a small and a 20x larger cache",
+    "bench_validation": "stage 2: the share of validation (val loss, greedy captions, CIDEr-D) in training",
     "bench_load": "HTTP server under load: batching against --max-batch-size 1, latency and memory",
     "bench_multiworker": "two-worker train on loopback beside one process: epoch time, weight agreement",
 }
@@ -59,6 +60,8 @@ TARGETS = {
     "savedmodel_decode_ms_per_image_untrained": ("", None),
     "savedmodel_decode_ms_per_image_trained": ("", None),
     "serve_photo_overhead": ("< 1.4", lambda value: value < 1.4),
+    "validation_greedy_share": ("<= 0.10", lambda value: value <= 0.10),
+    "validation_share": ("", None),
     "train_peak_rss_mb_small": ("", None),
     "train_peak_rss_mb_large": ("", None),
     "train_peak_rss_ratio": ("< 1.3", lambda value: value < 1.3),

@@ -60,7 +60,6 @@ TRAIN_OVERRIDES = {
     "decoder.units": 64,
     "decoder.embedding_dim": 32,
     "decoder.dropout": 0.0,
-    "train.early_stopping_patience": 1,
 }
 
 CHILD_SCRIPT = r"""

@@ -55,14 +55,23 @@ class DecoderConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    epochs: int = 20
+    # A cap, in passes over the training captions (rounded up to whole validation periods):
+    # training normally ends before it, by early stopping on validation (README).
+    epochs: int = 200
     # 128: on a 2-core CPU, twice the captions/s of 64 (benchmarks/bench_train.py, README).
     batch_size: int = 128
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # the peak rate, reached at the end of the warm-up
+    lr_schedule: str = "plateau"  # "plateau" (warm-up, then cuts when validation stalls) or "cosine" (over the cap)
+    warmup_steps: int = 100  # optimizer steps of linear warm-up from learning_rate / warmup_steps
     clipnorm: float = 5.0
-    early_stopping_patience: int = 3
-    reduce_lr_patience: int = 1
+    # Sizes in optimizer steps, so they mean the same on 2,400 captions as on 600k.
+    validate_every_steps: int = 200  # one validation period (Keras' epoch)
+    patience_steps: int = 1000  # stop when the selected score has not improved for this many steps
+    reduce_lr_patience_steps: int = 400  # "plateau": cut the rate after this many steps without improvement
     reduce_lr_factor: float = 0.5
+    select_on: str = "cider"  # "cider" (greedy validation CIDEr-D) or "loss" (validation loss)
+    validation_images: int = 1000  # val images captioned for CIDEr-D each period (the first ones), 0 = all
+    validation_beam_size: int = 1  # 1: greedy validation captions; more: beam search (slower)
     strategy: str = "default"  # "default", "mirrored" or "multiworker"
     max_cache_memory_gb: float = 4.0  # larger caches stream from HDF5 instead of loading whole
 
@@ -125,8 +134,16 @@ class PipelineConfig:
         return cls.from_dict(io_utils.read_json(path, "the run's configuration"), source=str(path))
 
 
+# Settings that no longer exist, dropped when an older config.json is read: training's
+# epoch-counted patiences became step-counted ones (train.patience_steps, ...).
+RETIRED_FIELDS = {"TrainConfig": ("early_stopping_patience", "reduce_lr_patience")}
+
+
 def _from_dict(cls, data, source):
     hints = typing.get_type_hints(cls)
+    data = dict(data)
+    for name in RETIRED_FIELDS.get(cls.__name__, ()):
+        data.pop(name, None)
     known = {field.name for field in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:

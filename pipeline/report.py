@@ -71,11 +71,12 @@ def thumbnail_data_uri(path, size=THUMBNAIL_SIZE):
 
 
 def training_curves_png(history):
-    """PNG bytes of loss/val_loss and accuracy per epoch, or None for an empty history.
+    """PNG bytes of loss, accuracy and validation CIDEr-D per validation period, or None for an empty history.
 
     Args:
-        history: list of dicts as in OUT/history.json ("epoch", "loss", "val_loss",
-            "masked_accuracy", "val_masked_accuracy"; missing keys are skipped).
+        history: list of dicts as in OUT/history.json ("step", "loss", "val_loss",
+            "masked_accuracy", "val_masked_accuracy", "val_cider", "val_bleu_4"; missing
+            keys are skipped). Histories of older runs, without "step", are drawn per "epoch".
     """
     if not history:
         return None
@@ -84,21 +85,29 @@ def training_curves_png(history):
     from matplotlib.ticker import MaxNLocator
 
     # A Figure with its own Agg canvas, not pyplot: no global state, no display needed.
-    figure = Figure(figsize=(9, 3.4), dpi=100)
+    figure = Figure(figsize=(12, 3.4), dpi=100)
     FigureCanvasAgg(figure)
-    epochs = [entry["epoch"] for entry in history]
+    by_step = all("step" in entry for entry in history)
+    positions = [entry["step"] if by_step else entry["epoch"] for entry in history]
     panels = (
         ("loss", (("loss", "train"), ("val_loss", "val"))),
         ("accuracy (non-pad tokens)", (("masked_accuracy", "train"), ("val_masked_accuracy", "val"))),
+        ("validation, greedy captions", (("val_cider", "CIDEr-D"), ("val_bleu_4", "BLEU-4"))),
     )
     for index, (title, series) in enumerate(panels, start=1):
-        axes = figure.add_subplot(1, 2, index)
+        axes = figure.add_subplot(1, len(panels), index)
         for key, label in series:
-            points = [(epoch, entry[key]) for epoch, entry in zip(epochs, history) if key in entry]
+            points = [(position, entry[key]) for position, entry in zip(positions, history) if key in entry]
             if points:
                 axes.plot(*zip(*points), marker="o", markersize=3, label=label)
+        if index == len(panels):
+            # The periods whose model replaced decoder.keras (on the selected score).
+            chosen = [(position, entry["val_cider"]) for position, entry in zip(positions, history)
+                      if entry.get("best") and "val_cider" in entry]
+            if chosen:
+                axes.plot(*zip(*chosen), linestyle="none", marker="*", markersize=9, label="new best")
         axes.set_title(title)
-        axes.set_xlabel("epoch")
+        axes.set_xlabel("optimizer step" if by_step else "epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         if axes.lines:

@@ -1,14 +1,25 @@
 """Stage 2 training: the LSTM decoder on cached image vectors and tokenized captions.
 
 Reads `OUT/config.json`, `OUT/captions.json`, `OUT/vocab.json` and `OUT/features.h5`
-(all written by `extract`), trains with `model.fit()` and writes:
+(all written by `extract`), trains with `model.fit()` until validation stops improving,
+and writes:
 
-    OUT/decoder.keras      the best model so far on val_loss (atomic: temp name + rename)
-    OUT/checkpoints/       the last epoch's weights, optimizer state and epoch number
-                           (`keras.callbacks.BackupAndRestore`), for `--resume`
-    OUT/history.json       one entry per finished epoch, rewritten atomically each epoch
+    OUT/decoder.keras      the best model so far on validation CIDEr-D (or val loss,
+                           `train.select_on`), atomic: temp name + rename
+    OUT/checkpoints/       the last period's weights, optimizer state and period number
+                           (`keras.callbacks.BackupAndRestore`) and the stopping state
+                           (`stopping.json`), for `--resume`
+    OUT/history.json       one entry per validation period, rewritten atomically each period
     OUT/logs/              TensorBoard logs
     OUT/config.json        the settings, `decoder.vocab_size` filled in
+
+Schedule, in optimizer steps so that it means the same on 2,400 captions as on 600k: a
+validation period of `train.validate_every_steps` steps is one Keras epoch; after each,
+the val images are captioned greedily in the graph and scored with corpus CIDEr-D
+(`pipeline.validation`). The learning rate warms up linearly over `train.warmup_steps`,
+then is halved after `train.reduce_lr_patience_steps` steps without a better score
+(`models.schedules.WarmupSchedule`); training stops after `train.patience_steps` steps
+without one, or at the cap of `train.epochs` passes over the training captions.
 
 Data path: one sample per caption (teacher forcing over the whole caption, see
 `models.decoder`). Captions become `<start> w1 .. wn <end>` id rows, kept as one ragged
@@ -45,6 +56,14 @@ CHECKPOINT_DIR = "checkpoints"
 LOG_DIR = "logs"
 EXTRACT_ERRORS_FILE = "extract_errors.json"
 STRATEGIES = ("default", "mirrored", "multiworker")
+LR_SCHEDULES = ("plateau", "cosine")
+SELECT_ON = ("cider", "loss")
+# OUT/checkpoints/stopping.json: the stopping state after each of the last periods, so the
+# state matching whichever checkpoint BackupAndRestore restores is there.
+STOPPING_FILE = "stopping.json"
+STOPPING_FORMAT = "captioner.stopping"
+STOPPING_PERIODS_KEPT = 3
+HISTORY_VERSION = 2
 # Training batches are formed within windows of this many batches sorted by caption length.
 SORT_WINDOW_BATCHES = 16
 # Training steps run per tf.function call (Keras `steps_per_execution`).
@@ -290,7 +309,7 @@ def _to_model_batches(dataset, feature_rows):
 
 
 def make_caption_dataset(split, feature_rows, batch_size, *, shuffle_seed=None, epoch=0,
-                         sort_window_batches=SORT_WINDOW_BATCHES, input_context=None):
+                         sort_window_batches=SORT_WINDOW_BATCHES, sort_by_length=False, input_context=None):
     """One epoch of one split as a tf.data pipeline (validation, tests, benchmarks).
 
     Args:
@@ -309,6 +328,8 @@ def make_caption_dataset(split, feature_rows, batch_size, *, shuffle_seed=None, 
             captions of nearly one length, so padding (which the LSTM and the vocabulary-wide
             softmax compute on like on real words) almost vanishes, while which captions meet
             in a batch stays random. 1 turns it off.
+        sort_by_length: bool, without shuffling: the captions in order of length (stable),
+            so batches carry almost no padding (validation: the same order every time).
         input_context: None, or the tf.distribute.InputContext a multi-worker strategy passes
             to `distribute_datasets_from_function`: the dataset then gives this worker's
             per-replica slices of each global batch (`_replica_slices`).
@@ -319,6 +340,9 @@ def make_caption_dataset(split, feature_rows, batch_size, *, shuffle_seed=None, 
     """
     import tensorflow as tf
 
+    if sort_by_length and shuffle_seed is None:
+        order = sorted(range(len(split)), key=lambda index: len(split.token_ids[index]))
+        split = CaptionSplit(split.rows[order], [split.token_ids[index] for index in order], split.images)
     epoch_batches, num_batches = _caption_batches(split, batch_size, shuffle_seed, sort_window_batches)
     dataset = epoch_batches(tf.constant(epoch, tf.int64))
     if input_context is not None:
@@ -328,20 +352,26 @@ def make_caption_dataset(split, feature_rows, batch_size, *, shuffle_seed=None, 
     return _to_model_batches(dataset, feature_rows)
 
 
-def make_training_dataset(split, feature_rows, batch_size, *, shuffle_seed, initial_epoch=0,
+def make_training_dataset(split, feature_rows, batch_size, *, shuffle_seed, initial_epoch=0, skip_batches=0,
                           sort_window_batches=SORT_WINDOW_BATCHES, input_context=None):
     """The endless training stream: epochs `initial_epoch`, `initial_epoch + 1`, ... back to back.
 
     Epoch `e` holds exactly the batches of `make_caption_dataset(..., shuffle_seed, epoch=e)`;
-    train on it with `model.fit(..., steps_per_epoch=ceil(len(split) / batch_size))` and a
-    `steps_per_execution` dividing that (`steps_per_execution_for`), so no execution spans
-    two epochs. Element spec and `input_context` as `make_caption_dataset`.
+    the stream starts `skip_batches` batches into epoch `initial_epoch`, so optimizer step s
+    of a run (resumed or not) always trains on batch s % B of epoch s // B, B =
+    ceil(len(split) / batch_size). Train on it with `model.fit(..., steps_per_epoch=P)` for a
+    validation period of P steps and a `steps_per_execution` dividing P
+    (`steps_per_execution_for`). Element spec and `input_context` as `make_caption_dataset`.
     """
     import tensorflow as tf
 
     epoch_batches, _ = _caption_batches(split, batch_size, shuffle_seed, sort_window_batches)
     dataset = tf.data.Dataset.counter(start=initial_epoch, dtype=tf.int64).flat_map(epoch_batches)
+    if skip_batches:
+        # Before the gather of image vectors: skipped batches cost an index slice each.
+        dataset = dataset.skip(skip_batches)
     if input_context is not None:
+        # After the skip, which counts global batches.
         dataset = _replica_slices(dataset, input_context)
     return _to_model_batches(dataset, feature_rows)
 
@@ -350,7 +380,7 @@ def steps_per_execution_for(steps_per_epoch, limit=STEPS_PER_EXECUTION):
     """The largest steps per tf.function call <= `limit` that divides `steps_per_epoch` (int >= 1).
 
     On the endless training stream Keras runs whole executions, so a count not dividing
-    the epoch would carry batches of the next epoch into this one.
+    the (Keras) epoch, here the validation period, would carry batches of the next one into it.
     """
     return next(count for count in range(max(1, min(limit, steps_per_epoch)), 0, -1) if steps_per_epoch % count == 0)
 
@@ -439,6 +469,20 @@ def _check_settings(config):
         (train.epochs >= 1, "train.epochs (--epochs) must be at least 1", train.epochs),
         (train.batch_size >= 1, "train.batch_size (--batch-size) must be at least 1", train.batch_size),
         (train.learning_rate > 0, "train.learning_rate (--learning-rate) must be positive", train.learning_rate),
+        (train.lr_schedule in LR_SCHEDULES, f"train.lr_schedule (--lr-schedule) must be one of {', '.join(LR_SCHEDULES)}",
+         train.lr_schedule),
+        (train.warmup_steps >= 0, "train.warmup_steps (--warmup-steps) must be >= 0", train.warmup_steps),
+        (train.validate_every_steps >= 1, "train.validate_every_steps (--validate-every-steps) must be at least 1",
+         train.validate_every_steps),
+        (train.patience_steps >= 1, "train.patience_steps (--patience-steps) must be at least 1", train.patience_steps),
+        (train.reduce_lr_patience_steps >= 1, "train.reduce_lr_patience_steps must be at least 1",
+         train.reduce_lr_patience_steps),
+        (0.0 < train.reduce_lr_factor < 1.0, "train.reduce_lr_factor must be in (0, 1)", train.reduce_lr_factor),
+        (train.select_on in SELECT_ON, f"train.select_on (--select-on) must be one of {', '.join(SELECT_ON)}",
+         train.select_on),
+        (train.validation_beam_size >= 1, "train.validation_beam_size must be at least 1", train.validation_beam_size),
+        (train.validation_images >= 0, "train.validation_images (--validation-images) must be >= 0 (0: all)",
+         train.validation_images),
         (train.clipnorm > 0, "train.clipnorm must be positive", train.clipnorm),
         (train.max_cache_memory_gb > 0, "train.max_cache_memory_gb must be positive", train.max_cache_memory_gb),
         (text_config.max_caption_length >= 1, "text.max_caption_length (--max-caption-length) must be at least 1",
@@ -498,11 +542,26 @@ def global_token_mean_loss_function():
     return global_token_mean_loss
 
 
-def build_model(config, vocab_size, feature_dim, steps_per_execution=STEPS_PER_EXECUTION):
+def make_schedule(config, total_steps):
+    """The learning-rate schedule of `config.train` (a `models.schedules.WarmupSchedule`):
+    `train.learning_rate` after `train.warmup_steps` of linear warm-up, then cut on plateaus
+    or decayed along a cosine ending at `total_steps` (the cap), per `train.lr_schedule`.
+    Call inside the strategy scope of the model it drives."""
+    from models import schedules
+
+    train_config = config.train
+    return schedules.WarmupSchedule(
+        train_config.learning_rate, train_config.warmup_steps, decay=train_config.lr_schedule,
+        total_steps=max(int(total_steps), train_config.warmup_steps + 1),
+    )
+
+
+def build_model(config, vocab_size, feature_dim, steps_per_execution=STEPS_PER_EXECUTION, learning_rate=None):
     """The decoder of `config.decoder`, compiled for training as `run_train` trains it.
 
-    Call inside `strategy.scope()` to distribute it. Adam with `train.learning_rate` and
-    `train.clipnorm`, `models.decoder.masked_loss` over the global batch's tokens
+    Call inside `strategy.scope()` to distribute it. Adam with `train.clipnorm` and
+    `learning_rate` (a float or schedule; None: `train.learning_rate`, constant),
+    `models.decoder.masked_loss` over the global batch's tokens
     (`global_token_mean_loss_function`), `MaskedAccuracy`; several steps per
     `tf.function` call (`steps_per_execution`, 1 with several replicas) to spare the
     per-step Python round trip.
@@ -519,8 +578,10 @@ def build_model(config, vocab_size, feature_dim, steps_per_execution=STEPS_PER_E
         # one step per call there.
         steps_per_execution = 1
     model = decoder.build_decoder(config.decoder, vocab_size, feature_dim)
+    if learning_rate is None:
+        learning_rate = config.train.learning_rate
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=config.train.learning_rate, clipnorm=config.train.clipnorm),
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=config.train.clipnorm),
         loss=global_token_mean_loss_function(),
         metrics=[decoder.MaskedAccuracy()],
         steps_per_execution=steps_per_execution,
@@ -684,18 +745,34 @@ def _is_chief(strategy):
 
 
 def read_history(out_dir):
-    """The epochs recorded in OUT/history.json: list of dicts with "epoch" (1-based) and metrics; [] if absent."""
+    """The validation periods recorded in OUT/history.json: list of dicts, [] if absent.
+
+    One entry per finished period (format version 2): "period" (1-based), "step"
+    (optimizer steps done), "epoch" (passes over the training captions done, float), the
+    Keras metrics ("loss", "masked_accuracy", "val_loss", "val_masked_accuracy"),
+    "val_cider", "val_bleu_4", "val_distinct" (greedy captions of the val images),
+    "learning_rate" (at the period's last step), "best" (decoder.keras was replaced),
+    "lr_reduced", and seconds: "seconds" (the whole period), "train_seconds",
+    "val_loss_seconds", "val_seconds" (captioning and scoring). Version 1 files (one
+    entry per epoch, "epoch" 1-based, no "step") are returned as they are.
+    """
     path = Path(out_dir) / HISTORY_FILE
     if not path.exists():
         return []
     data = io_utils.read_json(path, "the training history")
-    if not isinstance(data, dict) or data.get("format") != HISTORY_FORMAT or not isinstance(data.get("epochs"), list):
+    key = "periods" if isinstance(data, dict) and data.get("version") == HISTORY_VERSION else "epochs"
+    if not isinstance(data, dict) or data.get("format") != HISTORY_FORMAT or not isinstance(data.get(key), list):
         raise errors.ArtifactError(f"{path}: not a training history (expected format {HISTORY_FORMAT!r})")
-    return data["epochs"]
+    return data[key]
+
+
+def _write_history(out_dir, history):
+    io_utils.write_json(Path(out_dir) / HISTORY_FILE,
+                        {"format": HISTORY_FORMAT, "version": HISTORY_VERSION, "periods": history})
 
 
 def _checkpoint_epoch(checkpoint_dir):
-    """Epochs finished according to BackupAndRestore's metadata, or None without a checkpoint."""
+    """Periods (Keras epochs) finished according to BackupAndRestore's metadata, or None without a checkpoint."""
     metadata = Path(checkpoint_dir) / "training_metadata.json"
     if not metadata.is_file() or not (Path(checkpoint_dir) / "latest.weights.h5").is_file():
         return None
@@ -705,45 +782,141 @@ def _checkpoint_epoch(checkpoint_dir):
         raise errors.ArtifactError(f"{metadata}: damaged checkpoint metadata ({error}); train again without --resume")
 
 
-def _make_callbacks(out_dir, config, history, is_chief, write_dir):
-    """The callbacks of `run_train`'s fit; checkpoints and TensorBoard logs go to `write_dir`
-    (OUT on the chief, a worker's scratch folder elsewhere); only the chief writes OUT."""
+def read_stopping_state(checkpoint_dir, period, period_steps):
+    """The stopping state saved after `period` (int) in OUT/checkpoints/stopping.json.
+
+    Returns:
+        dict: "stopper" (`validation.EarlyStopper.state_dict()`), "lr_reductions" (int),
+        "last_reduction_step" (int or None), "stopped" (bool).
+    Raises ArtifactError if the file lacks that period, PipelineError if it was written
+    with another validation period.
+    """
+    path = Path(checkpoint_dir) / STOPPING_FILE
+    data = io_utils.read_json(path, "the early-stopping state")
+    states = data.get("periods") if isinstance(data, dict) and data.get("format") == STOPPING_FORMAT else None
+    if not isinstance(states, dict) or not isinstance(states.get(str(period)), dict):
+        raise errors.ArtifactError(
+            f"{path}: no early-stopping state for the checkpoint of period {period}; train again without --resume"
+        )
+    if data.get("period_steps") != period_steps:
+        raise errors.PipelineError(
+            f"--resume cannot change the validation period (checkpoint: every {data.get('period_steps')} steps, "
+            f"asked: {period_steps}); keep --validate-every-steps and --epochs large enough, or train without --resume"
+        )
+    return states[str(period)]
+
+
+def _write_stopping_state(checkpoint_dir, period_steps, period, state):
+    """Adds `state` for `period` to stopping.json, keeping the last STOPPING_PERIODS_KEPT periods:
+    written before BackupAndRestore's checkpoint of the period, so whichever of its two
+    checkpoints a resume restores, the matching state is on disk."""
+    path = Path(checkpoint_dir) / STOPPING_FILE
+    states = {}
+    if path.is_file():
+        data = io_utils.read_json(path, "the early-stopping state")
+        if isinstance(data, dict) and data.get("period_steps") == period_steps:
+            states = {key: value for key, value in data.get("periods", {}).items() if int(key) < period}
+    states[str(period)] = state
+    kept = sorted(states, key=int)[-STOPPING_PERIODS_KEPT:]
+    io_utils.write_json(path, {"format": STOPPING_FORMAT, "version": 1, "period_steps": period_steps,
+                               "periods": {key: states[key] for key in kept}})
+
+
+def _make_callbacks(out_dir, config, history, is_chief, *, scorer, schedule, period_steps, steps_per_epoch,
+                    stopping_state, write_dir):
+    """The callbacks of `run_train`, in order: validation and stopping (`PeriodValidation`),
+    BackupAndRestore, TensorBoard. The first runs before the checkpoint is written, so the
+    checkpoint of a period always finds that period's stopping state on disk. Checkpoints
+    and TensorBoard logs go to `write_dir` (OUT on the chief, a worker's scratch folder
+    elsewhere); only the chief writes OUT."""
     import keras
 
+    from pipeline import validation
+
     out_dir, write_dir = Path(out_dir), Path(write_dir)
+    train_config = config.train
+    select_on_cider = train_config.select_on == "cider"
 
-    class EpochRecorder(keras.callbacks.Callback):
-        """Keeps decoder.keras (best val_loss, atomic) and history.json (every epoch, atomic).
+    class PeriodValidation(keras.callbacks.Callback):
+        """After each validation period: validation CIDEr-D, selection, early stopping, LR cuts.
 
-        The best val_loss is taken from the history it continues, so a resumed run only
-        replaces decoder.keras with a model better than every earlier epoch's.
+        Every worker of a distributed run computes the same scores (greedy decoding of the
+        same val vectors with the same, synchronized weights, then pure-Python metrics), so
+        every worker takes the same decisions and all stop together; only the chief writes
+        decoder.keras (on a new best), history.json and stopping.json.
         """
 
         def __init__(self):
             super().__init__()
-            losses = [entry["val_loss"] for entry in history if isinstance(entry.get("val_loss"), (int, float))]
-            self.best = min(losses) if losses else math.inf
-            self.epoch_started = None
+            self.stopper = validation.EarlyStopper(train_config.patience_steps, mode="max" if select_on_cider else "min")
+            self.lr_reductions, self.last_reduction_step = 0, None
+            self.stopped_step = None
+            if stopping_state is not None:
+                self.stopper.load_state_dict(stopping_state["stopper"])
+                self.lr_reductions = int(stopping_state["lr_reductions"])
+                self.last_reduction_step = stopping_state["last_reduction_step"]
+            schedule.scale.assign(train_config.reduce_lr_factor ** self.lr_reductions)
+            self.marks = {}
+            self.dropout_seeds = []
+
+        def on_train_begin(self, logs=None):
+            # The dropout layers' random state is not part of the weights BackupAndRestore
+            # saves; keyed per period below, the masks of period p are the same whether or
+            # not the run was resumed before it.
+            self.dropout_seeds = [
+                (variable, int(keras.ops.convert_to_numpy(variable)[0]))
+                for variable in self.model.variables if variable.path.endswith("seed_generator_state")
+            ]
 
         def on_epoch_begin(self, epoch, logs=None):
-            self.epoch_started = time.monotonic()
+            self.marks = {"begin": time.monotonic()}
+            for variable, first in self.dropout_seeds:
+                # The second word counts draws within the period (far fewer than 2**32).
+                variable.assign(np.asarray([first, epoch << 32], dtype=variable.dtype))
+
+        def on_test_begin(self, logs=None):
+            self.marks["test_begin"] = time.monotonic()
+
+        def on_test_end(self, logs=None):
+            self.marks["test_end"] = time.monotonic()
 
         def on_epoch_end(self, epoch, logs=None):
-            logs = dict(logs or {})
-            entry = {"epoch": epoch + 1}
-            entry.update({name: float(value) for name, value in logs.items()})
-            entry["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            entry["seconds"] = round(time.monotonic() - self.epoch_started, 3)
-            val_loss = entry.get("val_loss", math.inf)
-            entry["best"] = bool(val_loss < self.best)
+            step = (epoch + 1) * period_steps
+            learning_rate = float(keras.ops.convert_to_numpy(schedule(step - 1)))
+            scores = scorer(self.model)
+            if logs is not None:  # the same dict reaches TensorBoard and the console line
+                logs.update({name: value for name, value in scores.items() if name != "val_seconds"})
+                logs["learning_rate"] = learning_rate
+            keras_logs = {name: float(value) for name, value in (logs or {}).items()}
+            score = scores["val_cider"] if select_on_cider else keras_logs.get("val_loss", math.nan)
+            improved, should_stop = self.stopper.update(step, score)
+            lr_reduced = self._maybe_reduce_learning_rate(step, improved)
+            now = time.monotonic()
+            begin = self.marks.get("begin", now)
+            entry = {"period": epoch + 1, "step": step, "epoch": round(step / steps_per_epoch, 3)}
+            entry.update(keras_logs)
+            entry.update({
+                "learning_rate": learning_rate, "best": improved, "lr_reduced": lr_reduced,
+                "seconds": round(now - begin, 3),
+                "train_seconds": round(self.marks.get("test_begin", now) - begin, 3),
+                "val_loss_seconds": round(self.marks.get("test_end", now) - self.marks.get("test_begin", now), 3),
+                "val_seconds": scores["val_seconds"],
+            })
+            if should_stop:
+                self.model.stop_training = True
+                self.stopped_step = step
+                print(
+                    f"train: early stopping at step {step}: validation {train_config.select_on} has not improved "
+                    f"for {self.stopper.steps_since_best} steps (patience {train_config.patience_steps}); best "
+                    f"{self.stopper.best:.4f} at step {self.stopper.best_step}", file=sys.stderr,
+                )
             if not is_chief:
-                # Every worker has the same logs (Keras reduces them across workers); the
-                # chief alone writes them.
+                # Every worker has the same logs (Keras reduces them across workers) and
+                # scores; the chief alone writes them.
                 history.append(entry)
-                self.best = min(self.best, val_loss)
                 return
-            if val_loss < self.best:
-                self.best = val_loss
+            _write_stopping_state(out_dir / CHECKPOINT_DIR, period_steps, epoch + 1, self.state())
+            if improved:
                 # Keras refuses file names not ending in ".keras", so the temporary keeps it.
                 temporary = out_dir / f".{DECODER_FILE}.{os.getpid()}.tmp.keras"
                 try:
@@ -752,21 +925,34 @@ def _make_callbacks(out_dir, config, history, is_chief, write_dir):
                 finally:
                     temporary.unlink(missing_ok=True)
             history.append(entry)
-            io_utils.write_json(out_dir / HISTORY_FILE, {"format": HISTORY_FORMAT, "version": 1, "epochs": history})
+            _write_history(out_dir, history)
 
+        def _maybe_reduce_learning_rate(self, step, improved):
+            """Reduce-on-plateau counted in steps: a cut once `reduce_lr_patience_steps` passed
+            since both the best and the last cut."""
+            if train_config.lr_schedule != "plateau" or improved or self.stopper.best_step is None:
+                return False
+            since = step - max(self.stopper.best_step, self.last_reduction_step or 0)
+            if since < train_config.reduce_lr_patience_steps:
+                return False
+            self.lr_reductions += 1
+            self.last_reduction_step = step
+            schedule.scale.assign(train_config.reduce_lr_factor ** self.lr_reductions)
+            print(f"train: step {step}: learning rate cut to {train_config.learning_rate * float(schedule.scale.numpy()):.3g} "
+                  f"({since} steps without a better validation {train_config.select_on})", file=sys.stderr)
+            return True
+
+        def state(self):
+            return {"stopper": self.stopper.state_dict(), "lr_reductions": self.lr_reductions,
+                    "last_reduction_step": self.last_reduction_step, "stopped": self.stopped_step is not None}
+
+    period_validation = PeriodValidation()
     callbacks = [
+        period_validation,
         keras.callbacks.BackupAndRestore(
             str(write_dir / CHECKPOINT_DIR), save_freq="epoch", double_checkpoint=True,
             # Kept after a finished run: `--resume --epochs N` may extend it later.
             delete_checkpoint=False,
-        ),
-        EpochRecorder(),
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=config.train.early_stopping_patience, restore_best_weights=True,
-        ),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=config.train.reduce_lr_factor, patience=config.train.reduce_lr_patience,
-            verbose=1,
         ),
     ]
     if _tensorboard_installed():
@@ -777,7 +963,7 @@ def _make_callbacks(out_dir, config, history, is_chief, write_dir):
         # tf.summary needs the tensorboard package; training is still worth running without it.
         print("train: the tensorboard package is not installed: no TensorBoard logs in "
               f"{out_dir / LOG_DIR} (pip install tensorboard)", file=sys.stderr)
-    return callbacks
+    return callbacks, period_validation
 
 
 def _tensorboard_installed():
@@ -786,17 +972,42 @@ def _tensorboard_installed():
     return importlib.util.find_spec("tensorboard") is not None
 
 
-def run_train(out_dir, overrides, resume=False):
-    """Trains the decoder of OUT from its feature cache (see the module docstring).
+def training_plan(num_captions, batch_size, epochs_cap, validate_every_steps):
+    """How many optimizer steps run, in which periods: (steps_per_epoch, period_steps, num_periods).
+
+    steps_per_epoch = ceil(num_captions / batch_size), one pass over the training captions;
+    a period is `validate_every_steps` steps (fewer if the whole cap is shorter); the cap of
+    `epochs_cap` passes is rounded up to whole periods.
+    """
+    steps_per_epoch = -(-num_captions // batch_size)
+    cap_steps = epochs_cap * steps_per_epoch
+    period_steps = min(validate_every_steps, cap_steps)
+    return steps_per_epoch, period_steps, -(-cap_steps // period_steps)
+
+
+def run_train(out_dir, overrides, resume=False, validation_scorer=None):
+    """Trains the decoder of OUT from its feature cache until validation stops improving.
+
+    Training runs in validation periods of `train.validate_every_steps` optimizer steps (a
+    Keras epoch each). After each, the val images are captioned greedily and scored
+    (`pipeline.validation.ValidationScorer`); decoder.keras is replaced whenever the score
+    of `train.select_on` (val CIDEr-D, or val loss) is a new best, the learning rate is cut
+    after `train.reduce_lr_patience_steps` steps without one (schedule "plateau"), and
+    training stops after `train.patience_steps`, or at the cap of `train.epochs` passes.
 
     Args:
         out_dir: str or Path, the run folder `extract` wrote.
         overrides: {"section.field": value} applied to OUT/config.json (None values ignored).
-        resume: continue from OUT/checkpoints/ (epoch count, weights and optimizer state);
-            without it a fresh run replaces old checkpoints, history and logs.
+        resume: continue from OUT/checkpoints/ (period count, weights, optimizer state and
+            the stopping state); without it a fresh run replaces old checkpoints, history and logs.
+        validation_scorer: callable(decoder_model) -> dict with "val_cider", "val_bleu_4",
+            "val_seconds" (floats), or None for the val split's `ValidationScorer`.
     Returns:
-        dict: epochs_run, epochs_total, initial_epoch, best_epoch, best_val_loss, seconds,
-        captions_per_second, train_captions, val_captions, vocab_size, features_in_memory.
+        dict: periods_run, periods_total, initial_period, period_steps, steps, epochs (passes
+        done, float), stopped_by ("early_stopping" or "cap"), select_on, best_step,
+        best_period, best_score, best_val_cider, best_val_loss, seconds, captions_per_second
+        (fit, validation included), validation_share (of fit time), train_captions,
+        val_captions, val_images_scored, vocab_size, features_in_memory.
     """
     started = time.monotonic()
     out_dir = Path(out_dir)
@@ -806,7 +1017,6 @@ def run_train(out_dir, overrides, resume=False):
     saved_config = config_module.PipelineConfig.load(out_dir)
     config = saved_config.replace(overrides)
     _check_settings(config)
-    import keras
 
     # Before anything else touches TF: MultiWorkerMirroredStrategy must configure the
     # collective ops at startup, and TF_CONFIG problems should stop the run first.
@@ -814,8 +1024,13 @@ def run_train(out_dir, overrides, resume=False):
     is_chief = _is_chief(strategy)
     data = load_training_data(out_dir, config)
     config.decoder.vocab_size = len(data.vocabulary)
+    train_config = config.train
+    batch_size = train_config.batch_size
+    steps_per_epoch, period_steps, num_periods = training_plan(
+        len(data.train), batch_size, train_config.epochs, train_config.validate_every_steps)
 
     checkpoint_dir = out_dir / CHECKPOINT_DIR
+    stopping_state = None
     if resume:
         finished = _checkpoint_epoch(checkpoint_dir)
         if finished is None:
@@ -829,7 +1044,8 @@ def run_train(out_dir, overrides, resume=False):
                 f"--resume cannot change the decoder's shape (checkpoint: {dataclasses.asdict(saved_config.decoder)}, "
                 f"asked: {dataclasses.asdict(config.decoder)}); train without --resume instead"
             )
-        history = [entry for entry in read_history(out_dir) if entry.get("epoch", 0) <= finished]
+        stopping_state = read_stopping_state(checkpoint_dir, finished, period_steps)
+        history = [entry for entry in read_history(out_dir) if entry.get("period", 0) <= finished]
     else:
         finished = 0
         if is_chief:
@@ -841,32 +1057,49 @@ def run_train(out_dir, overrides, resume=False):
     if is_chief:
         config.save(out_dir)
 
-    batch_size = config.train.batch_size
-    steps_per_epoch = -(-len(data.train) // batch_size)
+    from pipeline import validation
+
+    scorer = validation_scorer or validation.build_validation_scorer(
+        out_dir, config, max_images=train_config.validation_images or None,
+        beam_size=train_config.validation_beam_size)
+    import keras
+
     keras.utils.set_random_seed(config.seed)
     with _lost_worker_errors(config, checkpoint_dir), strategy.scope():
+        schedule = make_schedule(config, num_periods * period_steps)
         model = build_model(config, config.decoder.vocab_size, data.feature_dim,
-                            steps_per_execution=steps_per_execution_for(steps_per_epoch))
-    # Endless, epoch e's order fixed by (seed, e): a resumed run trains on the batches
-    # the uninterrupted run would have, and so does every distribution strategy.
+                            steps_per_execution=steps_per_execution_for(period_steps), learning_rate=schedule)
+    # Endless, epoch e's order fixed by (seed, e), entered at the step the checkpoint
+    # reached: a resumed run trains on the batches the uninterrupted run would have, and
+    # so does every distribution strategy.
+    initial_step = finished * period_steps
     train_dataset, val_dataset = _distribute_datasets(
         strategy,
         lambda input_context: make_training_dataset(
-            data.train, data.feature_rows, batch_size, shuffle_seed=config.seed, initial_epoch=finished,
+            data.train, data.feature_rows, batch_size, shuffle_seed=config.seed,
+            initial_epoch=initial_step // steps_per_epoch, skip_batches=initial_step % steps_per_epoch,
             input_context=input_context),
-        lambda input_context: make_caption_dataset(data.val, data.feature_rows, batch_size,
+        # Sorted by length: the same val loss with almost no padding, half the time (measured).
+        lambda input_context: make_caption_dataset(data.val, data.feature_rows, batch_size, sort_by_length=True,
                                                    input_context=input_context),
     )
     print(
         f"train: {len(data.train)} train captions ({data.train.images} images), {len(data.val)} val captions "
-        f"({data.val.images} images), vocabulary {config.decoder.vocab_size}, "
+        f"({data.val.images} images, {len(scorer) if hasattr(scorer, '__len__') else '?'} captioned for CIDEr-D), "
+        f"vocabulary {config.decoder.vocab_size}, "
         f"{model.count_params():,} parameters, features {'in memory' if data.in_memory else 'streamed from HDF5'}"
         + (f", {data.skipped_images} images skipped (extraction failed)" if data.skipped_images else "")
         + (f", {data.empty_captions} captions without words skipped" if data.empty_captions else ""),
         file=sys.stderr,
     )
+    print(
+        f"train: validation every {period_steps} steps ({period_steps / steps_per_epoch:.2f} epochs), "
+        f"at most {num_periods} periods ({num_periods * period_steps} steps, cap {train_config.epochs} epochs); "
+        f"best and early stopping on val {train_config.select_on}, patience {train_config.patience_steps} steps",
+        file=sys.stderr,
+    )
     if resume:
-        print(f"train: resuming after epoch {finished} of {config.train.epochs}", file=sys.stderr)
+        print(f"train: resuming after period {finished} of {num_periods} (step {initial_step})", file=sys.stderr)
 
     # Only the chief writes OUT (which several workers may share); the others keep their
     # checkpoints and logs in a scratch folder of their own, removed when they end.
@@ -874,15 +1107,25 @@ def run_train(out_dir, overrides, resume=False):
     if resume and not is_chief:
         # Every worker restores the chief's checkpoint: the same weights, optimizer state and epoch.
         shutil.copytree(checkpoint_dir, write_dir / CHECKPOINT_DIR)
-    callbacks = _make_callbacks(out_dir, config, history, is_chief, write_dir)
+    callbacks, period_validation = _make_callbacks(
+        out_dir, config, history, is_chief, scorer=scorer, schedule=schedule,
+        period_steps=period_steps, steps_per_epoch=steps_per_epoch, stopping_state=stopping_state,
+        write_dir=write_dir,
+    )
+    stopper = period_validation.stopper
+    already_stopped = bool(stopping_state and stopping_state.get("stopped")) and (
+        stopper.steps_since_best >= stopper.patience_steps)
     fit_started = time.monotonic()
     try:
-        with _lost_worker_errors(config, checkpoint_dir):
-            model.fit(
-                train_dataset, steps_per_epoch=steps_per_epoch, validation_data=val_dataset,
-                epochs=config.train.epochs, callbacks=callbacks, verbose=2,
-                shuffle=False,  # the dataset shuffles itself, seeded
-            )
+        if already_stopped:
+            print(f"train: the checkpoint had stopped early at step {stopper.last_step}; nothing to resume "
+                  "(raise --patience-steps to train on)", file=sys.stderr)
+        else:
+            with _lost_worker_errors(config, checkpoint_dir):
+                model.fit(
+                    train_dataset, steps_per_epoch=period_steps, validation_data=val_dataset, epochs=num_periods,
+                    callbacks=callbacks, verbose=2, shuffle=False,  # the dataset shuffles itself, seeded
+                )
     except (OSError, RuntimeError) as error:
         # h5py reports a failed checkpoint write as OSError, a failed flush or close as
         # RuntimeError; any other RuntimeError is a bug and keeps its traceback.
@@ -899,30 +1142,46 @@ def run_train(out_dir, overrides, resume=False):
         if not is_chief:
             shutil.rmtree(write_dir, ignore_errors=True)
     fit_seconds = time.monotonic() - fit_started
-    epochs_run = sum(1 for entry in history if entry["epoch"] > finished)
+    new_entries = [entry for entry in history if entry["period"] > finished]
     if is_chief:
         config.save(out_dir)
 
-    best = min((entry for entry in history if "val_loss" in entry), key=lambda entry: entry["val_loss"], default=None)
-    captions_seen = epochs_run * len(data.train)
+    best = next((entry for entry in history if entry.get("step") == stopper.best_step), None)
+    steps_done = history[-1]["step"] if history else initial_step
+    validation_seconds = sum(entry["val_loss_seconds"] + entry["val_seconds"] for entry in new_entries)
+    captions_seen = len(new_entries) * period_steps * batch_size
+    stopped_early = already_stopped or period_validation.stopped_step is not None
     summary = {
-        "epochs_run": epochs_run,
-        "epochs_total": history[-1]["epoch"] if history else finished,
-        "initial_epoch": finished,
-        "best_epoch": best["epoch"] if best else None,
-        "best_val_loss": best["val_loss"] if best else None,
+        "periods_run": len(new_entries),
+        "periods_total": history[-1]["period"] if history else finished,
+        "initial_period": finished,
+        "period_steps": period_steps,
+        "steps": steps_done,
+        "epochs": round(steps_done / steps_per_epoch, 3),
+        "stopped_by": "early_stopping" if stopped_early else "cap",
+        "select_on": train_config.select_on,
+        "best_step": stopper.best_step,
+        "best_period": best["period"] if best else None,
+        "best_score": stopper.best,
+        "best_val_cider": best.get("val_cider") if best else None,
+        "best_val_loss": best.get("val_loss") if best else None,
         "seconds": round(time.monotonic() - started, 3),
-        "captions_per_second": round(captions_seen / fit_seconds, 1) if epochs_run and fit_seconds > 0 else 0.0,
+        "captions_per_second": round(captions_seen / fit_seconds, 1) if new_entries and fit_seconds > 0 else 0.0,
+        "validation_share": round(validation_seconds / fit_seconds, 4) if new_entries and fit_seconds > 0 else 0.0,
         "train_captions": len(data.train),
         "val_captions": len(data.val),
+        "val_images_scored": len(scorer) if hasattr(scorer, "__len__") else None,
         "vocab_size": config.decoder.vocab_size,
         "features_in_memory": data.in_memory,
     }
-    best_text = f"{summary['best_val_loss']:.4f} (epoch {summary['best_epoch']})" if best else "none"
+    best_text = (f"{summary['best_score']:.4f} at step {summary['best_step']} (period {summary['best_period']})"
+                 if best else "none")
     print(
-        f"train: {epochs_run} epochs run (now {summary['epochs_total']} of {config.train.epochs}), "
-        f"best val_loss {best_text}, {summary['seconds']:.1f} s, {summary['captions_per_second']:.0f} captions/s "
-        f"-> {out_dir / DECODER_FILE}",
+        f"train: {summary['periods_run']} periods run, now step {steps_done} ({summary['epochs']:.1f} epochs), "
+        f"stopped by {summary['stopped_by'].replace('_', ' ')}; best val {train_config.select_on} {best_text}, "
+        f"{summary['seconds']:.1f} s, {summary['captions_per_second']:.0f} captions/s, validation "
+        f"{100 * summary['validation_share']:.1f}% of the fit -> {out_dir / DECODER_FILE}",
         file=sys.stderr,
     )
     return summary
+

@@ -15,6 +15,8 @@ TEST_NUM_IMAGES = 48
 EXTRACT_OVERRIDES = {"encoder.weights": "random", "encoder.batch_size": 8, "text.min_word_count": 1}
 TRAIN_OVERRIDES = {
     "train.epochs": 3,
+    # 36 train images x 5 captions / 32 = 6 steps an epoch: three validation periods.
+    "train.validate_every_steps": 6,
     "train.batch_size": 32,
     "decoder.units": 64,
     "decoder.embedding_dim": 32,

@@ -98,6 +98,11 @@ def test_training_curves_are_a_png_or_none():
     assert report.training_curves_png([]) is None
     png = report.training_curves_png([{"epoch": 1, "loss": 2.0, "masked_accuracy": 0.1}])
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    # Per-period histories are drawn per step, with the validation CIDEr-D in its own panel.
+    periods = [{"period": 1, "step": 50, "loss": 2.0, "val_cider": 0.4, "best": True},
+               {"period": 2, "step": 100, "loss": 1.5, "val_cider": 0.7, "best": True}]
+    without_cider = [{name: value for name, value in entry.items() if name != "val_cider"} for entry in periods]
+    assert report.training_curves_png(periods) != report.training_curves_png(without_cider)
 
 
 def test_evaluate_without_a_trained_decoder_is_a_clear_error(extracted_out, copy_run):

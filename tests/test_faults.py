@@ -93,7 +93,7 @@ def test_extract_killed_at_random_moments_resumes_to_the_uninterrupted_cache(sma
 
 
 def _history(out):
-    return json.loads((out / train.HISTORY_FILE).read_text())["epochs"]
+    return train.read_history(out)
 
 
 def _checkpoint_epoch(out):
@@ -103,11 +103,15 @@ def _checkpoint_epoch(out):
         return 0  # absent, or caught mid-write
 
 
-def test_train_killed_mid_epoch_resumes_with_the_right_epoch_count(extracted_out, copy_run):
+def test_train_killed_mid_epoch_resumes_with_the_stopping_state_to_the_uninterrupted_result(extracted_out, copy_run):
     epochs = 3
-    # batch size 1 makes an epoch last long enough (~180 steps) to be killed inside it.
-    settings = {**SMALL_DECODER, "train.epochs": epochs, "train.batch_size": 1}
-    flags = ["--epochs", str(epochs), "--batch-size", "1", "--units", "32", "--embedding-dim", "16", "--dropout", "0"]
+    # batch size 1 makes an epoch last long enough (~180 steps) to be killed inside it;
+    # validation every 90 steps puts every other checkpoint mid-epoch, and a patience of
+    # 180 steps lets early stopping end the run (or not) from the resumed counter.
+    settings = {**SMALL_DECODER, "train.epochs": epochs, "train.batch_size": 1, "train.validate_every_steps": 90,
+                "train.patience_steps": 180}
+    flags = ["--epochs", str(epochs), "--batch-size", "1", "--units", "32", "--embedding-dim", "16", "--dropout", "0",
+             "--validate-every-steps", "90", "--patience-steps", "180"]
     killed = copy_run(extracted_out)
     unkilled = Path(shutil.copytree(killed, killed.parent / "unkilled"))
 
@@ -115,23 +119,33 @@ def test_train_killed_mid_epoch_resumes_with_the_right_epoch_count(extracted_out
     _wait_for(process, lambda: _checkpoint_epoch(killed) >= 1, "the first checkpoint")
     _kill(process, random.Random(99).uniform(0.0, 0.3))
     finished = train._checkpoint_epoch(killed / train.CHECKPOINT_DIR)
-    assert 1 <= finished < epochs
+    assert finished >= 1
 
     resumed = train.run_train(killed, {}, resume=True)
-    assert (resumed["initial_epoch"], resumed["epochs_total"]) == (finished, epochs)
-    assert resumed["epochs_run"] == epochs - finished
-    assert [entry["epoch"] for entry in _history(killed)] == list(range(1, epochs + 1))
-
     reference = train.run_train(unkilled, settings)
-    assert reference["epochs_total"] == epochs
-    # train.py keys each epoch's order to (seed, epoch) and BackupAndRestore brings back the
-    # weights and optimizer state, so the resumed epochs are the unkilled run's epochs: the
-    # same losses, up to float reordering (they come out bit-equal on one machine). A resume
-    # that replayed the first epoch's order, or lost the optimizer state, differs by percents.
-    for name in ("loss", "val_loss"):
-        resumed_losses = [entry[name] for entry in _history(killed)]
-        expected_losses = [entry[name] for entry in _history(unkilled)]
-        assert resumed_losses == pytest.approx(expected_losses, rel=1e-5), (name, resumed_losses, expected_losses)
+    assert resumed["initial_period"] == finished
+    for name in ("steps", "periods_total", "stopped_by", "best_step", "best_score"):
+        assert resumed[name] == reference[name], name
+    assert [entry["period"] for entry in _history(killed)] == list(range(1, reference["periods_total"] + 1))
+    # train.py keys each epoch's order to (seed, epoch) and enters it at the checkpoint's
+    # step, BackupAndRestore brings back the weights and optimizer state, and stopping.json
+    # the stopper's best and counter, so the resumed periods are the unkilled run's: the
+    # same losses, up to float reordering (they come out bit-equal on one machine), the same
+    # validation scores and decisions. A resume that replayed the first epoch's order, or
+    # lost the optimizer state, differs by percents.
+    for name in ("loss", "val_loss", "val_cider", "learning_rate"):
+        resumed_values = [entry[name] for entry in _history(killed)]
+        expected_values = [entry[name] for entry in _history(unkilled)]
+        assert resumed_values == pytest.approx(expected_values, rel=1e-5), (name, resumed_values, expected_values)
+    assert [entry["best"] for entry in _history(killed)] == [entry["best"] for entry in _history(unkilled)]
+    last = str(reference["periods_total"])
+    state, expected_state = _stopping_state(killed)[last], _stopping_state(unkilled)[last]
+    assert state["stopper"].pop("best") == pytest.approx(expected_state["stopper"].pop("best"), rel=1e-5)
+    assert state == expected_state  # best step, steps since, rate cuts, stopped
+
+
+def _stopping_state(out):
+    return json.loads((out / train.CHECKPOINT_DIR / train.STOPPING_FILE).read_text())["periods"]
 
 
 def _run_with_file_size_limit(arguments, limit_bytes):

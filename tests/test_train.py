@@ -1,6 +1,7 @@
 """Stage 2 training: the tf.data pipeline, the artifacts, resume, overfitting, bad input."""
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -95,22 +96,43 @@ def test_training_writes_decoder_history_checkpoints_and_logs(trained_out):
     model = keras.saving.load_model(trained_out / "decoder.keras")
     assert model.output_shape == (None, None, len(vocabulary))
 
-    history = json.loads((trained_out / "history.json").read_text())["epochs"]
-    assert [entry["epoch"] for entry in history] == [1, 2, 3]
+    history = train.read_history(trained_out)
+    assert [entry["period"] for entry in history] == [1, 2, 3]
+    assert [entry["step"] for entry in history] == [6, 12, 18]
     for entry in history:
-        assert {"loss", "val_loss", "masked_accuracy", "val_masked_accuracy", "learning_rate"} <= set(entry)
+        assert {"loss", "val_loss", "masked_accuracy", "val_masked_accuracy", "learning_rate", "val_cider",
+                "val_bleu_4", "val_seconds", "train_seconds"} <= set(entry)
         assert np.isfinite(entry["loss"]) and entry["loss"] > 0
+        assert 0.0 <= entry["val_cider"] <= 10.0 and 0.0 <= entry["val_bleu_4"] <= 1.0
     assert history[-1]["loss"] < history[0]["loss"]
-    # decoder.keras holds the epoch with the lowest val_loss, flagged "best" when written.
-    best_epoch = min(history, key=lambda entry: entry["val_loss"])["epoch"]
-    assert history[best_epoch - 1]["best"]
+    # "best" marks each new best val CIDEr-D (the first period always is one); the
+    # warm-up raises the rate over the first 100 steps.
+    assert history[0]["best"]
+    ciders = [entry["val_cider"] for entry in history]
+    assert [entry["best"] for entry in history] == [index == 0 or value > max(ciders[:index])
+                                                      for index, value in enumerate(ciders)]
+    assert history[0]["learning_rate"] < history[-1]["learning_rate"] <= config.train.learning_rate
 
     checkpoints = trained_out / "checkpoints"
     assert (checkpoints / "latest.weights.h5").is_file()
     assert json.loads((checkpoints / "training_metadata.json").read_text())["epoch"] == 3
+    stopping = json.loads((checkpoints / "stopping.json").read_text())
+    assert stopping["period_steps"] == 6 and sorted(stopping["periods"], key=int) == ["1", "2", "3"]
+    assert stopping["periods"]["3"]["stopper"]["best"] == max(ciders)
     event_files = list((trained_out / "logs").rglob("events.out.tfevents.*"))
     assert {path.parent.name for path in event_files} >= {"train", "validation"}
+    assert "epoch_cider" in _event_tags([path for path in event_files if path.parent.name == "validation"])
     assert not list(trained_out.glob(".decoder.keras*"))  # no temporary left behind
+
+
+def _event_tags(paths):
+    import tensorflow as tf
+
+    tags = set()
+    for record in tf.data.TFRecordDataset([str(path) for path in paths]):
+        event = tf.compat.v1.Event.FromString(record.numpy())
+        tags.update(value.tag for value in event.summary.value)
+    return tags
 
 
 def _optimizer_iterations(out):
@@ -118,31 +140,89 @@ def _optimizer_iterations(out):
         return int(handle["optimizer"]["vars"]["0"][()])
 
 
-def test_resume_continues_epochs_and_optimizer_state(extracted_out, copy_run):
-    out = copy_run(extracted_out)
-    overrides = dict(TRAIN_OVERRIDES, **{"train.epochs": 2})
-    first = train.run_train(out, overrides)
-    assert (first["initial_epoch"], first["epochs_run"], first["epochs_total"]) == (0, 2, 2)
-    iterations_after_two = _optimizer_iterations(out)
-    steps_per_epoch = -(-first["train_captions"] // TRAIN_OVERRIDES["train.batch_size"])
-    assert iterations_after_two == 2 * steps_per_epoch
-    history_before = json.loads((out / "history.json").read_text())["epochs"]
+class _ScriptedScorer:
+    """A validation metric that follows a script and keeps the weights of every model it scored."""
 
-    resumed = train.run_train(out, {"train.epochs": 4}, resume=True)
-    assert (resumed["initial_epoch"], resumed["epochs_run"], resumed["epochs_total"]) == (2, 2, 4)
-    history = json.loads((out / "history.json").read_text())["epochs"]
-    assert [entry["epoch"] for entry in history] == [1, 2, 3, 4]
-    assert history[:2] == history_before  # earlier epochs are kept as they were
-    # Adam's step counter continued instead of restarting: 4 epochs of steps in total.
-    assert _optimizer_iterations(out) == 4 * steps_per_epoch
-    # The restored weights keep learning: epoch 3 starts from epoch 2's model, not from scratch.
-    assert history[2]["loss"] < history[0]["loss"]
+    def __init__(self, scores):
+        self.scores = list(scores)
+        self.weights = []
 
-    # A fresh run (no --resume) replaces the old checkpoints and history.
-    fresh = train.run_train(out, {"train.epochs": 1})
-    assert (fresh["initial_epoch"], fresh["epochs_total"]) == (0, 1)
-    assert [entry["epoch"] for entry in json.loads((out / "history.json").read_text())["epochs"]] == [1]
-    assert _optimizer_iterations(out) == steps_per_epoch
+    def __call__(self, model):
+        score = self.scores[len(self.weights)]
+        self.weights.append([weight.copy() for weight in model.get_weights()])
+        return {"val_cider": score, "val_bleu_4": score / 10, "val_seconds": 0.0}
+
+
+def _decoder_weights(out):
+    import keras
+
+    return keras.saving.load_model(out / train.DECODER_FILE, compile=False).get_weights()
+
+
+def _assert_same_weights(actual, expected, tolerance=0.0):
+    assert len(actual) == len(expected)
+    for actual_weight, expected_weight in zip(actual, expected):
+        np.testing.assert_allclose(actual_weight, expected_weight, rtol=tolerance, atol=tolerance)
+
+
+def test_stopping_selection_and_learning_rate_cuts_follow_the_score_and_resume_with_their_counters(
+        extracted_out, tmp_path):
+    import shutil
+
+    # 6 steps an epoch, validation every 5 steps: patience 10 steps, a rate cut after 5.
+    settings = dict(TRAIN_OVERRIDES, **{"train.epochs": 10, "train.validate_every_steps": 5, "train.patience_steps": 10,
+                                        "train.reduce_lr_patience_steps": 5, "train.warmup_steps": 0})
+    scores = [0.1, 0.5, 0.3, 0.4, 0.9]
+    out = Path(shutil.copytree(extracted_out, tmp_path / "uninterrupted"))
+    scorer = _ScriptedScorer(scores)
+    summary = train.run_train(out, settings, validation_scorer=scorer)
+    # Best at step 10; no better score by step 20 = 10 steps later: stop there, before the 0.9.
+    assert (summary["stopped_by"], summary["steps"], summary["best_step"], summary["best_score"]) == (
+        "early_stopping", 20, 10, 0.5)
+    history = train.read_history(out)
+    assert [entry["step"] for entry in history] == [5, 10, 15, 20]
+    assert [entry["best"] for entry in history] == [True, True, False, False]
+    assert [entry["lr_reduced"] for entry in history] == [False, False, True, True]
+    rates = [entry["learning_rate"] for entry in history]
+    assert rates[:3] == pytest.approx([1e-3] * 3) and rates[3] == pytest.approx(rates[2] / 2)
+    assert _optimizer_iterations(out) == 20
+    # decoder.keras holds the weights validated at step 10, not the last ones.
+    _assert_same_weights(_decoder_weights(out), scorer.weights[1])
+    assert any(not np.array_equal(last, best) for last, best in zip(scorer.weights[3], scorer.weights[1]))
+
+    # Stopped by the cap after 3 periods (15 steps: 2.5 epochs), then resumed with a larger
+    # cap: the stopper's best, its counter and the rate cut carry over, so the run stops
+    # where the uninterrupted one did, with the same weights.
+    resumed_out = Path(shutil.copytree(extracted_out, tmp_path / "resumed"))
+    first = train.run_train(resumed_out, dict(settings, **{"train.epochs": 2}), validation_scorer=_ScriptedScorer(scores))
+    assert (first["stopped_by"], first["steps"], first["periods_total"]) == ("cap", 15, 3)
+    history_before = train.read_history(resumed_out)
+    resumed = train.run_train(resumed_out, {"train.epochs": 10}, resume=True,
+                              validation_scorer=_ScriptedScorer(scores[3:]))
+    assert (resumed["initial_period"], resumed["periods_run"], resumed["steps"]) == (3, 1, 20)
+    assert (resumed["stopped_by"], resumed["best_step"]) == ("early_stopping", 10)
+    resumed_history = train.read_history(resumed_out)
+    assert resumed_history[:3] == history_before  # earlier periods are kept as they were
+    for name in ("step", "best", "lr_reduced", "learning_rate", "val_cider"):
+        assert [entry[name] for entry in resumed_history] == [entry[name] for entry in history], name
+    # Step 16 trained on batch 4 of epoch 3 with period 4's dropout masks, as in the
+    # uninterrupted run: the same losses and weights, up to float reordering (a resume from
+    # the wrong batch, rate or dropout stream differs by 1e-4 to percents).
+    assert [entry["loss"] for entry in resumed_history] == pytest.approx([entry["loss"] for entry in history], rel=1e-6)
+    assert _optimizer_iterations(resumed_out) == 20
+    _assert_same_weights(_decoder_weights(resumed_out), _decoder_weights(out), tolerance=1e-6)
+
+    # A fresh run (no --resume) replaces the old checkpoints and history; --select-on loss
+    # keeps the weights of the lowest validation loss.
+    loss_scorer = _ScriptedScorer([0.0] * 3)
+    fresh = train.run_train(resumed_out, {"train.epochs": 2, "train.select_on": "loss", "train.patience_steps": 100},
+                            validation_scorer=loss_scorer)
+    assert (fresh["initial_period"], fresh["steps"], fresh["select_on"]) == (0, 15, "loss")
+    fresh_history = train.read_history(resumed_out)
+    assert [entry["period"] for entry in fresh_history] == [1, 2, 3] and _optimizer_iterations(resumed_out) == 15
+    lowest = min(range(3), key=lambda index: fresh_history[index]["val_loss"])
+    assert fresh["best_val_loss"] == fresh_history[lowest]["val_loss"] and fresh_history[lowest]["best"]
+    _assert_same_weights(_decoder_weights(resumed_out), loss_scorer.weights[lowest])
 
 
 def test_resume_without_checkpoint_is_a_clear_error(extracted_out, copy_run):
@@ -188,10 +268,22 @@ def test_train_before_extract_is_a_clear_error(tmp_path):
         train.run_train(tmp_path, {})
 
 
+def test_config_of_an_older_run_loads_without_its_epoch_counted_patiences():
+    data = config_module.PipelineConfig().to_dict()
+    data["train"].update({"early_stopping_patience": 3, "reduce_lr_patience": 1})
+    config = config_module.PipelineConfig.from_dict(data)
+    assert config.train == config_module.TrainConfig()
+    data["train"]["patience"] = 3
+    with pytest.raises(errors.PipelineError, match="unknown setting.*patience"):
+        config_module.PipelineConfig.from_dict(data)
+
+
 def test_bad_hyperparameter_is_rejected(extracted_out, copy_run):
     out = copy_run(extracted_out)
     with pytest.raises(errors.PipelineError, match=r"train\.batch_size \(--batch-size\) must be at least 1, got 0"):
         train.run_train(out, {"train.batch_size": 0})
+    with pytest.raises(errors.PipelineError, match=r"train\.select_on \(--select-on\) must be one of cider, loss"):
+        train.run_train(out, {"train.select_on": "bleu"})
 
 
 def test_decoder_overfits_four_captions_and_greedy_decoding_reproduces_them():
@@ -392,8 +484,8 @@ def test_cache_above_the_memory_limit_streams_from_hdf5_with_the_same_batches_an
     out = copy_run(extracted_out)
     summary = train.run_train(out, dict(TRAIN_OVERRIDES, **{"train.max_cache_memory_gb": 1e-6}))
     assert summary["features_in_memory"] is False
-    history = json.loads((out / "history.json").read_text())["epochs"]
-    reference = json.loads((trained_out / "history.json").read_text())["epochs"]
+    history = train.read_history(out)
+    reference = train.read_history(trained_out)
     for name in ("loss", "val_loss"):
         np.testing.assert_allclose([entry[name] for entry in history], [entry[name] for entry in reference],
                                    rtol=1e-4)
