@@ -68,6 +68,22 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class FinetuneConfig:
+    """Self-critical fine-tuning on CIDEr-D (`finetune`); defaults follow the reference implementation."""
+
+    epochs: int = 20  # a cap: early stopping on validation CIDEr-D usually ends the run first
+    learning_rate: float = 5e-5  # Adam, no decay (ruotianluo/self-critical.pytorch)
+    samples: int = 5  # captions sampled per image
+    baseline: str = "mean"  # "mean" (the other samples' mean reward, Luo 2020) or "greedy" (Rennie 2017)
+    batch_size: int = 32  # images per step (samples x batch_size captions)
+    clipnorm: float = 5.0
+    early_stopping_patience: int = 3  # epochs without a better validation CIDEr-D
+    checkpoint_steps: int = 50  # steps between resumable checkpoints (and one at every epoch end)
+    validation_images: int = 0  # validation images scored each epoch; 0 = all
+    strategy: str = "default"  # "default", "mirrored" or "multiworker"
+
+
+@dataclasses.dataclass
 class DecodeConfig:
     beam_size: int = 3
     max_length: int = 20  # generated words, without <start>/<end>
@@ -83,6 +99,7 @@ class PipelineConfig:
     encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
     decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
 
     def to_dict(self):
