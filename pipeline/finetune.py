@@ -157,7 +157,8 @@ def _source_decoder(out_dir, resume):
     decoder_path, xe_path = out_dir / train.DECODER_FILE, out_dir / XE_DECODER_FILE
     if resume:
         if not xe_path.is_file():
-            raise errors.ArtifactError(f"{xe_path}: missing; run `finetune` without --resume")
+            raise errors.ArtifactError(f"{out_dir / CHECKPOINT_DIR}: no checkpoint to resume from ({xe_path.name} "
+                                       "is missing); run `finetune` without --resume")
         return xe_path
     if not decoder_path.is_file():
         raise errors.ArtifactError(f"{decoder_path}: no trained decoder; run `train` first")
