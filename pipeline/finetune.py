@@ -176,14 +176,16 @@ def _source_decoder(out_dir, resume):
 class _Stepper:
     """The TF side of one step: sampling, greedy captions and the distributed update."""
 
-    def __init__(self, model, optimizer, strategy, settings, max_length):
+    def __init__(self, model, optimizer, strategy, settings, max_length, reward):
         import tensorflow as tf
 
         from models import beam_search, decoder, sampling
 
         self.model, self.optimizer, self.strategy = model, optimizer, strategy
         self.samples = settings.samples
+        self.baseline = settings.baseline
         self.max_length = max_length
+        self.reward = reward
         decoding = decoder.DecodingFunctions(model)
         banned = (text.PAD_ID, text.START_ID, text.UNK_ID)
 
@@ -222,6 +224,34 @@ class _Stepper:
         self.draw = tf.function(draw, reduce_retracing=True)
         self.greedy = tf.function(greedy, reduce_retracing=True)
         self._update = tf.function(update, reduce_retracing=True)
+
+    def train_step(self, image_features, images, seed):
+        """One self-critical step on a batch of images.
+
+        Args:
+            image_features: float32 [B, F] tensor; images: int [B], their indices in `reward`;
+            seed: (int, int), the stateless seed of the draw (the run's seed and the step).
+        Returns:
+            dict: rewards float64 [B*K], loss float, mask float32 [B*K, max_length + 1],
+            reward_seconds (the CIDEr-D computation's share of the step).
+        """
+        import tensorflow as tf
+
+        token_ids, _, mask = self.draw(image_features, tf.constant(seed, tf.int64))
+        token_ids, mask = token_ids.numpy(), mask.numpy()
+        reward_started = time.monotonic()
+        rewards = self.reward.scores(token_ids, mask.sum(axis=1).astype(np.int64), np.repeat(images, self.samples))
+        greedy_rewards = None
+        if self.baseline == "greedy":
+            greedy_ids, greedy_lengths = (value.numpy() for value in self.greedy(image_features))
+            greedy_ids = np.pad(greedy_ids, ((0, 0), (0, 1)))
+            greedy_ids[np.arange(len(greedy_ids)), greedy_lengths] = text.END_ID  # greedy_search drops <end>
+            greedy_rewards = self.reward.scores(greedy_ids, greedy_lengths + 1, images)
+        reward_seconds = time.monotonic() - reward_started
+        advantage = _advantages(rewards.reshape(len(images), self.samples), self.baseline, greedy_rewards)
+        loss = self.update(np.repeat(image_features.numpy(), self.samples, axis=0), token_ids, mask,
+                           advantage.reshape(-1).astype(np.float32))
+        return {"rewards": rewards, "loss": loss, "mask": mask, "reward_seconds": reward_seconds}
 
     def update(self, image_features, token_ids, mask, advantage):
         """One optimizer step on the samples (NumPy arrays, one row per sample); returns the loss."""
@@ -309,7 +339,7 @@ def run_finetune(out_dir, overrides, resume=False):
         print(f"finetune: resuming at step {state['step']} of {total_steps}", file=sys.stderr)
     config.save(out_dir)
 
-    stepper = _Stepper(model, optimizer, strategy, settings, max_length)
+    stepper = _Stepper(model, optimizer, strategy, settings, max_length, reward)
     writer = _summary_writer(log_dir)
     print(
         f"finetune: {len(images.rows)} train images ({sum(len(r) for r in images.references)} references), "
@@ -369,23 +399,9 @@ def run_finetune(out_dir, overrides, resume=False):
                 members = order[batch_index * settings.batch_size:(batch_index + 1) * settings.batch_size]
                 rows = tf.constant(images.rows[members])
                 image_features = data.feature_rows.gather(rows)
-                seed = tf.constant([config.seed, state["step"]], tf.int64)
-                token_ids, _, mask = stepper.draw(image_features, seed)
-                token_ids, mask = token_ids.numpy(), mask.numpy()
-                reward_started = time.monotonic()
-                sample_images = np.repeat(members, settings.samples)
-                rewards = reward.scores(token_ids, mask.sum(axis=1).astype(np.int64), sample_images)
-                greedy_rewards = None
-                if settings.baseline == "greedy":
-                    greedy_ids, greedy_lengths = (value.numpy() for value in stepper.greedy(image_features))
-                    greedy_ids = np.pad(greedy_ids, ((0, 0), (0, 1)))
-                    greedy_ids[np.arange(len(greedy_ids)), greedy_lengths] = text.END_ID
-                    greedy_rewards = reward.scores(greedy_ids, greedy_lengths + 1, members)
-                reward_seconds += time.monotonic() - reward_started
-                advantage = _advantages(rewards.reshape(len(members), settings.samples), settings.baseline,
-                                        greedy_rewards)
-                loss = stepper.update(np.repeat(image_features.numpy(), settings.samples, axis=0),
-                                      token_ids, mask, advantage.reshape(-1).astype(np.float32))
+                outcome = stepper.train_step(image_features, members, (config.seed, state["step"]))
+                rewards, loss, mask = outcome["rewards"], outcome["loss"], outcome["mask"]
+                reward_seconds += outcome["reward_seconds"]
                 state["step"] += 1
                 partial["steps"] += 1
                 partial["captions"] += len(rewards)
