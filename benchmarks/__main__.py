@@ -25,6 +25,7 @@ BENCHMARKS = {
     "bench_extract": "stage 1: extract vs the bare model vs the naive loop; bf16 vs fp32",
     "bench_train": "stage 2: teacher forcing vs the per-prefix merge model",
     "bench_serving": "SavedModel latency and the share of decoding",
+    "bench_finetune": "self-critical fine-tuning: cost per epoch on Flickr8k-sized data, CIDEr-D reward speed",
     "bench_memory": "training peak memory on a small and a 20x larger cache",
     "bench_load": "HTTP server under load: latency and memory",
 }
@@ -41,6 +42,9 @@ TARGETS = {
     "train_captions_per_s": ("", None),
     "train_prefix_baseline_captions_per_s": ("", None),
     "train_speedup": (">= 10", lambda value: value >= 10),
+    "finetune_captions_per_s": ("", None),
+    "finetune_reward_captions_per_s": ("", None),
+    "finetune_epoch_minutes_flickr8k": ("", None),
     "savedmodel_latency_ms": ("", None),
     "savedmodel_batch16_images_per_s": ("", None),
     "savedmodel_decode_share": ("< 0.25", lambda value: value < 0.25),

@@ -1,6 +1,6 @@
 """Self-critical fine-tuning cost on Flickr8k-sized data, and CIDEr-D reward throughput.
 
-    python -m benchmarks.bench_finetune [--json FILE] [--steps N]
+    python -m benchmarks.bench_finetune [--json FILE] [--steps N]   (or in the suite: python -m benchmarks)
 
 On the synthetic cache of `benchmarks.bench_train` (6,000 random 2048-d vectors, five
 Zipf-like captions of ~12 words per image over a ~3,000-word vocabulary) with the default
@@ -22,14 +22,28 @@ import numpy as np
 from pipeline import io_utils
 
 WARMUP_STEPS = 3
+STEPS = 200
+QUICK_STEPS = 40
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the figures to this file")
-    parser.add_argument("--steps", type=int, default=200, help="timed steps")
+    parser.add_argument("--steps", type=int, default=STEPS, help="timed steps")
     args = parser.parse_args(argv)
+    result = measure(timed_steps)
+    if args.json:
+        io_utils.write_json(args.json, result)
+    return 0
 
+
+def run(quick):
+    """The suite's entry (`python -m benchmarks`): QUICK_STEPS or STEPS timed steps."""
+    return measure(QUICK_STEPS if quick else STEPS)
+
+
+def measure(timed_steps):
+    """Times `timed_steps` fine-tuning steps; returns the figures (see the module docstring)."""
     import keras
     import tensorflow as tf
 
@@ -68,37 +82,35 @@ def main(argv=None):
         run(step)
     captions, reward_seconds, tokens = 0, 0.0, 0.0
     started = time.perf_counter()
-    for step in range(WARMUP_STEPS, WARMUP_STEPS + args.steps):
+    for step in range(WARMUP_STEPS, WARMUP_STEPS + timed_steps):
         outcome = run(step)
         captions += len(outcome["rewards"])
         reward_seconds += outcome["reward_seconds"]
         tokens += float(outcome["mask"].sum())
     seconds = time.perf_counter() - started
     result = {
-        "timed_steps": args.steps,
-        "seconds_per_step": seconds / args.steps,
-        "captions_per_second": captions / seconds,
-        "reward_captions_per_second": captions / reward_seconds,
+        "timed_steps": timed_steps,
+        "seconds_per_step": seconds / timed_steps,
+        "finetune_captions_per_s": captions / seconds,
+        "finetune_reward_captions_per_s": captions / reward_seconds,
         "reward_share_of_step": reward_seconds / seconds,
         "mean_sample_tokens": tokens / captions,
         "steps_per_epoch": steps_per_epoch,
-        "extrapolated_epoch_minutes": seconds / args.steps * steps_per_epoch / 60,
+        "finetune_epoch_minutes_flickr8k": seconds / timed_steps * steps_per_epoch / 60,
         "reward_setup_seconds": reward_setup,
     }
     print(
         f"finetune on a Flickr8k-sized cache ({bench_train.NUM_IMAGES} images x 5 captions, vocabulary "
         f"{bench_train.VOCAB_SIZE}, decoder {config.decoder.embedding_dim}/{config.decoder.units}): "
         f"{result['seconds_per_step']:.3f} s/step of {settings.batch_size} images x {settings.samples} samples, "
-        f"{result['captions_per_second']:.0f} captions/s; one epoch ({steps_per_epoch} steps) extrapolated from "
-        f"{args.steps} steps: {result['extrapolated_epoch_minutes']:.1f} min; CIDEr-D reward "
-        f"{result['reward_captions_per_second']:.0f} captions/s ({100 * result['reward_share_of_step']:.1f}% of a step; "
+        f"{result['finetune_captions_per_s']:.0f} captions/s; one epoch ({steps_per_epoch} steps) extrapolated from "
+        f"{timed_steps} steps: {result['finetune_epoch_minutes_flickr8k']:.1f} min; CIDEr-D reward "
+        f"{result['finetune_reward_captions_per_s']:.0f} captions/s ({100 * result['reward_share_of_step']:.1f}% of a step; "
         f"set-up of the 30,000 references {reward_setup:.1f} s)",
         file=sys.stderr,
     )
-    if args.json:
-        io_utils.write_json(args.json, result)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -132,3 +132,62 @@ def test_bad_settings_are_rejected_before_anything_is_written(trained_out, copy_
     with pytest.raises(errors.ArtifactError, match="no checkpoint to resume"):
         finetune.run_finetune(out, {}, resume=True)
     assert not (out / "decoder_xe.keras").exists()
+
+
+MIRRORED_SCRIPT = r"""
+import json
+import numpy as np
+import tensorflow as tf
+
+# Two logical CPU devices: must happen before anything initializes TF's devices.
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras
+from models import decoder
+from pipeline import config as config_module
+from pipeline import finetune, train
+from pipeline.cider_reward import CiderD
+
+rng = np.random.default_rng(0)
+features = tf.constant(rng.normal(size=(12, 16)).astype(np.float32))
+references = [[np.asarray([*rng.integers(4, 30, size=rng.integers(2, 8)), 2]) for _ in range(3)] for _ in range(12)]
+reward = CiderD(references, 30)
+settings = config_module.FinetuneConfig(samples=3, batch_size=6)
+config = config_module.DecoderConfig(embedding_dim=8, units=16, dropout=0.0)
+report = {}
+strategies = {name: train.make_strategy(name) for name in ("default", "mirrored")}
+for name, strategy in strategies.items():
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = decoder.build_decoder(config, 30, feature_dim=16)
+        optimizer = keras.optimizers.SGD(0.5)
+        optimizer.build(model.trainable_variables)
+    stepper = finetune._Stepper(model, optimizer, strategy, settings, 6, reward)
+    losses, rewards = [], []
+    for step in range(4):
+        members = np.arange(6) + 6 * (step % 2)
+        outcome = stepper.train_step(tf.gather(features, members), members, (0, step))
+        losses.append(outcome["loss"])
+        rewards.append(outcome["rewards"].tolist())
+    report[name] = {"replicas": strategy.num_replicas_in_sync, "losses": losses, "rewards": rewards,
+                    "weights": [np.asarray(weight).tolist() for weight in model.get_weights()]}
+print(json.dumps(report))
+"""
+
+
+def test_mirrored_fine_tuning_on_two_cpu_devices_matches_one_device():
+    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    single, mirrored = report["default"], report["mirrored"]
+    assert (single["replicas"], mirrored["replicas"]) == (1, 2)
+    # Same samples (sampling is seeded by the step), so the same rewards, losses and updates:
+    # each replica's loss is divided by the global token count and Keras sums the gradients.
+    np.testing.assert_allclose(mirrored["rewards"], single["rewards"], atol=1e-9)
+    np.testing.assert_allclose(mirrored["losses"], single["losses"], rtol=1e-5, atol=1e-7)
+    initial_differs = max(abs(a - b) for a, b in zip(single["losses"], single["losses"][1:]))
+    assert initial_differs > 0  # the weights moved between steps
+    for got, want in zip(mirrored["weights"], single["weights"]):
+        np.testing.assert_allclose(got, want, atol=1e-5)
