@@ -50,6 +50,9 @@ CHECKPOINT_DIR = "finetune_checkpoints"
 LOG_DIR = os.path.join("logs", "finetune")
 STATE_FORMAT = "captioner.finetune_state"
 BASELINES = ("mean", "greedy")
+FINETUNE_STRATEGIES = ("default", "mirrored")
+# Settings a resumed run must share with its checkpoint: they decide which steps it takes.
+RESUME_FIXED = ("samples", "baseline", "batch_size", "learning_rate", "clipnorm")
 # Loop states kept beside the checkpoints (a state is written just before its checkpoint).
 KEPT_CHECKPOINTS = 2
 
@@ -104,8 +107,10 @@ def _check_settings(finetune):
          finetune.early_stopping_patience),
         (finetune.checkpoint_steps >= 1, "finetune.checkpoint_steps must be at least 1", finetune.checkpoint_steps),
         (finetune.validation_images >= 0, "finetune.validation_images must be >= 0", finetune.validation_images),
-        (finetune.strategy in train.STRATEGIES,
-         f"finetune.strategy (--strategy) must be one of {', '.join(train.STRATEGIES)}", finetune.strategy),
+        # Multi-worker fine-tuning would need chief-only checkpoint and history writes,
+        # which this loop does not have (yet): refused rather than run half right.
+        (finetune.strategy in FINETUNE_STRATEGIES,
+         f"finetune.strategy (--strategy) must be one of {', '.join(FINETUNE_STRATEGIES)}", finetune.strategy),
     ]
     for valid, message, value in checks:
         if not valid:
@@ -233,7 +238,7 @@ class _Stepper:
             seed: (int, int), the stateless seed of the draw (the run's seed and the step).
         Returns:
             dict: rewards float64 [B*K], loss float, mask float32 [B*K, max_length + 1],
-            reward_seconds (the CIDEr-D computation's share of the step).
+            reward_seconds (the time of the samples' CIDEr-D, for the reward's captions/s).
         """
         import tensorflow as tf
 
@@ -241,13 +246,13 @@ class _Stepper:
         token_ids, mask = token_ids.numpy(), mask.numpy()
         reward_started = time.monotonic()
         rewards = self.reward.scores(token_ids, mask.sum(axis=1).astype(np.int64), np.repeat(images, self.samples))
+        reward_seconds = time.monotonic() - reward_started
         greedy_rewards = None
         if self.baseline == "greedy":
             greedy_ids, greedy_lengths = (value.numpy() for value in self.greedy(image_features))
             greedy_ids = np.pad(greedy_ids, ((0, 0), (0, 1)))
             greedy_ids[np.arange(len(greedy_ids)), greedy_lengths] = text.END_ID  # greedy_search drops <end>
             greedy_rewards = self.reward.scores(greedy_ids, greedy_lengths + 1, images)
-        reward_seconds = time.monotonic() - reward_started
         advantage = _advantages(rewards.reshape(len(images), self.samples), self.baseline, greedy_rewards)
         loss = self.update(np.repeat(image_features.numpy(), self.samples, axis=0), token_ids, mask,
                            advantage.reshape(-1).astype(np.float32))
@@ -329,12 +334,18 @@ def run_finetune(out_dir, overrides, resume=False):
     manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=KEPT_CHECKPOINTS)
     stopper = validation.EarlyStopper(patience_steps=settings.early_stopping_patience * steps_per_epoch, mode="max")
     state = {"step": 0, "epochs": [], "partial": _empty_partial(), "decoder_sha256": None,
-             "initial_val_cider": None, "stopped_early": False}
+             "initial_val_cider": None, "stopped_early": False, "settings": dataclasses.asdict(settings)}
     if resume:
         if manager.latest_checkpoint is None:
             raise errors.ArtifactError(f"{checkpoint_dir}: no checkpoint to resume from; run `finetune` without --resume")
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         state = _read_state(checkpoint_dir, int(step_variable.numpy()))
+        changed = [name for name in RESUME_FIXED if state["settings"].get(name) != getattr(settings, name)]
+        if changed:
+            raise errors.PipelineError(
+                f"--resume cannot change finetune.{', finetune.'.join(changed)} (checkpoint: "
+                f"{', '.join(str(state['settings'].get(name)) for name in changed)}); run `finetune` without --resume"
+            )
         stopper.load_state_dict(state["stopper"])
         print(f"finetune: resuming at step {state['step']} of {total_steps}", file=sys.stderr)
     config.save(out_dir)

@@ -77,17 +77,26 @@ def test_finetune_keeps_the_xe_decoder_and_writes_history_logs_and_metrics_of_bo
     assert "cross-entropy: " in page and "Self-critical fine-tuning" in page
 
 
-def test_a_second_finetune_starts_again_from_the_xe_decoder(finetuned, copy_run):
+def test_a_second_finetune_starts_again_from_the_xe_decoder_and_a_new_train_replaces_it(finetuned, copy_run):
     from pipeline import finetune
 
     out, _, original = finetuned
     out = copy_run(out)
-    finetune.run_finetune(out, {"finetune.epochs": 1})
-    assert (out / "decoder_xe.keras").read_bytes() == original  # not the fine-tuned one
-    assert len(json.loads((out / "finetune_history.json").read_text())["epochs"]) == 1
+    # decoder.keras is the fine-tuned decoder (its digest is in the history): start from decoder_xe.keras.
+    assert finetune._source_decoder(out, resume=False) == out / "decoder_xe.keras"
+    assert (out / "decoder_xe.keras").read_bytes() == original
+    # A later `train` writes a new XE decoder.keras: it becomes the new decoder_xe.keras.
+    retrained = original + b"retrained"
+    (out / "decoder.keras").write_bytes(retrained)
+    assert finetune.decoder_objective(out) == "xe"
+    finetune._source_decoder(out, resume=False)
+    assert (out / "decoder_xe.keras").read_bytes() == retrained
 
 
-def test_finetune_sigkilled_mid_epoch_and_resumed_equals_the_uninterrupted_run(finetuned, trained_out, copy_run):
+def test_finetune_sigkilled_mid_epoch_and_resumed_equals_the_uninterrupted_run(finetuned, trained_out, copy_run,
+                                                                               capsys):
+    from pipeline import finetune
+
     reference_out, reference, _ = finetuned
     out = _prepared(trained_out, copy_run)
     steps_per_epoch = reference["steps"] // 2
@@ -106,10 +115,10 @@ def test_finetune_sigkilled_mid_epoch_and_resumed_equals_the_uninterrupted_run(f
     history = json.loads((out / "finetune_history.json").read_text())
     assert len(history["epochs"]) == 1  # killed inside epoch 2
 
-    resumed = subprocess.run(command + ["--resume"], cwd=REPO, env=environment, capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming at step" in resumed.stderr
+    # `finetune --resume` is this call (run_pipeline.py only parses the flag); in-process, it
+    # spares the test a second TensorFlow start-up.
+    finetune.run_finetune(out, {}, resume=True)
+    assert "resuming at step" in capsys.readouterr().err
     expected = json.loads((reference_out / "finetune_history.json").read_text())
     history = json.loads((out / "finetune_history.json").read_text())
     for got, want in zip(history["epochs"], expected["epochs"], strict=True):
@@ -121,10 +130,16 @@ def test_finetune_sigkilled_mid_epoch_and_resumed_equals_the_uninterrupted_run(f
         np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-def test_bad_settings_are_rejected_before_anything_is_written(trained_out, copy_run):
+def test_bad_settings_are_rejected_before_anything_is_written(trained_out, finetuned, copy_run):
     from pipeline import errors, finetune
 
+    finished = copy_run(finetuned[0])
+    with pytest.raises(errors.PipelineError, match="--resume cannot change finetune.batch_size"):
+        finetune.run_finetune(finished, {"finetune.batch_size": 8, "finetune.epochs": 3}, resume=True)
+    assert len(json.loads((finished / "finetune_history.json").read_text())["epochs"]) == 2
     out = copy_run(trained_out)
+    with pytest.raises(errors.PipelineError, match="must be one of default, mirrored"):
+        finetune.run_finetune(out, {"finetune.strategy": "multiworker"})
     with pytest.raises(errors.PipelineError, match="finetune.baseline"):
         finetune.run_finetune(out, {"finetune.baseline": "best"})
     with pytest.raises(errors.PipelineError, match="at least 2 with the mean baseline"):
