@@ -168,10 +168,7 @@ def run_evaluate(out_dir, overrides):
     """
     started = time.monotonic()
     out_dir = Path(out_dir)
-    config_path = out_dir / config_module.CONFIG_FILE
-    if not config_path.is_file():
-        raise errors.ArtifactError(f"{config_path}: no run configuration; run `extract` and `train` into {out_dir} first")
-    config = config_module.PipelineConfig.load(out_dir).replace(overrides)
+    config = config_module.load_run_config(out_dir, overrides, "`extract` and `train`")
     _check_decode_settings(config.decode)
     vocabulary = text.Vocabulary.load(out_dir / text.VOCAB_FILE)
     records, image_features, skipped = _test_images(out_dir, config)

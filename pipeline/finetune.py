@@ -288,10 +288,7 @@ def run_finetune(out_dir, overrides, resume=False):
     """
     started = time.monotonic()
     out_dir = Path(out_dir)
-    config_path = out_dir / config_module.CONFIG_FILE
-    if not config_path.is_file():
-        raise errors.ArtifactError(f"{config_path}: no run configuration; run `extract` and `train` into {out_dir} first")
-    config = config_module.PipelineConfig.load(out_dir).replace(overrides)
+    config = config_module.load_run_config(out_dir, overrides, "`extract` and `train`")
     settings = config.finetune
     _check_settings(settings)
     import keras
