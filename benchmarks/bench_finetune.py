@@ -31,7 +31,7 @@ def main(argv=None):
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--steps", type=int, default=STEPS, help="timed steps")
     args = parser.parse_args(argv)
-    result = measure(timed_steps)
+    result = measure(args.steps)
     if args.json:
         io_utils.write_json(args.json, result)
     return 0
