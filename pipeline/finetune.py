@@ -178,7 +178,7 @@ def _source_decoder(out_dir, resume):
     return xe_path
 
 
-class _Stepper:
+class Stepper:
     """The TF side of one step: sampling, greedy captions and the distributed update."""
 
     def __init__(self, model, optimizer, strategy, settings, max_length, reward):
@@ -347,7 +347,7 @@ def run_finetune(out_dir, overrides, resume=False):
         print(f"finetune: resuming at step {state['step']} of {total_steps}", file=sys.stderr)
     config.save(out_dir)
 
-    stepper = _Stepper(model, optimizer, strategy, settings, max_length, reward)
+    stepper = Stepper(model, optimizer, strategy, settings, max_length, reward)
     writer = _summary_writer(log_dir)
     print(
         f"finetune: {len(images.rows)} train images ({sum(len(r) for r in images.references)} references), "

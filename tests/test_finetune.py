@@ -178,7 +178,7 @@ for name, strategy in strategies.items():
         model = decoder.build_decoder(config, 30, feature_dim=16)
         optimizer = keras.optimizers.SGD(0.5)
         optimizer.build(model.trainable_variables)
-    stepper = finetune._Stepper(model, optimizer, strategy, settings, 6, reward)
+    stepper = finetune.Stepper(model, optimizer, strategy, settings, 6, reward)
     losses, rewards = [], []
     for step in range(4):
         members = np.arange(6) + 6 * (step % 2)
