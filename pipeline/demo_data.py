@@ -102,7 +102,12 @@ ALTERNATE_TEMPLATES = (
     "on a {background} ground there {is_are} {count} {size} {color} {shapes}",
     "{count} {size} {color} {shapes} painted over {background}",
 )
-FRAMES = {"default": TEMPLATES, "alternate": ALTERNATE_TEMPLATES}
+FRAMES = ("default", "alternate")
+
+
+def frame_templates(frames):
+    """The templates of a `frames` name, looked up when called (so tests may patch them)."""
+    return {"default": TEMPLATES, "alternate": ALTERNATE_TEMPLATES}[frames]
 
 
 def generate_demo_dataset(dest_dir, seed=0, num_images=DEFAULT_NUM_IMAGES, frames="default"):
@@ -152,7 +157,7 @@ def generate_demo_dataset(dest_dir, seed=0, num_images=DEFAULT_NUM_IMAGES, frame
     for index in range(num_images):
         scene = sample_scene(scene_generator)
         scene["image"] = f"demo_{index:04d}.jpg"
-        scene["captions"] = describe_scene(scene, caption_generator, FRAMES[frames])
+        scene["captions"] = describe_scene(scene, caption_generator, frame_templates(frames))
         _write_jpeg(render_scene(scene), image_dir / scene["image"])
         scenes.append(scene)
         rows.extend((scene["image"], caption) for caption in scene["captions"])
@@ -276,13 +281,14 @@ def render_scene(scene):
     return canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
 
 
-def describe_scene(scene, generator, templates=TEMPLATES):
+def describe_scene(scene, generator, templates=None):
     """Five different captions of a scene (list of 5 lower-case strings).
 
-    Five distinct templates out of `templates` (TEMPLATES or ALTERNATE_TEMPLATES), each with synonyms drawn for the count,
+    Five distinct templates out of `templates` (default TEMPLATES, or ALTERNATE_TEMPLATES), each with synonyms drawn for the count,
     size and shape; every caption names the count, size, object colour, shape and
     background, in that order.
     """
+    templates = TEMPLATES if templates is None else templates
     captions = []
     for template_index in generator.permutation(len(templates))[:CAPTIONS_PER_IMAGE]:
         count = scene["count"]
