@@ -14,16 +14,15 @@ import pytest
 from pipeline import config as config_module
 
 REPO = Path(__file__).resolve().parent.parent
-# Small steps (4 images x 5 samples) and a checkpoint after every step, so a kill lands mid-epoch.
-FINETUNE_SETTINGS = {
-    "finetune.epochs": 2, "finetune.batch_size": 4, "finetune.checkpoint_steps": 1,
-    "finetune.learning_rate": 5e-3,
-}
+# Small steps (6 images x 5 samples): 6 steps per epoch on the session's 36 training images.
+FINETUNE_SETTINGS = {"finetune.epochs": 2, "finetune.batch_size": 6, "finetune.learning_rate": 5e-3}
 
 
 def _prepared(trained_out, copy_run):
     out = copy_run(trained_out)
-    config_module.PipelineConfig.load(out).replace(FINETUNE_SETTINGS).save(out)
+    # A checkpoint after every step, so the kill lands just after one, mid-epoch. How often
+    # checkpoints are written does not change the steps a run takes.
+    config_module.PipelineConfig.load(out).replace({**FINETUNE_SETTINGS, "finetune.checkpoint_steps": 1}).save(out)
     return out
 
 
@@ -71,6 +70,7 @@ def test_finetune_keeps_the_xe_decoder_and_writes_history_logs_and_metrics_of_bo
         assert 0 <= result["bad_endings"] <= 1 and 0 <= result["immediate_repeats"] <= 1
         assert result["mean_length"] > 0 and result["vocabulary_used"] >= 1
     assert metrics["xe"]["cider"] == metrics_xe["cider"]
+    assert 0 < metrics["meteor"] < 1 and 0 < metrics_xe["meteor"] < 1
     captions = json.loads((out / "captions_test.json").read_text())["captions"]
     assert all("caption_xe" in entry for entry in captions)
     page = (out / "report.html").read_text()
