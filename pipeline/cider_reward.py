@@ -124,8 +124,10 @@ class CiderD:
 
         # Document frequency: in how many images' reference sets an n-gram occurs.
         corpus_rows, corpus_keys, _ = self._flatten(corpus)
-        pairs = np.unique(np.stack([corpus_keys, corpus_rows]), axis=1) if len(corpus_keys) else np.zeros((2, 0), np.int64)
-        self.df_keys, self.df_counts = np.unique(pairs[0], return_counts=True)
+        self.df_keys, dense = np.unique(corpus_keys, return_inverse=True)
+        # One count per (image, n-gram): unique pairs, packed into one int64 each.
+        pairs = np.unique(corpus_rows * max(len(self.df_keys), 1) + dense.reshape(-1))
+        self.df_counts = np.bincount(pairs % max(len(self.df_keys), 1), minlength=len(self.df_keys))
 
         # Per reference caption: its unique n-grams and tf-idf weights, norms, length.
         sequences = [sequence for captions in references for sequence in captions]

@@ -206,3 +206,18 @@ def test_mirrored_fine_tuning_on_two_cpu_devices_matches_one_device():
     assert initial_differs > 0  # the weights moved between steps
     for got, want in zip(mirrored["weights"], single["weights"]):
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_command_line_maps_finetune_flags_to_the_finetune_section():
+    import run_pipeline
+
+    parser = run_pipeline.build_parser()
+    args = parser.parse_args(["finetune", "--out", "OUT", "--epochs", "3", "--learning-rate", "1e-4", "--samples", "4",
+                              "--baseline", "greedy", "--batch-size", "16", "--strategy", "mirrored", "--resume"])
+    assert run_pipeline._overrides(args, run_pipeline.FINETUNE_FLAGS) == {
+        "finetune.epochs": 3, "finetune.learning_rate": 1e-4, "finetune.samples": 4, "finetune.baseline": "greedy",
+        "finetune.batch_size": 16, "finetune.strategy": "mirrored"}
+    assert args.resume
+    args = parser.parse_args(["all", "--data", "D", "--out", "OUT", "--finetune-epochs", "2"])
+    assert args.finetune_epochs == 2
+    assert parser.parse_args(["all", "--data", "D", "--out", "OUT"]).finetune_epochs is None
