@@ -17,8 +17,6 @@ import argparse
 import sys
 import time
 
-import numpy as np
-
 from pipeline import io_utils
 
 WARMUP_STEPS = 3
