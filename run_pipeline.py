@@ -3,7 +3,7 @@
 
     python run_pipeline.py                      # the whole pipeline on the demo data
     python run_pipeline.py all --data DIR --out OUT
-    python run_pipeline.py extract|train|evaluate|export|caption|serve ...
+    python run_pipeline.py extract|train|finetune|evaluate|export|caption|serve ...
 
 Exit code 0 on success, 2 on bad usage or unusable input (one line on stderr).
 """
@@ -43,6 +43,14 @@ EXTRACT_FLAGS = {
     "feature_dtype": ("encoder.feature_dtype", str),
     "min_word_count": ("text.min_word_count", int),
 }
+FINETUNE_FLAGS = {
+    "epochs": ("finetune.epochs", int),
+    "learning_rate": ("finetune.learning_rate", float),
+    "samples": ("finetune.samples", int),
+    "baseline": ("finetune.baseline", str),
+    "batch_size": ("finetune.batch_size", int),
+    "strategy": ("finetune.strategy", str),
+}
 DECODE_FLAGS = {
     "beam_size": ("decode.beam_size", int),
     "max_length": ("decode.max_length", int),
@@ -79,6 +87,8 @@ def build_parser():
     sub = stage("all", "extract, train, evaluate and export", data=True)
     _add_flags(sub, {**EXTRACT_FLAGS, **TRAIN_FLAGS, **DECODE_FLAGS})
     sub.add_argument("--overwrite", action="store_true", help="replace a cache made with other encoder settings")
+    sub.add_argument("--finetune-epochs", type=int, default=None,
+                     help="after training, this many epochs (at most) of self-critical fine-tuning on CIDEr-D")
 
     sub = stage("extract", "stage 1: ResNet50 features of every image into OUT/features.h5", data=True)
     _add_flags(sub, EXTRACT_FLAGS)
@@ -91,6 +101,10 @@ def build_parser():
     sub = stage("train", "stage 2: train the decoder from OUT/features.h5 and OUT/captions.json")
     _add_flags(sub, TRAIN_FLAGS)
     sub.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+    sub = stage("finetune", "self-critical fine-tuning of OUT/decoder.keras on CIDEr-D (keeps decoder_xe.keras)")
+    _add_flags(sub, FINETUNE_FLAGS)
+    sub.add_argument("--resume", action="store_true", help="continue from the last fine-tuning checkpoint")
 
     sub = stage("evaluate", "BLEU, CIDEr and the report on the test split")
     _add_flags(sub, DECODE_FLAGS)
@@ -142,6 +156,11 @@ def run(args):
 
             extract.run_extract(args.data, args.out, overrides, overwrite=args.overwrite)
             train.run_train(args.out, _overrides(args, TRAIN_FLAGS))
+            if args.finetune_epochs:
+                from pipeline import finetune
+
+                finetune.run_finetune(args.out, {"finetune.epochs": args.finetune_epochs,
+                                                 "finetune.strategy": args.strategy})
             evaluate.run_evaluate(args.out, _overrides(args, DECODE_FLAGS))
             export.run_export(args.out, _overrides(args, DECODE_FLAGS))
     elif command == "merge-features":
@@ -152,6 +171,10 @@ def run(args):
         from pipeline import train
 
         train.run_train(args.out, _overrides(args, TRAIN_FLAGS), resume=args.resume)
+    elif command == "finetune":
+        from pipeline import finetune
+
+        finetune.run_finetune(args.out, _overrides(args, FINETUNE_FLAGS), resume=args.resume)
     elif command == "evaluate":
         from pipeline import evaluate
 

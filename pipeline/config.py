@@ -77,6 +77,25 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class FinetuneConfig:
+    """Self-critical fine-tuning on CIDEr-D (`finetune`); defaults follow the reference implementation."""
+
+    epochs: int = 20  # a cap: early stopping on validation CIDEr-D usually ends the run first
+    learning_rate: float = 5e-5  # Adam, no decay (ruotianluo/self-critical.pytorch)
+    samples: int = 5  # captions sampled per image
+    baseline: str = "mean"  # "mean" (the other samples' mean reward, Luo 2020) or "greedy" (Rennie 2017)
+    batch_size: int = 32  # images per step (samples x batch_size captions)
+    clipnorm: float = 5.0
+    # Epochs without a better validation CIDEr-D. Self-critical training often dips below its
+    # starting point for its first epochs; on the demo's alternate frames (12 steps per epoch)
+    # 3 stopped it before its first gain (README).
+    early_stopping_patience: int = 5
+    checkpoint_steps: int = 50  # steps between resumable checkpoints (and one at every epoch end)
+    validation_images: int = 0  # validation images scored each epoch; 0 = all
+    strategy: str = "default"  # "default", "mirrored" or "multiworker"
+
+
+@dataclasses.dataclass
 class DecodeConfig:
     beam_size: int = 3
     max_length: int = 20  # generated words, without <start>/<end>
@@ -92,6 +111,7 @@ class PipelineConfig:
     encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
     decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
 
     def to_dict(self):
@@ -137,6 +157,22 @@ class PipelineConfig:
 # Settings that no longer exist, dropped when an older config.json is read: training's
 # epoch-counted patiences became step-counted ones (train.patience_steps, ...).
 RETIRED_FIELDS = {"TrainConfig": ("early_stopping_patience", "reduce_lr_patience")}
+
+
+def load_run_config(out_dir, overrides, earlier_stages):
+    """OUT/config.json with `overrides` applied, for a stage that needs `earlier_stages` run first.
+
+    Args:
+        out_dir: Path of the run folder.
+        overrides: {"section.field": value} (None values ignored).
+        earlier_stages: str naming what must have run, e.g. "`extract` and `train`" (for the message).
+    Raises:
+        ArtifactError: no OUT/config.json.
+    """
+    path = Path(out_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise errors.ArtifactError(f"{path}: no run configuration; run {earlier_stages} into {out_dir} first")
+    return PipelineConfig.load(out_dir).replace(overrides)
 
 
 def _from_dict(cls, data, source):

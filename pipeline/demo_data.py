@@ -91,9 +91,26 @@ TEMPLATES = (
     "{count} {size} {color} {shapes} in front of a {background} background",
     "{count} {size} {color} {shapes} set against {background}",
 )
+# A second set of sentence frames (`frames="alternate"`), for checking that a result is
+# not an artefact of one wording: other verbs and nouns, the background first in two.
+ALTERNATE_TEMPLATES = (
+    "the {background} background holds {count} {size} {color} {shapes}",
+    "{count} {size} {color} {shapes} {is_are} drawn on a {background} field",
+    "a {background} canvas with {count} {size} {color} {shapes}",
+    "we see {count} {size} {color} {shapes} on a {background} surface",
+    "a drawing of {count} {size} {color} {shapes} with a {background} background",
+    "on a {background} ground there {is_are} {count} {size} {color} {shapes}",
+    "{count} {size} {color} {shapes} painted over {background}",
+)
+FRAMES = ("default", "alternate")
 
 
-def generate_demo_dataset(dest_dir, seed=0, num_images=DEFAULT_NUM_IMAGES):
+def frame_templates(frames):
+    """The templates of a `frames` name, looked up when called (so tests may patch them)."""
+    return {"default": TEMPLATES, "alternate": ALTERNATE_TEMPLATES}[frames]
+
+
+def generate_demo_dataset(dest_dir, seed=0, num_images=DEFAULT_NUM_IMAGES, frames="default"):
     """Writes the demo dataset into `dest_dir` (Kaggle layout) and returns it as a Path.
 
     Args:
@@ -103,6 +120,8 @@ def generate_demo_dataset(dest_dir, seed=0, num_images=DEFAULT_NUM_IMAGES):
         refused rather than overwritten.
       seed: int, the only source of randomness.
       num_images: int >= 1, images to draw (five captions each).
+      frames: "default" (TEMPLATES) or "alternate" (ALTERNATE_TEMPLATES): the sentence
+        frames of the captions; the images are the same either way.
 
     Returns:
       Path of `dest_dir`, ready for `pipeline.datasets.load_dataset`.
@@ -111,9 +130,11 @@ def generate_demo_dataset(dest_dir, seed=0, num_images=DEFAULT_NUM_IMAGES):
         raise errors.PipelineError(f"demo dataset: num_images must be a positive integer, got {num_images!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise errors.PipelineError(f"demo dataset: seed must be a non-negative integer, got {seed!r}")
+    if frames not in FRAMES:
+        raise errors.PipelineError(f"demo dataset: frames must be one of {', '.join(FRAMES)}, got {frames!r}")
     dest_dir = Path(dest_dir)
     marker_path = dest_dir / MARKER_FILE
-    if dataset_is_current(dest_dir, seed, num_images):
+    if dataset_is_current(dest_dir, seed, num_images, frames):
         return dest_dir
     if not marker_path.is_file() and (dest_dir / CAPTIONS_FILE).exists():
         raise errors.PipelineError(
@@ -136,7 +157,7 @@ def generate_demo_dataset(dest_dir, seed=0, num_images=DEFAULT_NUM_IMAGES):
     for index in range(num_images):
         scene = sample_scene(scene_generator)
         scene["image"] = f"demo_{index:04d}.jpg"
-        scene["captions"] = describe_scene(scene, caption_generator)
+        scene["captions"] = describe_scene(scene, caption_generator, frame_templates(frames))
         _write_jpeg(render_scene(scene), image_dir / scene["image"])
         scenes.append(scene)
         rows.extend((scene["image"], caption) for caption in scene["captions"])
@@ -156,6 +177,7 @@ def generate_demo_dataset(dest_dir, seed=0, num_images=DEFAULT_NUM_IMAGES):
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "num_images": num_images,
+        "frames": frames,
         "image_size": IMAGE_SIZE,
         "colors": {name: list(rgb) for name, rgb in COLORS.items()},
         "scenes": scenes,
@@ -163,7 +185,7 @@ def generate_demo_dataset(dest_dir, seed=0, num_images=DEFAULT_NUM_IMAGES):
     return dest_dir
 
 
-def dataset_is_current(dest_dir, seed=0, num_images=DEFAULT_NUM_IMAGES):
+def dataset_is_current(dest_dir, seed=0, num_images=DEFAULT_NUM_IMAGES, frames="default"):
     """True if `dest_dir` holds, complete, what `generate_demo_dataset` would write there."""
     dest_dir = Path(dest_dir)
     if not (dest_dir / MARKER_FILE).is_file():
@@ -172,7 +194,8 @@ def dataset_is_current(dest_dir, seed=0, num_images=DEFAULT_NUM_IMAGES):
         marker = read_demo_metadata(dest_dir)
     except errors.ArtifactError:
         return False  # damaged: generation rewrites it
-    return _marker_matches(marker, seed, num_images) and _files_present(dest_dir, marker)
+    return (_marker_matches(marker, seed, num_images) and marker.get("frames", "default") == frames
+            and _files_present(dest_dir, marker))
 
 
 def read_demo_metadata(data_dir):
@@ -258,15 +281,16 @@ def render_scene(scene):
     return canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
 
 
-def describe_scene(scene, generator):
+def describe_scene(scene, generator, templates=None):
     """Five different captions of a scene (list of 5 lower-case strings).
 
-    Five distinct templates out of TEMPLATES, each with synonyms drawn for the count,
+    Five distinct templates out of `templates` (default TEMPLATES, or ALTERNATE_TEMPLATES), each with synonyms drawn for the count,
     size and shape; every caption names the count, size, object colour, shape and
     background, in that order.
     """
+    templates = TEMPLATES if templates is None else templates
     captions = []
-    for template_index in generator.permutation(len(TEMPLATES))[:CAPTIONS_PER_IMAGE]:
+    for template_index in generator.permutation(len(templates))[:CAPTIONS_PER_IMAGE]:
         count = scene["count"]
         singular, plural = SHAPE_NOUNS[scene["shape"]][generator.integers(len(SHAPE_NOUNS[scene["shape"]]))]
         count_words = COUNT_WORDS[count][generator.integers(len(COUNT_WORDS[count]))]
@@ -279,7 +303,7 @@ def describe_scene(scene, generator):
             # "there is a pair of ..." but "there are two ..."
             "is_are": "is" if count == 1 or count_words.startswith("a ") else "are",
         }
-        captions.append(" ".join(TEMPLATES[template_index].format(**words).split()))
+        captions.append(" ".join(templates[template_index].format(**words).split()))
     return captions
 
 

@@ -6,7 +6,12 @@ captions every test image from its cached vector with `models.captioner.FeatureC
 references, and writes:
 
     OUT/metrics.json        bleu_1..bleu_4, cider, meteor (when Java works), n_images,
-                            beam_size, distinct_captions, shuffled_bleu_4
+                            beam_size, distinct_captions, shuffled_bleu_4, the caption
+                            shape (bad_endings, immediate_repeats, mean_length,
+                            vocabulary_used: `metrics.caption_shape`), objective ("xe" or
+                            "scst": which training produced decoder.keras) and, after
+                            `finetune`, "xe": the same figures of the XE decoder
+    OUT/metrics_xe.json     after `finetune`: every metric of OUT/decoder_xe.keras
     OUT/captions_test.json  per test image: id, generated caption, score, references
     OUT/report.html         metrics, training curves, gallery (`pipeline.report`)
 
@@ -26,6 +31,10 @@ from pipeline import config as config_module
 from pipeline import datasets, errors, features, io_utils, metrics, progress, report, text, train
 
 METRICS_FILE = "metrics.json"
+XE_METRICS_FILE = "metrics_xe.json"  # the cross-entropy decoder's, after `finetune`
+# Copied from metrics_xe.json into metrics.json's "xe", so one file holds both sides.
+XE_SUMMARY_KEYS = ("bleu_4", "cider", "shuffled_bleu_4", "bad_endings", "immediate_repeats", "mean_length",
+                   "vocabulary_used")
 TEST_CAPTIONS_FILE = "captions_test.json"
 TEST_CAPTIONS_FORMAT = "captioner.test_captions"
 CAPTION_BATCH_SIZE = 64
@@ -34,16 +43,16 @@ CAPTION_BATCH_SIZE = 64
 SHUFFLE_SEED_OFFSET = 1
 
 
-def load_feature_captioner(out_dir, config, vocabulary):
-    """The trained decoder of OUT wrapped in a FeatureCaptioner with `config.decode`.
+def load_feature_captioner(out_dir, config, vocabulary, decoder_file=train.DECODER_FILE):
+    """The trained decoder of OUT (`decoder_file`) wrapped in a FeatureCaptioner with `config.decode`.
 
-    Raises ArtifactError if decoder.keras is missing, unreadable, or from another vocabulary.
+    Raises ArtifactError if the decoder is missing, unreadable, or from another vocabulary.
     """
     import keras
 
     from models import captioner, decoder  # noqa: F401  (decoder registers the loss and metric)
 
-    path = Path(out_dir) / train.DECODER_FILE
+    path = Path(out_dir) / decoder_file
     if not path.is_file():
         raise errors.ArtifactError(f"{path}: no trained decoder; run `train` first")
     try:
@@ -123,6 +132,31 @@ def _test_images(out_dir, config):
     return records, cache.features[rows], skipped
 
 
+def _score_decoder(out_dir, config, vocabulary, decoder_file, image_features, references, label="evaluate"):
+    """Captions and metrics of one decoder of OUT on the test images.
+
+    Returns:
+        (metrics dict, list[str] captions, np.ndarray float32 [N] scores, list[str] notes).
+    """
+    feature_captioner = load_feature_captioner(out_dir, config, vocabulary, decoder_file)
+    generated, scores = caption_rows(feature_captioner, image_features, label=label)
+    permutation = metrics.derangement(len(image_features), seed=config.seed + SHUFFLE_SEED_OFFSET)
+    shuffled, _ = caption_rows(feature_captioner, image_features[permutation], label=f"{label}: grounding control")
+    hypotheses = [caption.split() for caption in generated]
+    scored, notes = metrics.caption_metrics(references, hypotheses)
+    result = dict(scored)
+    result.update({
+        "n_images": len(image_features),
+        "beam_size": config.decode.beam_size,
+        "distinct_captions": metrics.distinct_captions(generated),
+        "shuffled_bleu_4": metrics.bleu_scores(references, [caption.split() for caption in shuffled])["bleu_4"],
+    })
+    result.update(metrics.caption_shape(hypotheses))
+    if notes:
+        result["notes"] = notes
+    return result, generated, scores, notes
+
+
 def run_evaluate(out_dir, overrides):
     """Captions the test split, scores it and writes metrics.json, captions_test.json and report.html.
 
@@ -134,47 +168,50 @@ def run_evaluate(out_dir, overrides):
     """
     started = time.monotonic()
     out_dir = Path(out_dir)
-    config_path = out_dir / config_module.CONFIG_FILE
-    if not config_path.is_file():
-        raise errors.ArtifactError(f"{config_path}: no run configuration; run `extract` and `train` into {out_dir} first")
-    config = config_module.PipelineConfig.load(out_dir).replace(overrides)
+    config = config_module.load_run_config(out_dir, overrides, "`extract` and `train`")
     _check_decode_settings(config.decode)
     vocabulary = text.Vocabulary.load(out_dir / text.VOCAB_FILE)
     records, image_features, skipped = _test_images(out_dir, config)
-    feature_captioner = load_feature_captioner(out_dir, config, vocabulary)
-
-    generated, scores = caption_rows(feature_captioner, image_features, label="evaluate")
-    permutation = metrics.derangement(len(records), seed=config.seed + SHUFFLE_SEED_OFFSET)
-    shuffled, _ = caption_rows(feature_captioner, image_features[permutation], label="grounding control")
-
     references = [
         [words for words in (text.normalize_caption(caption) for caption in record.captions) if words]
         for record in records
     ]
-    hypotheses = [caption.split() for caption in generated]
-    scored, notes = metrics.caption_metrics(references, hypotheses)
-    result = dict(scored)
-    result.update({
-        "n_images": len(records),
-        "beam_size": config.decode.beam_size,
-        "distinct_captions": metrics.distinct_captions(generated),
-        "shuffled_bleu_4": metrics.bleu_scores(references, [caption.split() for caption in shuffled])["bleu_4"],
-    })
-    if notes:
-        result["notes"] = notes
+    from pipeline import finetune  # the objective that produced decoder.keras
+
+    objective = finetune.decoder_objective(out_dir)
+    result, generated, scores, notes = _score_decoder(
+        out_dir, config, vocabulary, train.DECODER_FILE, image_features, references)
+    result["objective"] = objective
+    compared = None
+    if objective == "scst":
+        # The cross-entropy decoder fine-tuning started from, scored the same way beside it.
+        xe_result, xe_generated, _, _ = _score_decoder(
+            out_dir, config, vocabulary, finetune.XE_DECODER_FILE, image_features, references, label="evaluate (xe)")
+        xe_result["objective"] = "xe"
+        io_utils.write_json(out_dir / XE_METRICS_FILE, xe_result)
+        compared = {"label": "cross-entropy decoder", "metrics": xe_result, "captions": xe_generated}
+        result["xe"] = {key: xe_result[key] for key in XE_SUMMARY_KEYS if key in xe_result}
+    else:
+        (out_dir / XE_METRICS_FILE).unlink(missing_ok=True)
     io_utils.write_json(out_dir / METRICS_FILE, result)
 
     caption_entries = [
         {"image_id": record.image_id, "caption": caption, "score": float(score), "references": list(record.captions)}
         for record, caption, score in zip(records, generated, scores)
     ]
+    if compared:
+        for entry, caption in zip(caption_entries, compared["captions"]):
+            entry["caption_xe"] = caption
     io_utils.write_json(out_dir / TEST_CAPTIONS_FILE, {
         "format": TEST_CAPTIONS_FORMAT, "version": 1, "decode": vars(config.decode).copy(),
         "captions": caption_entries,
     })
     title = f"Captioner report: {out_dir.name} (beam size {config.decode.beam_size})"
+    finetune_history = finetune.read_history(out_dir)
     report_path = report.write_report(
         out_dir, title, result, caption_entries, train.read_history(out_dir), config.data.image_dir, notes=notes,
+        compared_metrics=compared["metrics"] if compared else None,
+        finetune_history=finetune_history["epochs"] if finetune_history else None,
     )
     config.save(out_dir)
 
@@ -186,6 +223,10 @@ def run_evaluate(out_dir, overrides):
         + (f" ({skipped} skipped: extraction failed or no words)" if skipped else "")
         + f", BLEU-1 {result['bleu_1']:.3f}, BLEU-4 {result['bleu_4']:.3f}, CIDEr-D {result['cider']:.3f}{meteor}, "
         f"distinct {result['distinct_captions']:.2f}, shuffled BLEU-4 {result['shuffled_bleu_4']:.3f}, "
+        f"bad endings {result['bad_endings']:.2f}, repeats {result['immediate_repeats']:.2f} ({objective} decoder"
+        + (f"; XE: CIDEr-D {compared['metrics']['cider']:.3f}, bad endings {compared['metrics']['bad_endings']:.2f}, "
+           f"repeats {compared['metrics']['immediate_repeats']:.2f}" if compared else "")
+        + "), "
         f"{time.monotonic() - started:.1f} s -> {out_dir / METRICS_FILE}, {report_path}",
         file=sys.stderr,
     )

@@ -171,3 +171,31 @@ def caption_metrics(references, hypotheses, include_meteor=True):
             # scorer answers an empty line, which float() rejects with ValueError.
             notes.append(f"METEOR left out: the Java scorer failed ({type(error).__name__}: {error})")
     return metrics, notes
+
+
+# Words a finished English caption does not end on; a caption ending on one was cut off.
+FUNCTION_WORDS = frozenset(("a", "an", "the", "of", "with", "in", "on", "at", "to", "and", "is", "are"))
+
+
+def caption_shape(hypotheses):
+    """Guardrails on the form of generated captions (the failures a CIDEr-optimised decoder shows).
+
+    Args:
+        hypotheses: list[list[str]], one generated caption per image.
+    Returns:
+        dict: "bad_endings" (share of captions whose last word is in FUNCTION_WORDS),
+        "immediate_repeats" (share with one word twice in a row), "mean_length" (words per
+        caption), "vocabulary_used" (distinct words over all captions). Empty captions
+        count as neither a bad ending nor a repeat.
+    """
+    if not hypotheses:
+        raise ValueError("no captions")
+    count = len(hypotheses)
+    return {
+        "bad_endings": sum(1 for words in hypotheses if words and words[-1] in FUNCTION_WORDS) / count,
+        "immediate_repeats": sum(
+            1 for words in hypotheses if any(first == second for first, second in zip(words, words[1:]))
+        ) / count,
+        "mean_length": sum(len(words) for words in hypotheses) / count,
+        "vocabulary_used": len({word for words in hypotheses for word in words}),
+    }

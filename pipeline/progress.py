@@ -52,6 +52,7 @@ class Progress:
         self.closed = False
         self._width = 0  # length of the line on screen, to blank it when rewriting
         self._reported_done = None
+        self.suffix = ""  # appended to the line, e.g. a running mean; set it before `update`
 
     def rate(self):
         """Items per second since the first update; None until two updates are apart in time."""
@@ -81,7 +82,8 @@ class Progress:
         rate_text = f"{rate:.1f} {self.unit}/s" if rate is not None else f"- {self.unit}/s"
         prefix = f"{self.label} " if self.label else ""
         eta = 0.0 if finished else self.eta()
-        return f"{prefix}{self.done}/{self.total} {self.unit}{percent} {rate_text} ETA {format_duration(eta)}"
+        suffix = f" {self.suffix}" if self.suffix else ""
+        return f"{prefix}{self.done}/{self.total} {self.unit}{percent} {rate_text} ETA {format_duration(eta)}{suffix}"
 
     def update(self, count=1):
         """Counts `count` more finished items and reports if the interval has passed."""

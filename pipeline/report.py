@@ -27,6 +27,10 @@ METRIC_LABELS = (
     ("meteor", "METEOR"),
     ("distinct_captions", "distinct captions / images"),
     ("shuffled_bleu_4", "BLEU-4 with other images' features (grounding control)"),
+    ("bad_endings", "captions ending in a function word"),
+    ("immediate_repeats", "captions with a word twice in a row"),
+    ("mean_length", "mean caption length (words)"),
+    ("vocabulary_used", "distinct words used"),
     ("n_images", "test images"),
     ("beam_size", "beam size"),
 )
@@ -42,7 +46,7 @@ figure { margin: 0; padding: 0.6em; border: 1px solid #ddd; border-radius: 4px; 
 figure img, .placeholder { display: block; max-width: 160px; max-height: 160px; margin-bottom: 0.4em; }
 .placeholder { width: 160px; height: 120px; background: #eee; color: #777; font-size: 0.8em;
   display: flex; align-items: center; justify-content: center; text-align: center; }
-.caption { font-weight: 600; } .score { color: #666; font-size: 0.85em; }
+.caption { font-weight: 600; } .caption-xe { color: #555; font-size: 0.9em; } .score { color: #666; font-size: 0.85em; }
 ul.references { margin: 0.3em 0 0 1.1em; padding: 0; font-size: 0.85em; color: #444; }
 .note { color: #8a5300; }
 """
@@ -126,7 +130,8 @@ def _format_value(value):
     return f"{value:.4f}"
 
 
-def render_report(title, metrics, captions, history, image_dir, max_images=GALLERY_LIMIT, notes=()):
+def render_report(title, metrics, captions, history, image_dir, max_images=GALLERY_LIMIT, notes=(),
+                  compared_metrics=None, finetune_history=None):
     """The report page as one HTML string.
 
     Args:
@@ -137,26 +142,39 @@ def render_report(title, metrics, captions, history, image_dir, max_images=GALLE
         image_dir: str or Path the image ids are relative to.
         max_images: int, gallery size limit (the first `max_images` captions).
         notes: iterable of str shown under the metrics (e.g. a metric left out).
+        compared_metrics: dict, the cross-entropy decoder's metrics after `finetune`: shown in
+            a second column; captions then carry "caption_xe", shown beside "caption".
+        finetune_history: list of per-epoch dicts of OUT/finetune_history.json, or None.
     Returns:
         str, a complete HTML document.
     """
     escape = html.escape
+    compared = compared_metrics or {}
+    header = ("<th>fine-tuned (CIDEr-D)</th><th>cross-entropy</th>" if compared_metrics else "<th>value</th>")
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{escape(title)}</h1>",
         "<h2>Test metrics</h2>",
-        '<table class="metrics"><tr><th>metric</th><th>value</th></tr>',
+        f'<table class="metrics"><tr><th>metric</th>{header}</tr>',
     ]
+
+    def row(label, key):
+        cells = f'<td class="value">{escape(_format_value(metrics[key]))}</td>'
+        if compared_metrics:
+            other = compared.get(key)
+            cells += f'<td class="value">{escape(_format_value(other)) if other is not None else ""}</td>'
+        return f"<tr><td>{escape(label)}</td>{cells}</tr>"
+
     shown = set()
     for key, label in METRIC_LABELS:
         if key in metrics:
             shown.add(key)
-            parts.append(f'<tr><td>{escape(label)}</td><td class="value">{escape(_format_value(metrics[key]))}</td></tr>')
+            parts.append(row(label, key))
     for key in sorted(set(metrics) - shown):
         if isinstance(metrics[key], (int, float, str)):
-            parts.append(f'<tr><td>{escape(key)}</td><td class="value">{escape(_format_value(metrics[key]))}</td></tr>')
+            parts.append(row(key, key))
     parts.append("</table>")
     for note in notes:
         parts.append(f'<p class="note">{escape(note)}</p>')
@@ -168,6 +186,19 @@ def render_report(title, metrics, captions, history, image_dir, max_images=GALLE
     else:
         encoded = base64.b64encode(curves).decode("ascii")
         parts.append(f'<img alt="training curves" src="data:image/png;base64,{encoded}">')
+
+    if finetune_history:
+        parts.append("<h2>Self-critical fine-tuning</h2>")
+        parts.append('<table class="metrics"><tr><th>epoch</th><th>mean reward (CIDEr-D of samples)</th>'
+                     "<th>validation CIDEr-D</th><th>best</th></tr>")
+        for entry in finetune_history:
+            parts.append(
+                f'<tr><td>{escape(str(entry.get("epoch")))}</td>'
+                f'<td class="value">{escape(_format_value(entry.get("mean_reward")))}</td>'
+                f'<td class="value">{escape(_format_value(entry.get("val_cider")))}</td>'
+                f'<td>{"yes" if entry.get("best") else ""}</td></tr>'
+            )
+        parts.append("</table>")
 
     shown_captions = list(captions)[:max_images]
     parts.append(f"<h2>Test images ({len(shown_captions)} of {len(captions)})</h2>")
@@ -185,7 +216,9 @@ def render_report(title, metrics, captions, history, image_dir, max_images=GALLE
             f"<figure>{picture}<figcaption>"
             f'<div class="image-id score">{escape(image_id)}</div>'
             f'<div class="caption">{escape(entry["caption"]) or "<em>(empty caption)</em>"}</div>'
-            f'<div class="score">score {escape(_format_value(float(entry["score"])))}</div>'
+            + (f'<div class="caption-xe">cross-entropy: {escape(entry["caption_xe"]) or "<em>(empty caption)</em>"}'
+               "</div>" if "caption_xe" in entry else "")
+            + f'<div class="score">score {escape(_format_value(float(entry["score"])))}</div>'
             f'<ul class="references">{references}</ul>'
             "</figcaption></figure>"
         )
@@ -193,8 +226,10 @@ def render_report(title, metrics, captions, history, image_dir, max_images=GALLE
     return "\n".join(parts)
 
 
-def write_report(out_dir, title, metrics, captions, history, image_dir, max_images=GALLERY_LIMIT, notes=()):
+def write_report(out_dir, title, metrics, captions, history, image_dir, max_images=GALLERY_LIMIT, notes=(),
+                 compared_metrics=None, finetune_history=None):
     """Writes OUT/report.html atomically (see `render_report` for the arguments); returns its Path."""
     path = Path(out_dir) / REPORT_FILE
-    io_utils.write_text(path, render_report(title, metrics, captions, history, image_dir, max_images, notes))
+    io_utils.write_text(path, render_report(title, metrics, captions, history, image_dir, max_images, notes,
+                                            compared_metrics, finetune_history))
     return path

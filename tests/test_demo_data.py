@@ -257,8 +257,25 @@ def test_demo_settings_are_valid_config_overrides():
     from pipeline import demo
 
     settings = config.PipelineConfig().replace(
-        {**demo.DEMO_EXTRACT_OVERRIDES, **demo.DEMO_TRAIN_OVERRIDES, **demo.DEMO_DECODE_OVERRIDES})
+        {**demo.DEMO_EXTRACT_OVERRIDES, **demo.DEMO_TRAIN_OVERRIDES, **demo.DEMO_FINETUNE_OVERRIDES,
+         **demo.DEMO_DECODE_OVERRIDES})
     assert settings.encoder.weights == "random"  # the demo must never try to download
     assert settings.text.min_word_count == 1
     assert settings.decoder.units == demo.DEMO_TRAIN_OVERRIDES["decoder.units"]
     assert demo.DEMO_NUM_IMAGES == demo_data.DEFAULT_NUM_IMAGES
+
+
+def test_alternate_frames_word_the_same_pictures_differently(tmp_path):
+    default = demo_data.generate_demo_dataset(tmp_path / "default", seed=3, num_images=4)
+    alternate = demo_data.generate_demo_dataset(tmp_path / "alternate", seed=3, num_images=4, frames="alternate")
+    for name in ("demo_0000.jpg", "demo_0003.jpg"):
+        assert (default / "Images" / name).read_bytes() == (alternate / "Images" / name).read_bytes()
+    default_scenes = demo_data.read_demo_metadata(default)["scenes"]
+    alternate_scenes = demo_data.read_demo_metadata(alternate)["scenes"]
+    for first, second in zip(default_scenes, alternate_scenes):
+        assert not set(first["captions"]) & set(second["captions"])
+        assert all(second["color"] in caption and second["background"] in caption for caption in second["captions"])
+    assert not demo_data.dataset_is_current(alternate, seed=3, num_images=4)  # the default frames are another dataset
+    assert demo_data.dataset_is_current(alternate, seed=3, num_images=4, frames="alternate")
+    with pytest.raises(errors.PipelineError, match="frames must be one of"):
+        demo_data.generate_demo_dataset(tmp_path / "bad", frames="odd")

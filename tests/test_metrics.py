@@ -94,3 +94,17 @@ def test_meteor_without_java_is_left_out_with_a_note(monkeypatch):
     assert "meteor" not in scores
     assert scores["bleu_4"] == pytest.approx(1.0)
     assert notes == ["METEOR left out: the Java scorer failed (OSError: no `java` on PATH)"]
+
+
+def test_caption_shape_counts_bad_endings_repeats_length_and_words():
+    hypotheses = [
+        ["a", "dog", "runs", "on", "the"],  # ends in a function word
+        ["a", "dog", "dog", "runs"],  # a word twice in a row
+        ["two", "cats", "sleep"],
+        [],  # neither
+    ]
+    shape = metrics.caption_shape(hypotheses)
+    assert shape == {"bad_endings": 0.25, "immediate_repeats": 0.25, "mean_length": 3.0, "vocabulary_used": 8}
+    assert metrics.caption_shape([["a", "cat", "is"], ["the", "cats", "are"]])["bad_endings"] == 1.0
+    with pytest.raises(ValueError):
+        metrics.caption_shape([])

@@ -1,0 +1,114 @@
+"""Self-critical fine-tuning cost on Flickr8k-sized data, and CIDEr-D reward throughput.
+
+    python -m benchmarks.bench_finetune [--json FILE] [--steps N]   (or in the suite: python -m benchmarks)
+
+On the synthetic cache of `benchmarks.bench_train` (6,000 random 2048-d vectors, five
+Zipf-like captions of ~12 words per image over a ~3,000-word vocabulary) with the default
+decoder (embedding 256, LSTM 512) and the default fine-tuning settings (32 images x 5
+samples per step, mean baseline), times `--steps` steps of the stage's own step
+(`pipeline.finetune.Stepper.train_step`: sampling, CIDEr-D, update) after a warm-up, and
+extrapolates to one epoch (6,000 images = 188 steps); the output says it is extrapolated.
+Validation (greedy captions of the validation split once per epoch) is not included.
+The decoder is untrained, so its samples run to the length limit more often than a trained
+decoder's: the figure is an upper bound of the sampling cost.
+"""
+
+import argparse
+import sys
+import time
+
+from pipeline import io_utils
+
+WARMUP_STEPS = 3
+STEPS = 200
+QUICK_STEPS = 40
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--steps", type=int, default=STEPS, help="timed steps")
+    args = parser.parse_args(argv)
+    result = measure(args.steps)
+    if args.json:
+        io_utils.write_json(args.json, result)
+    return 0
+
+
+def run(quick):
+    """The suite's entry (`python -m benchmarks`): QUICK_STEPS or STEPS timed steps."""
+    return measure(QUICK_STEPS if quick else STEPS)
+
+
+def measure(timed_steps):
+    """Times `timed_steps` fine-tuning steps; returns the figures (see the module docstring)."""
+    import keras
+    import tensorflow as tf
+
+    from benchmarks import bench_train
+    from models import decoder
+    from pipeline import config as config_module
+    from pipeline import finetune
+    from pipeline.cider_reward import CiderD
+
+    features, rows, token_rows = bench_train.synthetic_cache()
+    references = [[] for _ in range(bench_train.NUM_IMAGES)]
+    for row, tokens in zip(rows, token_rows):
+        references[row].append(tokens[1:])
+    started = time.perf_counter()
+    reward = CiderD(references, bench_train.VOCAB_SIZE)
+    reward_setup = time.perf_counter() - started
+
+    config = config_module.PipelineConfig()
+    settings = config.finetune
+    keras.utils.set_random_seed(0)
+    model = decoder.build_decoder(config.decoder, bench_train.VOCAB_SIZE, bench_train.FEATURE_DIM)
+    optimizer = keras.optimizers.Adam(learning_rate=settings.learning_rate, clipnorm=settings.clipnorm)
+    optimizer.build(model.trainable_variables)
+    stepper = finetune.Stepper(model, optimizer, tf.distribute.get_strategy(), settings,
+                                config.decode.max_length, reward)
+    steps_per_epoch = -(-bench_train.NUM_IMAGES // settings.batch_size)
+    order = finetune.epoch_image_order(bench_train.NUM_IMAGES, 0, 0)
+    all_features = tf.constant(features)
+
+    def run(step):
+        index = step % steps_per_epoch
+        members = order[index * settings.batch_size:(index + 1) * settings.batch_size]
+        return stepper.train_step(tf.gather(all_features, members), members, (0, step))
+
+    for step in range(WARMUP_STEPS):
+        run(step)
+    captions, reward_seconds, tokens = 0, 0.0, 0.0
+    started = time.perf_counter()
+    for step in range(WARMUP_STEPS, WARMUP_STEPS + timed_steps):
+        outcome = run(step)
+        captions += len(outcome["rewards"])
+        reward_seconds += outcome["reward_seconds"]
+        tokens += float(outcome["mask"].sum())
+    seconds = time.perf_counter() - started
+    result = {
+        "timed_steps": timed_steps,
+        "seconds_per_step": seconds / timed_steps,
+        "finetune_captions_per_s": captions / seconds,
+        "finetune_reward_captions_per_s": captions / reward_seconds,
+        "reward_share_of_step": reward_seconds / seconds,
+        "mean_sample_tokens": tokens / captions,
+        "steps_per_epoch": steps_per_epoch,
+        "finetune_epoch_minutes_flickr8k": seconds / timed_steps * steps_per_epoch / 60,
+        "reward_setup_seconds": reward_setup,
+    }
+    print(
+        f"finetune on a Flickr8k-sized cache ({bench_train.NUM_IMAGES} images x 5 captions, vocabulary "
+        f"{bench_train.VOCAB_SIZE}, decoder {config.decoder.embedding_dim}/{config.decoder.units}): "
+        f"{result['seconds_per_step']:.3f} s/step of {settings.batch_size} images x {settings.samples} samples, "
+        f"{result['finetune_captions_per_s']:.0f} captions/s; one epoch ({steps_per_epoch} steps) extrapolated from "
+        f"{timed_steps} steps: {result['finetune_epoch_minutes_flickr8k']:.1f} min; CIDEr-D reward "
+        f"{result['finetune_reward_captions_per_s']:.0f} captions/s ({100 * result['reward_share_of_step']:.1f}% of a step; "
+        f"set-up of the 30,000 references {reward_setup:.1f} s)",
+        file=sys.stderr,
+    )
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
