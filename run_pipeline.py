@@ -202,10 +202,6 @@ def run(args):
 
 
 def main(argv=None):
-    from pipeline import console
-
-    # Before any stage imports TensorFlow: its C++ start-up lines read like failures.
-    console.quiet_tensorflow_logs()
     args = build_parser().parse_args(argv)
     from pipeline.errors import PipelineError
 
@@ -225,4 +221,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from pipeline import console
+
+    # Before any stage imports TensorFlow: its C++ start-up lines read like failures. Here,
+    # not in main(), which tests and other programs call in their own process.
+    console.quiet_tensorflow_logs()
     sys.exit(main())

@@ -11,8 +11,9 @@ failure. The only place left to honour the level is the stderr file descriptor i
   dropped when their severity is below the level (INFO 0, WARNING 1, ERROR 2, FATAL 3),
   as `TF_CPP_MIN_LOG_LEVEL` promises; so is Abseil's "All log messages before
   absl::InitializeLog()" notice when anything is filtered;
-- at the default level (2, the user set nothing) the errors that only say "this machine
-  has no GPU" are dropped too (`NO_GPU_NOISE`), since TensorFlow falls back to the CPU;
+- at the default level (2, the user set nothing) the "errors" that report none are dropped
+  too (`BENIGN_ERRORS`: this machine has no GPU, so TensorFlow runs on the CPU; oneDNN
+  leaves a uint8 op to TensorFlow's own kernel);
 - everything else (our messages, progress bars rewritten with `\\r`, Python tracebacks,
   real C++ errors) passes through unchanged, partial lines at once.
 
@@ -31,8 +32,10 @@ SEVERITIES = {"I": 0, "W": 1, "E": 2, "F": 3}
 # Abseil's prefix: severity letter, MMDD, time, thread id, file:line, "]".
 _LOG_LINE = re.compile(rb"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^\s:\]]+:\d+\] ")
 _ABSL_NOTICE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
-# ERROR lines that mean no more than "no GPU here; TensorFlow runs on the CPU".
-NO_GPU_NOISE = (b"failed call to cuInit", b"Unable to register cu", b"cuda_dnn", b"cuda_fft", b"cuda_blas")
+# ERROR lines that report no error: "no GPU here, TensorFlow runs on the CPU", and oneDNN
+# handing an op it has no kernel for (uint8 image ops) to TensorFlow's own implementation.
+BENIGN_ERRORS = (b"failed call to cuInit", b"Unable to register cu", b"cuda_dnn", b"cuda_fft", b"cuda_blas",
+                 b"Falling back to the default Eigen-based implementation")
 # Longest text kept back while it might still become a log line (the prefix is ~50 bytes).
 _PREFIX_PROBE = 64
 
@@ -48,8 +51,8 @@ def log_level(environ=None):
 def keep_line(line, level, user_set):
     """Whether one line of stderr (bytes, newline included or not) is shown at `level`.
 
-    `user_set`: the level came from the user's TF_CPP_MIN_LOG_LEVEL; then no-GPU errors
-    show at level 2, as TensorFlow would show them.
+    `user_set`: the level came from the user's TF_CPP_MIN_LOG_LEVEL; then the benign
+    errors show at level 2, as TensorFlow would show them.
     """
     if line.rstrip(b"\r\n") == _ABSL_NOTICE:
         return level == 0
@@ -59,7 +62,7 @@ def keep_line(line, level, user_set):
     severity = SEVERITIES[match.group(1).decode()]
     if severity < level:
         return False
-    if severity == SEVERITIES["E"] and not user_set and any(noise in line for noise in NO_GPU_NOISE):
+    if severity == SEVERITIES["E"] and not user_set and any(noise in line for noise in BENIGN_ERRORS):
         return False
     return True
 

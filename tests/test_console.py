@@ -14,20 +14,22 @@ from pipeline import console
 ONEDNN = b"I0000 00:00:1796158589.190822    7065 port.cc:153] oneDNN custom operations are on.\n"
 WARNING = b"W1201 20:51:39.123456   42 loop.cc:9] Local rendezvous is aborting\n"
 CUINIT = b"E0000 00:00:1796158592.700844    7351 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)\n"
+EIGEN = (b"E0000 00:00:1796164136.522441     498 util.cc:131] oneDNN supports DT_UINT8 only on platforms with "
+         b"AVX-512. Falling back to the default Eigen-based implementation if present.\n")
 REAL_ERROR = b"E1201 20:51:40.000001   42 kernel.cc:77] Out of memory while allocating 8 GiB\n"
 FATAL = b"F1201 20:51:41.000001   42 check.cc:3] Check failed: x != null\n"
 NOTICE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
 
 
 @pytest.mark.parametrize("level, user_set, kept", [
-    (2, False, [REAL_ERROR, FATAL]),  # the default: no INFO, no WARNING, no "there is no GPU"
-    (2, True, [CUINIT, REAL_ERROR, FATAL]),  # the user's own 2: errors as TensorFlow defines them
-    (1, True, [WARNING, CUINIT, REAL_ERROR, FATAL]),
+    (2, False, [REAL_ERROR, FATAL]),  # the default: no INFO, no WARNING, no "error" that reports none
+    (2, True, [CUINIT, EIGEN, REAL_ERROR, FATAL]),  # the user's own 2: errors as TensorFlow defines them
+    (1, True, [WARNING, CUINIT, EIGEN, REAL_ERROR, FATAL]),
     (3, True, [FATAL]),
-    (0, True, [NOTICE, ONEDNN, WARNING, CUINIT, REAL_ERROR, FATAL]),
+    (0, True, [NOTICE, ONEDNN, WARNING, CUINIT, EIGEN, REAL_ERROR, FATAL]),
 ])
 def test_keep_line_follows_the_level(level, user_set, kept):
-    lines = [NOTICE, ONEDNN, WARNING, CUINIT, REAL_ERROR, FATAL]
+    lines = [NOTICE, ONEDNN, WARNING, CUINIT, EIGEN, REAL_ERROR, FATAL]
     assert [line for line in lines if console.keep_line(line, level, user_set)] == kept
 
 

@@ -19,9 +19,11 @@ from benchmarks import bench_multiworker
 from pipeline import train
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-FLAGS = ["--epochs", "2", "--batch-size", "32", "--units", "32", "--embedding-dim", "16", "--dropout", "0"]
-OVERRIDES = {"train.epochs": 2, "train.batch_size": 32, "decoder.units": 32, "decoder.embedding_dim": 16,
-             "decoder.dropout": 0.0}
+# 180 training captions at batch 32: 6 steps an epoch, validated (val CIDEr-D) after each.
+FLAGS = ["--epochs", "2", "--validate-every-steps", "6", "--batch-size", "32", "--units", "32",
+         "--embedding-dim", "16", "--dropout", "0"]
+OVERRIDES = {"train.epochs": 2, "train.validate_every_steps": 6, "train.batch_size": 32, "decoder.units": 32,
+             "decoder.embedding_dim": 16, "decoder.dropout": 0.0}
 # Every wait is bounded: a hung worker fails the test, never the suite.
 WORKER_SECONDS = 240
 POLL_SECONDS = 0.02
@@ -72,7 +74,8 @@ def _checkpoint_epoch(out):
 
 
 def _history_epochs(out):
-    return [entry["epoch"] for entry in train.read_history(out)]  # written atomically: whole or absent
+    """The validation periods (here one an epoch) in OUT/history.json, written atomically: whole or absent."""
+    return [entry["period"] for entry in train.read_history(out)]
 
 
 def _weights(out):
@@ -96,7 +99,9 @@ def test_two_workers_killed_and_resumed_train_like_one_process(extracted_out, tm
     workers = _start_workers([chief_out, worker_out], tmp_path)
     (chief, chief_log), (worker, _) = workers
     deadline = time.monotonic() + WORKER_SECONDS
-    while _history_epochs(chief_out) != [1] and time.monotonic() < deadline:
+    # history.json is written before the period's checkpoint (its stopping state first):
+    # wait for both.
+    while (_history_epochs(chief_out) != [1] or _checkpoint_epoch(chief_out) != 1) and time.monotonic() < deadline:
         if chief.poll() is not None:
             worker.kill()
             worker.wait()
@@ -122,7 +127,7 @@ def test_two_workers_killed_and_resumed_train_like_one_process(extracted_out, tm
     results = _finish(_start_workers([chief_out, worker_out], tmp_path, ["--resume"]))
     for code, stderr in results:
         assert code == 0, "\n\n".join(stderr[-3000:] for _, stderr in results)
-        assert "resuming after epoch 1 of 2" in stderr and "1 epochs run (now 2 of 2)" in stderr
+        assert "resuming after period 1 of 2" in stderr and "1 periods run, now step 12" in stderr
     assert _history_epochs(chief_out) == [1, 2] and _checkpoint_epoch(chief_out) == 2
     # Worker 1 left its OUT as the cache plus the copied checkpoint, byte for byte, and removed its scratch folder.
     assert _listing(worker_out) == sorted(cache_listing + [train.CHECKPOINT_DIR] + [
@@ -142,8 +147,25 @@ def test_two_workers_killed_and_resumed_train_like_one_process(extracted_out, tm
     difference = max(float(np.max(np.abs(a - b))) for a, b in zip(reference, distributed))
     print(f"largest weight difference from one process: {difference:.2e}")
     assert difference < 1e-5
-    losses = [[entry["loss"] for entry in train.read_history(out)] for out in (reference_out, chief_out)]
-    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    for name in ("loss", "val_loss", "val_cider"):
+        values = [[entry[name] for entry in train.read_history(out)] for out in (reference_out, chief_out)]
+        np.testing.assert_allclose(values[1], values[0], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_two_workers_stop_early_together(extracted_out, tmp_path):
+    # A learning rate too small to change a greedy caption: validation CIDEr-D stays at its
+    # first value, so with a patience of one period every worker must stop after period 2
+    # of a cap of 4, on its own identical score, and none may wait for the others.
+    outs = [tmp_path / "machine0", tmp_path / "machine1"]
+    for out in outs:
+        shutil.copytree(extracted_out, out)
+    results = _finish(_start_workers(outs, tmp_path, ["--epochs", "4", "--patience-steps", "6",
+                                                      "--learning-rate", "1e-12"]))
+    for code, stderr in results:
+        assert code == 0, "\n\n".join(stderr[-3000:] for _, stderr in results)
+        assert "train: early stopping at step 12" in stderr and "stopped by early stopping" in stderr, stderr[-3000:]
+    assert _history_epochs(outs[0]) == [1, 2]
+    assert not (outs[1] / train.HISTORY_FILE).exists() and not (outs[1] / ".worker-worker-1.tmp").exists()
 
 
 def test_each_replica_takes_its_padded_slice_of_every_global_batch():
