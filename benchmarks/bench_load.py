@@ -314,7 +314,7 @@ def _model_and_images(out_dir, folder):
         return Path(out_dir) / "saved_model", images
     from benchmarks import bench_serving
 
-    model_dir, images, _, _ = bench_serving._synthetic_run(folder)
+    model_dir, images, *_ = bench_serving._synthetic_run(folder)
     return model_dir, images[:8]
 
 
