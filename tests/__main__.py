@@ -1,8 +1,9 @@
 """`python -m tests [PYTEST ARGS]`: set up what the tests need, then run pytest.
 
-The README's test command. A fresh machine lacks only the headless Chromium that the
-upload-page test drives (`tests/browser.py` finds or installs it); everything else comes
-from requirements*.txt. Arguments go to pytest unchanged (default: `-q`).
+The README's test command. A fresh machine may lack two programs the tests use besides
+Python: the headless Chromium the upload-page test drives, and the Java runtime METEOR
+runs on (`tests/browser.py` finds or installs both); everything else comes from
+requirements*.txt. Arguments go to pytest unchanged (default: `-q`).
 """
 
 import os
@@ -15,6 +16,7 @@ def main(argv):
     found = browser.ensure_chromium()
     if found:
         os.environ[browser.ENVIRONMENT_VARIABLE] = found
+    browser.ensure_java()
     arguments = argv or ["-q"]
     os.execv(sys.executable, [sys.executable, "-m", "pytest", *arguments])
 

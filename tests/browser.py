@@ -1,8 +1,10 @@
-"""Finding (and, where it is missing, installing) the headless Chromium the page test drives.
+"""Finding (and, where missing, installing) the programs some tests need besides Python:
+the headless Chromium the page test drives, and the Java runtime pycocoevalcap's METEOR
+scorer runs on (tests/test_evaluate.py and tests/test_finetune.py check METEOR values).
 
-`python -m tests` calls `ensure_chromium()` before pytest; `tests/test_page.py` calls
-`find_chromium()`. Kept apart from conftest so that finding a browser costs nothing when
-no page test runs.
+`python -m tests` calls `ensure_chromium()` and `ensure_java()` before pytest;
+`tests/test_page.py` calls `find_chromium()`. Kept apart from conftest so that finding a
+browser costs nothing when no page test runs.
 """
 
 import os
@@ -13,6 +15,7 @@ import sys
 ENVIRONMENT_VARIABLE = "CAPTIONER_CHROMIUM"  # a browser of the user's choice wins
 COMMAND_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 APT_PACKAGE = "chromium"
+JAVA_APT_PACKAGE = "default-jre-headless"
 
 
 def find_chromium():
@@ -52,25 +55,33 @@ def _run(command):
         return False
 
 
+def _apt_install(package):
+    """Installs a Debian package where apt-get and root (or password-less sudo) are there.
+    Returns whether apt-get reported success."""
+    apt_get = shutil.which("apt-get")
+    if not apt_get:
+        return False
+    prefix = [] if os.geteuid() == 0 else (["sudo", "-n"] if _run(["sudo", "-n", "true"]) else None)
+    if prefix is None:
+        return False
+    environment_before = os.environ.get("DEBIAN_FRONTEND")
+    os.environ["DEBIAN_FRONTEND"] = "noninteractive"
+    try:
+        return _run([*prefix, apt_get, "update", "-qq"]) and _run([*prefix, apt_get, "install", "-y", "-qq", package])
+    finally:
+        if environment_before is None:
+            os.environ.pop("DEBIAN_FRONTEND", None)
+        else:
+            os.environ["DEBIAN_FRONTEND"] = environment_before
+
+
 def install_chromium():
     """Installs Chromium: Debian's package where apt-get and root (or password-less sudo)
     are there, else Playwright's own build. Returns the browser's path, or None."""
-    apt_get = shutil.which("apt-get")
-    if apt_get:
-        prefix = [] if os.geteuid() == 0 else (["sudo", "-n"] if _run(["sudo", "-n", "true"]) else None)
-        if prefix is not None:
-            environment_before = os.environ.get("DEBIAN_FRONTEND")
-            os.environ["DEBIAN_FRONTEND"] = "noninteractive"
-            try:
-                if _run([*prefix, apt_get, "update", "-qq"]) and _run([*prefix, apt_get, "install", "-y", "-qq", APT_PACKAGE]):
-                    found = find_chromium()
-                    if found:
-                        return found
-            finally:
-                if environment_before is None:
-                    os.environ.pop("DEBIAN_FRONTEND", None)
-                else:
-                    os.environ["DEBIAN_FRONTEND"] = environment_before
+    if _apt_install(APT_PACKAGE):
+        found = find_chromium()
+        if found:
+            return found
     if _run([sys.executable, "-m", "playwright", "install", "chromium"]):
         return find_chromium()
     return None
@@ -88,3 +99,18 @@ def ensure_chromium():
               "`python -m playwright install chromium`); tests/test_page.py will fail. "
               f"Set {ENVIRONMENT_VARIABLE}=/path/to/chromium to use one you have.", file=sys.stderr)
     return found
+
+
+def ensure_java():
+    """The `java` on the PATH, installing Debian's default headless runtime if there is none;
+    None (with a message) if that fails."""
+    found = shutil.which("java")
+    if found:
+        return found
+    print("tests: no `java` on this machine; installing one for METEOR (pycocoevalcap)", file=sys.stderr)
+    if _apt_install(JAVA_APT_PACKAGE) and shutil.which("java"):
+        return shutil.which("java")
+    print(f"tests: could not install Java (tried apt-get install {JAVA_APT_PACKAGE}); the METEOR checks "
+          "of tests/test_evaluate.py and tests/test_finetune.py will fail. Install a Java runtime.",
+          file=sys.stderr)
+    return None
