@@ -145,15 +145,9 @@ def epoch_image_order(num_images, seed, epoch):
 
 def _save_decoder(model, out_dir):
     """Writes OUT/decoder.keras atomically; returns its SHA-256."""
-    out_dir = Path(out_dir)
-    temporary = out_dir / f".{train.DECODER_FILE}.{os.getpid()}.tmp.keras"
-    try:
-        model.save(temporary)
-        digest = file_sha256(temporary)
-        os.replace(temporary, out_dir / train.DECODER_FILE)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return digest
+    path = Path(out_dir) / train.DECODER_FILE
+    train.save_model_atomically(model, path)
+    return file_sha256(path)
 
 
 def _source_decoder(out_dir, resume):
@@ -172,9 +166,8 @@ def _source_decoder(out_dir, resume):
         file_sha256(decoder_path) == history["decoder_sha256"])
     if not ours:
         # decoder.keras is a cross-entropy decoder (first fine-tuning, or `train` ran again).
-        temporary = out_dir / f".{XE_DECODER_FILE}.{os.getpid()}.tmp"
-        shutil.copyfile(decoder_path, temporary)
-        os.replace(temporary, xe_path)
+        with io_utils.atomic_path(xe_path) as temporary:
+            shutil.copyfile(decoder_path, temporary)
     return xe_path
 
 

@@ -10,15 +10,16 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, suffix=".tmp"):
     """Yields a temporary path beside `path`; renames it onto `path` if the block succeeds.
 
     Works for files and for directories (a SavedModel): whatever the block writes at the
     yielded path replaces `path` in one rename. On error the temporary is removed.
+    `suffix` ends the temporary's name (Keras saves only to names ending in ".keras").
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(handle)
     os.unlink(temporary)  # the block creates it, as a file or a folder
     temporary = Path(temporary)

@@ -822,6 +822,12 @@ def _write_stopping_state(checkpoint_dir, period_steps, period, state):
                                "periods": {key: states[key] for key in kept}})
 
 
+def save_model_atomically(model, path):
+    """Saves a Keras model to `path` (.keras) under a temporary name renamed into place."""
+    with io_utils.atomic_path(path, suffix=".tmp.keras") as temporary:
+        model.save(temporary)
+
+
 def _make_callbacks(out_dir, config, history, is_chief, *, scorer, schedule, period_steps, steps_per_epoch,
                     stopping_state, write_dir):
     """The callbacks of `run_train`, in order: validation and stopping (`PeriodValidation`),
@@ -917,13 +923,7 @@ def _make_callbacks(out_dir, config, history, is_chief, *, scorer, schedule, per
                 return
             _write_stopping_state(out_dir / CHECKPOINT_DIR, period_steps, epoch + 1, self.state())
             if improved:
-                # Keras refuses file names not ending in ".keras", so the temporary keeps it.
-                temporary = out_dir / f".{DECODER_FILE}.{os.getpid()}.tmp.keras"
-                try:
-                    self.model.save(temporary)
-                    os.replace(temporary, out_dir / DECODER_FILE)
-                finally:
-                    temporary.unlink(missing_ok=True)
+                save_model_atomically(self.model, out_dir / DECODER_FILE)
             history.append(entry)
             _write_history(out_dir, history)
 
