@@ -56,6 +56,7 @@ TARGETS = {
     "finetune_captions_per_s": ("", None),
     "finetune_reward_captions_per_s": ("", None),
     "finetune_epoch_minutes_flickr8k": ("", None),
+    "sampling_share_of_step": ("", None),
     "savedmodel_latency_ms": ("", None),
     "savedmodel_latency_ms_unfolded": ("", None),
     "savedmodel_batch16_images_per_s": ("", None),

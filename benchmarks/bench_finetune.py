@@ -78,11 +78,12 @@ def measure(timed_steps):
 
     for step in range(WARMUP_STEPS):
         run(step)
-    captions, reward_seconds, tokens = 0, 0.0, 0.0
+    captions, sample_seconds, reward_seconds, tokens = 0, 0.0, 0.0, 0.0
     started = time.perf_counter()
     for step in range(WARMUP_STEPS, WARMUP_STEPS + timed_steps):
         outcome = run(step)
         captions += len(outcome["rewards"])
+        sample_seconds += outcome["sample_seconds"]
         reward_seconds += outcome["reward_seconds"]
         tokens += float(outcome["mask"].sum())
     seconds = time.perf_counter() - started
@@ -92,6 +93,8 @@ def measure(timed_steps):
         "finetune_captions_per_s": captions / seconds,
         "finetune_reward_captions_per_s": captions / reward_seconds,
         "reward_share_of_step": reward_seconds / seconds,
+        # What a multi-worker run does not divide: every worker draws the whole batch's samples.
+        "sampling_share_of_step": sample_seconds / seconds,
         "mean_sample_tokens": tokens / captions,
         "steps_per_epoch": steps_per_epoch,
         "finetune_epoch_minutes_flickr8k": seconds / timed_steps * steps_per_epoch / 60,
@@ -104,7 +107,8 @@ def measure(timed_steps):
         f"{result['finetune_captions_per_s']:.0f} captions/s; one epoch ({steps_per_epoch} steps) extrapolated from "
         f"{timed_steps} steps: {result['finetune_epoch_minutes_flickr8k']:.1f} min; CIDEr-D reward "
         f"{result['finetune_reward_captions_per_s']:.0f} captions/s ({100 * result['reward_share_of_step']:.1f}% of a step; "
-        f"set-up of the 30,000 references {reward_setup:.1f} s)",
+        f"set-up of the 30,000 references {reward_setup:.1f} s); sampling {100 * result['sampling_share_of_step']:.1f}% "
+        "of a step",
         file=sys.stderr,
     )
     return result

@@ -29,6 +29,7 @@ gradient pass runs without dropout, so a run killed mid-epoch and resumed from i
 checkpoint takes the same steps as an uninterrupted one (tested with SIGKILL).
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -50,7 +51,7 @@ CHECKPOINT_DIR = "finetune_checkpoints"
 LOG_DIR = os.path.join("logs", "finetune")
 STATE_FORMAT = "captioner.finetune_state"
 BASELINES = ("mean", "greedy")
-FINETUNE_STRATEGIES = ("default", "mirrored")
+FINETUNE_STRATEGIES = train.STRATEGIES
 # Settings a resumed run must share with its checkpoint: they decide which steps it takes.
 RESUME_FIXED = ("samples", "baseline", "batch_size", "learning_rate", "clipnorm")
 # Loop states kept beside the checkpoints (a state is written just before its checkpoint).
@@ -107,8 +108,6 @@ def _check_settings(finetune):
          finetune.early_stopping_patience),
         (finetune.checkpoint_steps >= 1, "finetune.checkpoint_steps must be at least 1", finetune.checkpoint_steps),
         (finetune.validation_images >= 0, "finetune.validation_images must be >= 0", finetune.validation_images),
-        # Multi-worker fine-tuning would need chief-only checkpoint and history writes,
-        # which this loop does not have (yet): refused rather than run half right.
         (finetune.strategy in FINETUNE_STRATEGIES,
          f"finetune.strategy (--strategy) must be one of {', '.join(FINETUNE_STRATEGIES)}", finetune.strategy),
     ]
@@ -150,15 +149,21 @@ def _save_decoder(model, out_dir):
     return file_sha256(path)
 
 
-def _source_decoder(out_dir, resume):
-    """The XE decoder to start from, copying OUT/decoder.keras to decoder_xe.keras when it is new."""
+def _source_decoder(out_dir, resume, write=True):
+    """The XE decoder to start from, copying OUT/decoder.keras to decoder_xe.keras when it is new.
+
+    write=False (a non-chief worker, which never writes OUT): the same choice, without the
+    copy; on --resume any decoder of OUT will do, as the chief's checkpoint replaces its weights.
+    """
     out_dir = Path(out_dir)
     decoder_path, xe_path = out_dir / train.DECODER_FILE, out_dir / XE_DECODER_FILE
     if resume:
-        if not xe_path.is_file():
-            raise errors.ArtifactError(f"{out_dir / CHECKPOINT_DIR}: no checkpoint to resume from ({xe_path.name} "
-                                       "is missing); run `finetune` without --resume")
-        return xe_path
+        if xe_path.is_file():
+            return xe_path
+        if not write and decoder_path.is_file():
+            return decoder_path
+        raise errors.ArtifactError(f"{out_dir / CHECKPOINT_DIR}: no checkpoint to resume from ({xe_path.name} "
+                                   "is missing); run `finetune` without --resume")
     if not decoder_path.is_file():
         raise errors.ArtifactError(f"{decoder_path}: no trained decoder; run `train` first")
     history = read_history(out_dir)
@@ -166,6 +171,8 @@ def _source_decoder(out_dir, resume):
         file_sha256(decoder_path) == history["decoder_sha256"])
     if not ours:
         # decoder.keras is a cross-entropy decoder (first fine-tuning, or `train` ran again).
+        if not write:
+            return decoder_path
         with io_utils.atomic_path(xe_path) as temporary:
             shutil.copyfile(decoder_path, temporary)
     return xe_path
@@ -231,12 +238,15 @@ class Stepper:
             seed: (int, int), the stateless seed of the draw (the run's seed and the step).
         Returns:
             dict: rewards float64 [B*K], loss float, mask float32 [B*K, max_length + 1],
-            reward_seconds (the time of the samples' CIDEr-D, for the reward's captions/s).
+            sample_seconds and reward_seconds (the time of the draw and of the samples'
+            CIDEr-D, for their shares of a step).
         """
         import tensorflow as tf
 
+        sample_started = time.monotonic()
         token_ids, _, mask = self.draw(image_features, tf.constant(seed, tf.int64))
         token_ids, mask = token_ids.numpy(), mask.numpy()
+        sample_seconds = time.monotonic() - sample_started
         reward_started = time.monotonic()
         rewards = self.reward.scores(token_ids, mask.sum(axis=1).astype(np.int64), np.repeat(images, self.samples))
         reward_seconds = time.monotonic() - reward_started
@@ -249,7 +259,8 @@ class Stepper:
         advantage = _advantages(rewards.reshape(len(images), self.samples), self.baseline, greedy_rewards)
         loss = self.update(np.repeat(image_features.numpy(), self.samples, axis=0), token_ids, mask,
                            advantage.reshape(-1).astype(np.float32))
-        return {"rewards": rewards, "loss": loss, "mask": mask, "reward_seconds": reward_seconds}
+        return {"rewards": rewards, "loss": loss, "mask": mask, "sample_seconds": sample_seconds,
+                "reward_seconds": reward_seconds}
 
     def update(self, image_features, token_ids, mask, advantage):
         """One optimizer step on the samples (NumPy arrays, one row per sample); returns the loss."""
@@ -278,9 +289,20 @@ def run_finetune(out_dir, overrides, resume=False):
     Returns:
         dict: steps, epochs_run, best_epoch, best_val_cider, initial_val_cider, mean_reward
         (last epoch), captions_per_second, reward_captions_per_second, stopped_early, seconds.
+
+    Under `finetune.strategy` "multiworker" every worker runs this on its own OUT (or a
+    shared one): each draws the samples of the whole global batch (the same on all, from the
+    same weights and seed) and takes its share of the gradient pass; validation goes by the
+    chief's scores (`validation.chief_scores`), so all stop together. Only the chief writes
+    OUT; another worker checkpoints into OUT/.worker-TYPE-INDEX.tmp/, removed when it ends,
+    and on --resume first copies the chief's checkpoints from its OUT/finetune_checkpoints/.
     """
+    with contextlib.ExitStack() as cleanup:
+        return _run_finetune(Path(out_dir), overrides, resume, cleanup)
+
+
+def _run_finetune(out_dir, overrides, resume, cleanup):
     started = time.monotonic()
-    out_dir = Path(out_dir)
     config = config_module.load_run_config(out_dir, overrides, "`extract` and `train`")
     settings = config.finetune
     _check_settings(settings)
@@ -288,7 +310,8 @@ def run_finetune(out_dir, overrides, resume=False):
     import tensorflow as tf
 
     strategy = train.make_strategy(settings.strategy)
-    source = _source_decoder(out_dir, resume)
+    is_chief = train.is_chief_worker(strategy)
+    source = _source_decoder(out_dir, resume, write=is_chief)
     data = train.load_training_data(out_dir, config)
     images = reward_data(data.train)
     vocab_size = len(data.vocabulary)
@@ -302,11 +325,25 @@ def run_finetune(out_dir, overrides, resume=False):
 
     checkpoint_dir = out_dir / CHECKPOINT_DIR
     log_dir = out_dir / LOG_DIR
-    if not resume:
+    if not resume and is_chief:
         for stale in (checkpoint_dir, log_dir):
             if stale.exists():
                 shutil.rmtree(stale)
         (out_dir / HISTORY_FILE).unlink(missing_ok=True)
+    if not is_chief:
+        # Every worker saves its checkpoints (a save may need collectives), the others into
+        # a scratch folder of their own: only the chief writes OUT.
+        scratch = train.worker_scratch_dir(out_dir, strategy)
+        cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
+        if resume:
+            if not checkpoint_dir.is_dir():
+                raise errors.ArtifactError(
+                    f"{checkpoint_dir}: no checkpoint to resume from; every worker resumes from the chief's "
+                    f"{CHECKPOINT_DIR}/ (copy it here, or share OUT between the workers)")
+            shutil.copytree(checkpoint_dir, scratch / CHECKPOINT_DIR)
+        checkpoint_dir = scratch / CHECKPOINT_DIR
+    cleanup.enter_context(train.lost_worker_errors(settings.strategy, "finetune",
+                                                   lambda: _resume_point(checkpoint_dir)))
 
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
@@ -338,10 +375,11 @@ def run_finetune(out_dir, overrides, resume=False):
             )
         stopper.load_state_dict(state["stopper"])
         print(f"finetune: resuming at step {state['step']} of {total_steps}", file=sys.stderr)
-    config.save(out_dir)
+    if is_chief:
+        config.save(out_dir)
 
     stepper = Stepper(model, optimizer, strategy, settings, max_length, reward)
-    writer = _summary_writer(log_dir)
+    writer = _summary_writer(log_dir) if is_chief else tf.summary.create_noop_writer()
     print(
         f"finetune: {len(images.rows)} train images ({sum(len(r) for r in images.references)} references), "
         f"{steps_per_epoch} steps of {settings.batch_size} images x {settings.samples} samples per epoch, "
@@ -361,6 +399,8 @@ def run_finetune(out_dir, overrides, resume=False):
                 old.unlink(missing_ok=True)
 
     def write_history():
+        if not is_chief:
+            return
         io_utils.write_json(out_dir / HISTORY_FILE, {
             "format": HISTORY_FORMAT, "version": 1, "source": XE_DECODER_FILE,
             "decoder_sha256": state["decoder_sha256"], "best_step": stopper.best_step,
@@ -369,9 +409,9 @@ def run_finetune(out_dir, overrides, resume=False):
         })
 
     def validate():
-        scores = scorer(model)
+        scores = validation.chief_scores(strategy, scorer(model))
         improved, should_stop = stopper.update(state["step"], scores["val_cider"])
-        if improved:
+        if improved and is_chief:
             state["decoder_sha256"] = _save_decoder(model, out_dir)
         return scores, improved, should_stop
 
@@ -443,6 +483,10 @@ def run_finetune(out_dir, overrides, resume=False):
         )
         write_history()
         save_checkpoint()
+        if should_stop:
+            print(f"finetune: early stopping after epoch {epoch + 1}: validation CIDEr-D has not improved for "
+                  f"{stopper.steps_since_best // steps_per_epoch} epochs (patience {settings.early_stopping_patience}); "
+                  f"best {stopper.best:.4f} at step {stopper.best_step}", file=sys.stderr)
     writer.close()
     loop_seconds = time.monotonic() - loop_started
 
@@ -463,7 +507,7 @@ def run_finetune(out_dir, overrides, resume=False):
         f"finetune: {summary['epochs_run']} epochs, validation CIDEr-D {summary['initial_val_cider']:.4f} -> "
         f"{summary['best_val_cider']:.4f} (epoch {best_epoch}), {summary['captions_per_second']:.0f} captions/s, "
         f"reward {summary['reward_captions_per_second']:.0f} captions/s, {summary['seconds']:.1f} s "
-        f"-> {out_dir / train.DECODER_FILE}",
+        + (f"-> {out_dir / train.DECODER_FILE}" if is_chief else "(the chief writes decoder.keras)"),
         file=sys.stderr,
     )
     return summary
@@ -478,6 +522,14 @@ def _advantages(rewards, baseline, greedy_rewards):
     from models import sampling
 
     return sampling.advantages(rewards, baseline, greedy_rewards).numpy()
+
+
+def _resume_point(checkpoint_dir):
+    """Where `finetune --resume` continues from ("from step N"), None without a checkpoint."""
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(str(checkpoint_dir)) if Path(checkpoint_dir).is_dir() else None
+    return f"from step {latest.rsplit('-', 1)[-1]}" if latest else None
 
 
 def _read_state(checkpoint_dir, step):

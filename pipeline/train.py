@@ -36,6 +36,7 @@ same batches whatever the distribution strategy and whether or not the run was r
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -700,12 +701,18 @@ def _distribute_datasets(strategy, make_train, make_val):
 
 
 @contextlib.contextmanager
-def _lost_worker_errors(config, checkpoint_dir):
+def lost_worker_errors(strategy_name, command, resume_point):
     """Turns a multi-worker collective that failed for want of a peer into one PipelineError line.
 
     A worker that dies (or never comes) stops the others in their next collective: the
     coordination service reports it unhealthy when its heartbeats stop, or the collective
     times out (COLLECTIVE_TIMEOUT_SECONDS). Every worker must then be restarted with --resume.
+
+    Args:
+        strategy_name: the run's strategy setting; errors pass through unless "multiworker".
+        command: "train" or "finetune", for the message.
+        resume_point: callable() -> str or None, where `--resume` would continue from (e.g.
+            "after epoch 3"), None when the chief has no checkpoint yet.
     """
     import tensorflow as tf
 
@@ -713,22 +720,27 @@ def _lost_worker_errors(config, checkpoint_dir):
         yield
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
             tf.errors.AbortedError) as error:
-        if config.train.strategy != "multiworker":
+        if strategy_name != "multiworker":
             raise
-        finished = _checkpoint_epoch(checkpoint_dir)
-        advice = (f"restart every worker with `train --resume` to continue after epoch {finished}" if finished else
-                  "restart every worker with `train --resume` (without it if the chief has no checkpoint yet)")
+        point = resume_point()
+        advice = (f"restart every worker with `{command} --resume` to continue {point}" if point else
+                  f"restart every worker with `{command} --resume` (without it if the chief has no checkpoint yet)")
         raise errors.PipelineError(
-            f"train: the cluster of TF_CONFIG lost a worker ({' '.join(errors.op_error_reason(error).split())}); "
+            f"{command}: the cluster of TF_CONFIG lost a worker ({' '.join(errors.op_error_reason(error).split())}); "
             f"{advice}"
         ) from None
 
 
-def _worker_scratch_dir(out_dir, strategy):
+def _train_resume_point(checkpoint_dir):
+    finished = _checkpoint_epoch(checkpoint_dir)
+    return f"after epoch {finished}" if finished else None
+
+
+def worker_scratch_dir(out_dir, strategy):
     """A new, empty OUT/.worker-TYPE-INDEX.tmp/ for a non-chief worker's writes (Path).
 
     One per task, so workers sharing OUT never meet; a folder a killed worker left behind
-    is replaced when it restarts, and `run_train` removes it when the worker ends.
+    is replaced when it restarts, and the stage removes it when the worker ends.
     """
     resolver = strategy.cluster_resolver
     path = Path(out_dir) / f".worker-{resolver.task_type}-{resolver.task_id}.tmp"
@@ -737,7 +749,9 @@ def _worker_scratch_dir(out_dir, strategy):
     return path
 
 
-def _is_chief(strategy):
+def is_chief_worker(strategy):
+    """Whether this process writes OUT: always, except on the non-chief workers of a
+    multi-worker cluster (the chief is the "chief" task, or else worker 0)."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
         return True
@@ -828,7 +842,7 @@ def save_model_atomically(model, path):
         model.save(temporary)
 
 
-def _make_callbacks(out_dir, config, history, is_chief, *, scorer, schedule, period_steps, steps_per_epoch,
+def _make_callbacks(out_dir, config, history, is_chief, *, strategy, scorer, schedule, period_steps, steps_per_epoch,
                     stopping_state, write_dir):
     """The callbacks of `run_train`, in order: validation and stopping (`PeriodValidation`),
     BackupAndRestore, TensorBoard. The first runs before the checkpoint is written, so the
@@ -846,9 +860,9 @@ def _make_callbacks(out_dir, config, history, is_chief, *, scorer, schedule, per
     class PeriodValidation(keras.callbacks.Callback):
         """After each validation period: validation CIDEr-D, selection, early stopping, LR cuts.
 
-        Every worker of a distributed run computes the same scores (greedy decoding of the
-        same val vectors with the same, synchronized weights, then pure-Python metrics), so
-        every worker takes the same decisions and all stop together; only the chief writes
+        Every worker of a distributed run scores the same val vectors with the same,
+        synchronized weights, and then takes the chief's scores (`validation.chief_scores`),
+        so the chief decides and all workers stop together; only the chief writes
         decoder.keras (on a new best), history.json and stopping.json.
         """
 
@@ -889,7 +903,7 @@ def _make_callbacks(out_dir, config, history, is_chief, *, scorer, schedule, per
         def on_epoch_end(self, epoch, logs=None):
             step = (epoch + 1) * period_steps
             learning_rate = float(keras.ops.convert_to_numpy(schedule(step - 1)))
-            scores = scorer(self.model)
+            scores = validation.chief_scores(strategy, scorer(self.model))
             if logs is not None:  # the same dict reaches TensorBoard and the console line
                 logs.update({name: value for name, value in scores.items() if name != "val_seconds"})
                 logs["learning_rate"] = learning_rate
@@ -1021,7 +1035,7 @@ def run_train(out_dir, overrides, resume=False, validation_scorer=None):
     # Before anything else touches TF: MultiWorkerMirroredStrategy must configure the
     # collective ops at startup, and TF_CONFIG problems should stop the run first.
     strategy = make_strategy(config.train.strategy)
-    is_chief = _is_chief(strategy)
+    is_chief = is_chief_worker(strategy)
     data = load_training_data(out_dir, config)
     config.decoder.vocab_size = len(data.vocabulary)
     train_config = config.train
@@ -1065,7 +1079,9 @@ def run_train(out_dir, overrides, resume=False, validation_scorer=None):
     import keras
 
     keras.utils.set_random_seed(config.seed)
-    with _lost_worker_errors(config, checkpoint_dir), strategy.scope():
+    lost_workers = functools.partial(lost_worker_errors, config.train.strategy, "train",
+                                     functools.partial(_train_resume_point, checkpoint_dir))
+    with lost_workers(), strategy.scope():
         schedule = make_schedule(config, num_periods * period_steps)
         model = build_model(config, config.decoder.vocab_size, data.feature_dim,
                             steps_per_execution=steps_per_execution_for(period_steps), learning_rate=schedule)
@@ -1103,12 +1119,12 @@ def run_train(out_dir, overrides, resume=False, validation_scorer=None):
 
     # Only the chief writes OUT (which several workers may share); the others keep their
     # checkpoints and logs in a scratch folder of their own, removed when they end.
-    write_dir = out_dir if is_chief else _worker_scratch_dir(out_dir, strategy)
+    write_dir = out_dir if is_chief else worker_scratch_dir(out_dir, strategy)
     if resume and not is_chief:
         # Every worker restores the chief's checkpoint: the same weights, optimizer state and epoch.
         shutil.copytree(checkpoint_dir, write_dir / CHECKPOINT_DIR)
     callbacks, period_validation = _make_callbacks(
-        out_dir, config, history, is_chief, scorer=scorer, schedule=schedule,
+        out_dir, config, history, is_chief, strategy=strategy, scorer=scorer, schedule=schedule,
         period_steps=period_steps, steps_per_epoch=steps_per_epoch, stopping_state=stopping_state,
         write_dir=write_dir,
     )
@@ -1121,7 +1137,7 @@ def run_train(out_dir, overrides, resume=False, validation_scorer=None):
             print(f"train: the checkpoint had stopped early at step {stopper.last_step}; nothing to resume "
                   "(raise --patience-steps to train on)", file=sys.stderr)
         else:
-            with _lost_worker_errors(config, checkpoint_dir):
+            with lost_workers():
                 model.fit(
                     train_dataset, steps_per_epoch=period_steps, validation_data=val_dataset, epochs=num_periods,
                     callbacks=callbacks, verbose=2, shuffle=False,  # the dataset shuffles itself, seeded
@@ -1180,7 +1196,8 @@ def run_train(out_dir, overrides, resume=False, validation_scorer=None):
         f"train: {summary['periods_run']} periods run, now step {steps_done} ({summary['epochs']:.1f} epochs), "
         f"stopped by {summary['stopped_by'].replace('_', ' ')}; best val {train_config.select_on} {best_text}, "
         f"{summary['seconds']:.1f} s, {summary['captions_per_second']:.0f} captions/s, validation "
-        f"{100 * summary['validation_share']:.1f}% of the fit -> {out_dir / DECODER_FILE}",
+        f"{100 * summary['validation_share']:.1f}% of the fit "
+        + (f"-> {out_dir / DECODER_FILE}" if is_chief else "(the chief writes decoder.keras)"),
         file=sys.stderr,
     )
     return summary

@@ -11,7 +11,9 @@ one would.
 
 Determinism: greedy decoding of the same vectors with the same weights gives the same
 captions, and the metrics are pure Python on them, so every worker of a distributed run
-that calls the scorer on the same split gets the same score and takes the same decision.
+that calls the scorer on the same split gets the same score. Workers on machines of
+different kinds could still round differently, so a multi-worker run goes by the chief's
+scores alone (`chief_scores`): the chief decides, and every worker takes its decision.
 """
 
 import math
@@ -233,3 +235,35 @@ class EarlyStopper:
         self.best_step = None if best_step is None else int(best_step)
         self.last_step = None if last_step is None else int(last_step)
         self.steps_since_best = int(state.get("steps_since_best", 0))
+
+
+def chief_scores(strategy, scores):
+    """The chief's validation scores, on every worker of a multi-worker run.
+
+    Args:
+        strategy: the run's tf.distribute strategy.
+        scores: {name: float} this worker computed (`ValidationScorer.__call__`).
+    Returns:
+        `scores` itself under any other strategy; under `MultiWorkerMirroredStrategy` a new
+        dict with the same names and the values of global replica 0, which lives on the
+        chief (worker 0, or the "chief" task), sent to all workers in one collective. So
+        every worker selects, cuts the learning rate and stops on the chief's numbers, and
+        all stop at the same step even if their own scores differ in the last bit.
+    """
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or not scores:
+        return scores
+    names = sorted(scores)
+    values = tf.constant([float(scores[name]) for name in names], tf.float64)
+
+    def replica_value(values):
+        context = tf.distribute.get_replica_context()
+        # tf.where, not a product: a NaN elsewhere must not reach the chief's values.
+        return tf.where(tf.equal(context.replica_id_in_sync_group, 0), values, tf.zeros_like(values))
+
+    @tf.function  # the collective strategy runs eagerly only with a warning
+    def broadcast(values):
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_value, args=(values,)), axis=None)
+
+    return dict(zip(names, (float(value) for value in broadcast(values).numpy())))

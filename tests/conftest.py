@@ -22,6 +22,8 @@ TRAIN_OVERRIDES = {
     "decoder.embedding_dim": 32,
     "decoder.dropout": 0.1,
 }
+# Small fine-tuning steps (6 images x 5 samples): 6 steps per epoch on the 36 training images.
+FINETUNE_SETTINGS = {"finetune.epochs": 2, "finetune.batch_size": 6, "finetune.learning_rate": 5e-3}
 
 
 def wait_until(condition, seconds=10.0):
@@ -75,6 +77,22 @@ def trained_out(extracted_out, tmp_path_factory):
     shutil.copytree(extracted_out, out)
     train.run_train(out, dict(TRAIN_OVERRIDES))
     return out
+
+
+@pytest.fixture(scope="session")
+def finetuned(trained_out, tmp_path_factory):
+    """(OUT after an uninterrupted 2-epoch fine-tuning and `evaluate`, the summary, the
+    original decoder bytes); read-only: copy to change."""
+    from pipeline import config as config_module
+    from pipeline import evaluate, finetune
+
+    out = tmp_path_factory.mktemp("finetune") / "run"
+    shutil.copytree(trained_out, out)
+    config_module.PipelineConfig.load(out).replace(FINETUNE_SETTINGS).save(out)
+    original = (out / "decoder.keras").read_bytes()
+    summary = finetune.run_finetune(out, {})
+    evaluate.run_evaluate(out, {"decode.beam_size": 1})
+    return out, summary, original
 
 
 @pytest.fixture(scope="session")

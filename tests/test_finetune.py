@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from pipeline import config as config_module
+from tests.conftest import FINETUNE_SETTINGS
 
 REPO = Path(__file__).resolve().parent.parent
-# Small steps (6 images x 5 samples): 6 steps per epoch on the session's 36 training images.
-FINETUNE_SETTINGS = {"finetune.epochs": 2, "finetune.batch_size": 6, "finetune.learning_rate": 5e-3}
 
 
 def _prepared(trained_out, copy_run):
@@ -30,22 +29,6 @@ def _weights(path):
     import keras
 
     return [np.asarray(weight) for weight in keras.saving.load_model(path, compile=False).get_weights()]
-
-
-@pytest.fixture(scope="module")
-def finetuned(trained_out, tmp_path_factory):
-    """(OUT after an uninterrupted 2-epoch fine-tuning and `evaluate`, the summary, the original decoder bytes)."""
-    import shutil
-
-    from pipeline import evaluate, finetune
-
-    out = tmp_path_factory.mktemp("finetune") / "run"
-    shutil.copytree(trained_out, out)
-    config_module.PipelineConfig.load(out).replace(FINETUNE_SETTINGS).save(out)
-    original = (out / "decoder.keras").read_bytes()
-    summary = finetune.run_finetune(out, {})
-    evaluate.run_evaluate(out, {"decode.beam_size": 1})
-    return out, summary, original
 
 
 def test_finetune_keeps_the_xe_decoder_and_writes_history_logs_and_metrics_of_both(finetuned):
@@ -130,7 +113,7 @@ def test_finetune_sigkilled_mid_epoch_and_resumed_equals_the_uninterrupted_run(f
         np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-def test_bad_settings_are_rejected_before_anything_is_written(trained_out, finetuned, copy_run):
+def test_bad_settings_are_rejected_before_anything_is_written(trained_out, finetuned, copy_run, monkeypatch):
     from pipeline import errors, finetune
 
     finished = copy_run(finetuned[0])
@@ -138,7 +121,10 @@ def test_bad_settings_are_rejected_before_anything_is_written(trained_out, finet
         finetune.run_finetune(finished, {"finetune.batch_size": 8, "finetune.epochs": 3}, resume=True)
     assert len(json.loads((finished / "finetune_history.json").read_text())["epochs"]) == 2
     out = copy_run(trained_out)
-    with pytest.raises(errors.PipelineError, match="must be one of default, mirrored"):
+    with pytest.raises(errors.PipelineError, match="must be one of default, mirrored, multiworker, got 'tpu'"):
+        finetune.run_finetune(out, {"finetune.strategy": "tpu"})
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(errors.PipelineError, match="--strategy multiworker needs the TF_CONFIG environment variable"):
         finetune.run_finetune(out, {"finetune.strategy": "multiworker"})
     with pytest.raises(errors.PipelineError, match="finetune.baseline"):
         finetune.run_finetune(out, {"finetune.baseline": "best"})

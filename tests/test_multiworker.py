@@ -1,6 +1,6 @@
-"""`train --strategy multiworker` for real: two `run_pipeline.py train` processes on
-127.0.0.1 forming a `MultiWorkerMirroredStrategy` cluster from their `TF_CONFIG`, each
-with its own copy of the cache (two machines without shared storage)."""
+"""`train` and `finetune --strategy multiworker` for real: two `run_pipeline.py` processes
+on 127.0.0.1 forming a `MultiWorkerMirroredStrategy` cluster from their `TF_CONFIG`, each
+with its own copy of the run folder (two machines without shared storage)."""
 
 import json
 import os
@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from benchmarks import bench_multiworker
-from pipeline import train
+from pipeline import config as config_module
+from pipeline import finetune, train
+from tests.conftest import FINETUNE_SETTINGS
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 # 180 training captions at batch 32: 6 steps an epoch, validated (val CIDEr-D) after each.
@@ -29,8 +31,8 @@ WORKER_SECONDS = 240
 POLL_SECONDS = 0.02
 
 
-def _start_workers(outs, log_dir, extra=()):
-    """One `train --strategy multiworker` process per OUT, worker i on the i-th free port.
+def _start_workers(outs, log_dir, extra=(), command=("train", *FLAGS)):
+    """One `COMMAND --strategy multiworker` process per OUT, worker i on the i-th free port.
 
     Returns [(process, path of its stderr log)]: a file, not a pipe nobody reads while
     the test polls, which could fill and stall a worker.
@@ -40,14 +42,29 @@ def _start_workers(outs, log_dir, extra=()):
     for index, out in enumerate(outs):
         environment = {**os.environ, "TF_CONFIG": bench_multiworker.worker_tf_config(addresses, index),
                        "CUDA_VISIBLE_DEVICES": ""}
-        log = Path(log_dir) / f"worker{index}{'-resumed' if extra else ''}.log"
+        log = Path(log_dir) / f"{command[0]}-worker{index}{'-resumed' if extra else ''}.log"
         with open(log, "w") as stderr:
             process = subprocess.Popen(
-                [sys.executable, "run_pipeline.py", "train", "--out", str(out), "--strategy", "multiworker",
-                 *FLAGS, *extra],
+                [sys.executable, "run_pipeline.py", command[0], "--out", str(out), "--strategy", "multiworker",
+                 *command[1:], *extra],
                 cwd=REPOSITORY, env=environment, stdout=subprocess.DEVNULL, stderr=stderr)
         workers.append((process, log))
     return workers
+
+
+def _wait_for(condition, workers, what):
+    """Polls `condition()` until true; fails (killing every worker) if a worker ends first or time runs out."""
+    deadline = time.monotonic() + WORKER_SECONDS
+    while not condition():
+        ended = [(process, log) for process, log in workers if process.poll() is not None]
+        if ended or time.monotonic() > deadline:
+            for process, _ in workers:
+                process.kill()
+                process.wait()
+            logs = "\n\n".join(log.read_text()[-3000:] for _, log in workers)
+            pytest.fail(f"a worker ended (code {ended[0][0].returncode}) before {what}: {logs}" if ended else
+                        f"{what} did not happen within {WORKER_SECONDS} s")
+        time.sleep(POLL_SECONDS)
 
 
 def _finish(workers):
@@ -166,6 +183,114 @@ def test_two_workers_stop_early_together(extracted_out, tmp_path):
         assert "train: early stopping at step 12" in stderr and "stopped by early stopping" in stderr, stderr[-3000:]
     assert _history_epochs(outs[0]) == [1, 2]
     assert not (outs[1] / train.HISTORY_FILE).exists() and not (outs[1] / ".worker-worker-1.tmp").exists()
+
+
+def _fine_tuning_outs(trained_out, tmp_path, settings):
+    """Two copies of the trained run (one per machine) set up for `finetune` with `settings`."""
+    outs = [tmp_path / "machine0", tmp_path / "machine1"]
+    for out in outs:
+        shutil.copytree(trained_out, out)
+        config_module.PipelineConfig.load(out).replace(settings).save(out)
+    return outs
+
+
+def _finetune_history(out):
+    """(epochs, best_step) of OUT/finetune_history.json, written atomically: ([], None) while absent."""
+    history = finetune.read_history(out)
+    return ([entry["epoch"] for entry in history["epochs"]], history["best_step"]) if history else ([], None)
+
+
+def test_two_workers_fine_tune_killed_and_resumed_like_one_process(trained_out, finetuned, tmp_path):
+    # A checkpoint after every step, so the kill lands mid-epoch just after one.
+    chief_out, worker_out = _fine_tuning_outs(trained_out, tmp_path, {**FINETUNE_SETTINGS,
+                                                                      "finetune.checkpoint_steps": 1})
+    worker_listing = _listing(worker_out)
+    reference_out, reference, _ = finetuned
+    steps_per_epoch = reference["steps"] // 2
+    kill_after = steps_per_epoch + 2  # two steps into epoch 2
+    command = ("finetune",)
+
+    # Run 1: SIGKILL worker 1 once the chief has checkpointed step `kill_after`.
+    workers = _start_workers([chief_out, worker_out], tmp_path, command=command)
+    state = chief_out / finetune.CHECKPOINT_DIR / f"state-{kill_after}.json"
+    _wait_for(state.exists, workers, f"the chief's checkpoint of step {kill_after}")
+    assert (worker_out / ".worker-worker-1.tmp" / finetune.CHECKPOINT_DIR).is_dir()
+    workers[1][0].send_signal(signal.SIGKILL)
+    (chief_code, chief_stderr), (worker_code, _) = _finish(workers)
+    assert worker_code == -signal.SIGKILL
+    assert chief_code == 2, chief_stderr[-3000:]
+    assert "finetune: the cluster of TF_CONFIG lost a worker" in chief_stderr, chief_stderr[-3000:]
+    assert "restart every worker with `finetune --resume` to continue from step" in chief_stderr
+    assert _finetune_history(chief_out)[0] == [1]  # killed inside epoch 2
+
+    # Run 2: both with --resume, from the chief's checkpoints copied to the other machine.
+    shutil.copytree(chief_out / finetune.CHECKPOINT_DIR, worker_out / finetune.CHECKPOINT_DIR)
+    copied = {path: path.read_bytes() for path in (worker_out / finetune.CHECKPOINT_DIR).iterdir()}
+    results = _finish(_start_workers([chief_out, worker_out], tmp_path, ["--resume"], command=command))
+    for code, stderr in results:
+        assert code == 0, "\n\n".join(stderr[-3000:] for _, stderr in results)
+        assert "finetune: resuming at step" in stderr and "finetune: 2 epochs" in stderr, stderr[-3000:]
+    assert "(the chief writes decoder.keras)" in results[1][1]
+    # The chief's run equals the uninterrupted one-process run of the `finetuned` fixture.
+    expected, history = finetune.read_history(reference_out), finetune.read_history(chief_out)
+    for got, want in zip(history["epochs"], expected["epochs"], strict=True):
+        for key in ("step", "mean_reward", "loss", "val_cider", "best"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+    assert history["best_step"] == expected["best_step"]
+    # decoder.keras: the best fine-tuned decoder of each, or the XE decoder of both if none was better.
+    difference = max(float(np.max(np.abs(a - b))) for a, b in zip(_weights(chief_out), _weights(reference_out)))
+    print(f"largest weight difference from one process: {difference:.2e}")
+    assert difference < 1e-5
+    assert finetune.decoder_objective(chief_out) == finetune.decoder_objective(reference_out)
+    # Worker 1 wrote nothing to its OUT: the run as it was plus the copied checkpoints, byte for byte.
+    assert _listing(worker_out) == sorted(worker_listing + [finetune.CHECKPOINT_DIR] + [
+        f"{finetune.CHECKPOINT_DIR}/{path.name}" for path in copied])
+    assert all(path.read_bytes() == content for path, content in copied.items())
+    assert not [path for path in chief_out.rglob("*") if ".tmp" in path.name]
+
+
+def test_two_fine_tuning_workers_stop_early_together(trained_out, tmp_path):
+    # A learning rate too small to change a greedy caption: validation CIDEr-D stays at the
+    # starting decoder's, so with a patience of one epoch both workers must stop after
+    # epoch 1 of 3 and keep the cross-entropy decoder.
+    outs = _fine_tuning_outs(trained_out, tmp_path, {**FINETUNE_SETTINGS, "finetune.epochs": 3,
+                                                     "finetune.early_stopping_patience": 1})
+    results = _finish(_start_workers(outs, tmp_path, ["--learning-rate", "1e-12"], command=("finetune",)))
+    for code, stderr in results:
+        assert code == 0, "\n\n".join(stderr[-3000:] for _, stderr in results)
+        assert "finetune: early stopping after epoch 1" in stderr and "finetune: 1 epochs" in stderr, stderr[-3000:]
+    assert _finetune_history(outs[0]) == ([1], 0)
+    for kept, trained in zip(_weights(outs[0]), _weights(trained_out), strict=True):
+        np.testing.assert_array_equal(kept, trained)
+    assert not (outs[1] / finetune.HISTORY_FILE).exists() and not (outs[1] / finetune.XE_DECODER_FILE).exists()
+    assert not (outs[1] / ".worker-worker-1.tmp").exists()
+
+
+CHIEF_SCORES_SCRIPT = r"""
+import json, math, os
+from pipeline import train, validation
+strategy = train.make_strategy("multiworker")
+task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+# Each worker's own scores differ; worker 1 has a NaN where the chief has a number.
+scores = {"val_cider": 1.25 + task, "val_bleu_4": math.nan if task else 0.5, "val_seconds": 3.0 * (task + 1)}
+print(json.dumps(validation.chief_scores(strategy, scores)))
+"""
+
+
+def test_every_worker_takes_the_chief_validation_scores(tmp_path):
+    addresses = [f"127.0.0.1:{port}" for port in bench_multiworker.free_ports(2)]
+    processes = [
+        subprocess.Popen([sys.executable, "-c", CHIEF_SCORES_SCRIPT], cwd=REPOSITORY, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "TF_CONFIG": bench_multiworker.worker_tf_config(addresses, index),
+                              "CUDA_VISIBLE_DEVICES": ""})
+        for index in range(2)
+    ]
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=WORKER_SECONDS)
+        assert process.returncode == 0, stderr[-3000:]
+        assert json.loads(stdout.strip().splitlines()[-1]) == {"val_cider": 1.25, "val_bleu_4": 0.5,
+                                                               "val_seconds": 3.0}
 
 
 def test_each_replica_takes_its_padded_slice_of_every_global_batch():
