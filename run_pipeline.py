@@ -127,9 +127,10 @@ def build_parser():
     sub.add_argument("--max-images", type=int, default=32, help="images per request at most")
     sub.add_argument("--max-batch-size", type=int, default=16,
                      help="instances of concurrent requests captioned in one model call at most (1: no batching)")
-    sub.add_argument("--batch-timeout-ms", type=float, default=10.0,
-                     help="longest a batch waits to fill after its first request arrived")
-    sub.add_argument("--num-batch-threads", type=int, default=1, help="model calls that may run at once")
+    sub.add_argument("--batch-timeout-ms", type=float, default=None,
+                     help="longest a batch waits to fill after its first request arrived (default 2)")
+    sub.add_argument("--num-batch-threads", type=int, default=None,
+                     help="model calls that may run at once (default: the CPU cores this process may use)")
     sub.add_argument("--read-timeout-s", type=float, default=60.0,
                      help="a request body (or an idle connection) that takes longer is dropped")
 

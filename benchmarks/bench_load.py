@@ -2,17 +2,21 @@
 
     python -m benchmarks.bench_load [--out OUT] [--requests 1000] [--rounds 2] [--quick] [--json FILE]
 
-Starts two `run_pipeline.py serve` subprocesses on one model (so each one's resident memory
+Starts three `run_pipeline.py serve` subprocesses on one model (so each one's resident memory
 is its own, read with psutil from its pid): one with the default server-side batching, one
-with `--max-batch-size 1` (batching off). Each round sends the same requests to each server
-in turn (the order alternating between rounds), from 8 client threads, one image per request
-through `serving_default`, a tenth of them malformed, and reports for both:
-  - `serve_p50_ms`, `serve_p99_ms` (batching) and `serve_unbatched_p50_ms`,
-    `serve_unbatched_p99_ms`: latency of the good requests as clients see it, queueing
-    included, over all rounds,
-  - `serve_images_per_s`, `serve_unbatched_images_per_s`: good requests answered per second
-    of load (the malformed tenth included in the time), and their ratio
-    `serve_batching_speedup` (target >= 1.4) and `serve_batching_p50_ratio` (<= 1),
+with `--max-batch-size 1` (batching off, the same batch threads), and one with
+`--max-batch-size 1 --num-batch-threads 1` (one model call at a time: the server before
+batching). Each round sends the same requests to each server in turn (the order rotating
+between rounds), from 8 client threads, one image per request through `serving_default`, a
+tenth of them malformed, and reports for each:
+  - `serve_p50_ms`, `serve_p99_ms` (batching), `serve_unbatched_p50_ms`, ... and
+    `serve_one_at_a_time_p50_ms`, ...: latency of the good requests as clients see it,
+    queueing included, over all rounds,
+  - `serve_images_per_s`, `serve_unbatched_images_per_s`, `serve_one_at_a_time_images_per_s`:
+    good requests answered per second of load (the malformed tenth included in the time);
+    `serve_batching_speedup` (batching against batching off, target >= 1.4) with
+    `serve_batching_p50_ratio` (<= 1), and `serve_vs_one_at_a_time_speedup` with
+    `serve_vs_one_at_a_time_p50_ratio` (the default server against one call at a time),
   - `serve_mean_batch_size`: images per SavedModel call of the batching server (its metrics),
   - `serve_requests`, `serve_failed_good` (good requests without a 200 and their expected
     caption, both servers), `serve_wrong_bad` (bad ones without a 4xx and a JSON error),
@@ -28,6 +32,7 @@ run_pipeline.py`); without one, the synthetic export of `benchmarks.bench_servin
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -318,15 +323,18 @@ def _model_and_images(out_dir, folder):
     return model_dir, images[:8]
 
 
-# name -> extra `serve` flags: the default batching against batching off.
-SERVERS = {"batched": [], "unbatched": ["--max-batch-size", "1"]}
+# name -> extra `serve` flags: the default batching, batching off (the same batch threads),
+# and one model call at a time (the server before batching).
+SERVERS = {"batched": [], "unbatched": ["--max-batch-size", "1"],
+           "one_at_a_time": ["--max-batch-size", "1", "--num-batch-threads", "1"]}
 
 
 def measure(model_dir, images, total_requests, rounds=2, max_images=4, max_body_mb=0.5):
-    """Image-only load on a batching and a non-batching server, interleaved; returns the summary (dict)."""
-    with ServerProcess(model_dir, max_body_mb, max_images, extra_args=SERVERS["batched"]) as batched, \
-            ServerProcess(model_dir, max_body_mb, max_images, extra_args=SERVERS["unbatched"]) as unbatched:
-        servers = {"batched": batched, "unbatched": unbatched}
+    """Image-only load on each server of SERVERS, interleaved; returns the summary (dict)."""
+    with contextlib.ExitStack() as stack:
+        servers = {name: stack.enter_context(ServerProcess(model_dir, max_body_mb, max_images, extra_args=flags))
+                   for name, flags in SERVERS.items()}
+        batched = servers["batched"]
         connection = http.client.HTTPConnection(batched.host, batched.port, timeout=REQUEST_TIMEOUT_SECONDS)
         good = []
         for image in images:  # one at a time: each input's expected caption
@@ -341,8 +349,8 @@ def measure(model_dir, images, total_requests, rounds=2, max_images=4, max_body_
             run_load(server, requests[:8 * CLIENTS])
         results_by_server = {name: [] for name in servers}
         for round_index in range(rounds):
-            order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
-            for name in order:
+            shift = round_index % len(servers)
+            for name in list(servers)[shift:] + list(servers)[:shift]:
                 results_by_server[name].append(run_load(servers[name], requests))
         calls, instances = model_calls(batched)
         exit_codes = {name: server.stop() for name, server in servers.items()}
@@ -386,6 +394,9 @@ def _compare(results_by_server, requests):
     figures.update({
         "serve_batching_speedup": round(figures["serve_images_per_s"] / figures["serve_unbatched_images_per_s"], 3),
         "serve_batching_p50_ratio": round(figures["serve_p50_ms"] / figures["serve_unbatched_p50_ms"], 3),
+        "serve_vs_one_at_a_time_speedup": round(
+            figures["serve_images_per_s"] / figures["serve_one_at_a_time_images_per_s"], 3),
+        "serve_vs_one_at_a_time_p50_ratio": round(figures["serve_p50_ms"] / figures["serve_one_at_a_time_p50_ms"], 3),
         "serve_requests": len(requests) * len(all_results),
         "serve_good_requests": sum(request.captions is not None for request in requests) * len(all_results),
         "serve_failed_good": sum(len(result.failed_good) for result in all_results),
@@ -419,14 +430,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     results = run(quick=args.quick, out_dir=args.out, total_requests=args.requests, rounds=args.rounds)
     print(f"{results['serve_requests']} requests ({results['serve_good_requests']} good) from {CLIENTS} clients, "
-          f"{args.rounds} rounds over two servers, in {results['serve_seconds']:.1f} s on {results['cpu_count']} CPUs")
-    for label, prefix in (("batching", "serve_"), ("--max-batch-size 1", "serve_unbatched_")):
+          f"{args.rounds} rounds over {len(SERVERS)} servers, in {results['serve_seconds']:.1f} s on {results['cpu_count']} CPUs")
+    for label, prefix in (("batching", "serve_"), ("--max-batch-size 1", "serve_unbatched_"),
+                          ("one call at a time", "serve_one_at_a_time_")):
         print(f"  {label:<20} {results[prefix + 'images_per_s']:6.2f} images/s (rounds "
               f"{results[prefix + 'round_images_per_s']}), p50 {results[prefix + 'p50_ms']:.1f} ms, "
               f"p99 {results[prefix + 'p99_ms']:.1f} ms")
     print(f"  batching: {results['serve_batching_speedup']:.2f}x the throughput at "
           f"{results['serve_batching_p50_ratio']:.2f}x the p50; {results['serve_mean_batch_size']:.2f} images "
-          f"per model call on average ({results['serve_model_calls']} calls, warm-up included)")
+          f"per model call on average ({results['serve_model_calls']} calls, warm-up included); "
+          f"{results['serve_vs_one_at_a_time_speedup']:.2f}x one call at a time at "
+          f"{results['serve_vs_one_at_a_time_p50_ratio']:.2f}x its p50")
     print(f"  {results['serve_failed_good']} good requests failed; bad answered wrongly: {results['serve_wrong_bad']}")
     print(f"  server RSS growth, first to last quarter of a round, largest: {100 * results['serve_rss_growth']:+.2f}% "
           f"(ends at {results['serve_rss_mb_end']:.0f} MB at most)")

@@ -31,6 +31,7 @@ import dataclasses
 import http
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -58,6 +59,17 @@ SHUTDOWN_GRACE_SECONDS = 60.0  # SIGTERM: the longest in-flight requests may tak
 PARSER_THREADS = 2  # JSON and base64 of large bodies run off the event loop
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# TF Serving's batching guide for CPU-only servers: as many batch threads as CPU cores, and a
+# timeout of 0 to a few ms. Measured here (README): 2 ms beat 0, 5 and 10 ms.
+DEFAULT_BATCH_TIMEOUT_MS = 2.0
+
+
+def default_batch_threads():
+    """The CPU cores this process may run on (int >= 1): `--num-batch-threads`'s default."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +78,8 @@ class ServeSettings:
 
     Batching follows TF Serving's knobs: `max_batch_size` instances per model call at most
     (1 turns batching off), `batch_timeout_ms` longest wait for a batch to fill after its
-    first request arrived, `num_batch_threads` model calls that may run at once.
+    first request arrived, `num_batch_threads` model calls that may run at once (default:
+    the CPU cores, `default_batch_threads()`).
     """
 
     host: str = "127.0.0.1"
@@ -74,8 +87,8 @@ class ServeSettings:
     max_body_mb: float = 16.0
     max_images: int = 32
     max_batch_size: int = 16
-    batch_timeout_ms: float = 10.0
-    num_batch_threads: int = 1
+    batch_timeout_ms: float = DEFAULT_BATCH_TIMEOUT_MS
+    num_batch_threads: int = dataclasses.field(default_factory=default_batch_threads)
     read_timeout_s: float = 60.0
 
     def check(self):
@@ -134,13 +147,19 @@ class ServeMetrics:
 
 
 def make_server(model_dir, host="127.0.0.1", port=8501, max_body_mb=16.0, max_images=32, max_batch_size=16,
-                batch_timeout_ms=10.0, num_batch_threads=1, read_timeout_s=60.0, log_stream=None):
+                batch_timeout_ms=DEFAULT_BATCH_TIMEOUT_MS, num_batch_threads=None, read_timeout_s=60.0,
+                log_stream=None):
     """Loads the SavedModel in `model_dir` into a CaptionServer; does not listen yet.
 
-    Port 0 picks a free port. `server.start()` serves in a background thread (tests),
+    Port 0 picks a free port; `batch_timeout_ms` None is DEFAULT_BATCH_TIMEOUT_MS and
+    `num_batch_threads` None the CPU cores. `server.start()` serves in a background thread (tests),
     `server.run()` in this one until SIGTERM or Ctrl-C. Bad settings or a missing model
     raise PipelineError.
     """
+    if batch_timeout_ms is None:
+        batch_timeout_ms = DEFAULT_BATCH_TIMEOUT_MS
+    if num_batch_threads is None:
+        num_batch_threads = default_batch_threads()
     settings = ServeSettings(host, port, max_body_mb, max_images, max_batch_size, batch_timeout_ms,
                              num_batch_threads, read_timeout_s)
     settings.check()
@@ -149,7 +168,7 @@ def make_server(model_dir, host="127.0.0.1", port=8501, max_body_mb=16.0, max_im
 
 
 def run_serve(model_dir, host="127.0.0.1", port=8501, max_body_mb=16.0, max_images=32, max_batch_size=16,
-              batch_timeout_ms=10.0, num_batch_threads=1, read_timeout_s=60.0):
+              batch_timeout_ms=DEFAULT_BATCH_TIMEOUT_MS, num_batch_threads=None, read_timeout_s=60.0):
     """Serves `model_dir` over HTTP until SIGTERM or Ctrl-C; prints the URL first."""
     server = make_server(model_dir, host, port, max_body_mb, max_images, max_batch_size, batch_timeout_ms,
                          num_batch_threads, read_timeout_s)

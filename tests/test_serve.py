@@ -5,6 +5,7 @@ import concurrent.futures
 import http.client
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -282,6 +283,20 @@ def test_one_log_line_per_request(live_server, demo_images):
     assert len(lines) == 2
     assert lines[0].startswith('127.0.0.1 "GET /v1/models/captioner" 200 ')
     assert lines[1].startswith(f'127.0.0.1 "POST {PREDICT}" 200 ') and lines[1].endswith(" images=2")
+
+
+def test_batching_defaults_are_tf_servings_for_a_cpu_server(exported_out):
+    import run_pipeline
+
+    # Flags left out reach make_server as None: the settings' defaults decide.
+    args = run_pipeline.build_parser().parse_args(["serve", "--model", str(exported_out / "saved_model")])
+    assert (args.batch_timeout_ms, args.num_batch_threads) == (None, None)
+    server = serve.make_server(args.model, port=0, batch_timeout_ms=args.batch_timeout_ms,
+                               num_batch_threads=args.num_batch_threads)
+    # As many batch threads as cores this process may use (TF Serving: port::MaxParallelism()).
+    assert server.settings.num_batch_threads == len(os.sched_getaffinity(0)) >= 1
+    assert server.settings.batch_timeout_ms == serve.DEFAULT_BATCH_TIMEOUT_MS == 2.0
+    assert server.settings.max_batch_size == 16
 
 
 def test_make_server_refuses_bad_settings_and_missing_model(tmp_path, exported_out):
