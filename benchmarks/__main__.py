@@ -28,7 +28,7 @@ BENCHMARKS = {
     "bench_finetune": "self-critical fine-tuning: cost per epoch on Flickr8k-sized data, CIDEr-D reward speed",
     "bench_memory": "training peak memory on a small and a 20x larger cache",
     "bench_validation": "stage 2: the share of validation (val loss, greedy captions, CIDEr-D) in training",
-    "bench_load": "HTTP server under load: batching against --max-batch-size 1, latency and memory",
+    "bench_load": "HTTP server under load: batching against --max-batch-size 1 and one call at a time, latency, memory",
     "bench_multiworker": "two-worker train on loopback beside one process: epoch time, weight agreement",
 }
 
