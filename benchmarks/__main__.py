@@ -29,7 +29,7 @@ BENCHMARKS = {
     "bench_memory": "training peak memory on a small and a 20x larger cache",
     "bench_validation": "stage 2: the share of validation (val loss, greedy captions, CIDEr-D) in training",
     "bench_load": "HTTP server under load: batching against --max-batch-size 1 and one call at a time, latency, memory",
-    "bench_multiworker": "two-worker train on loopback beside one process: epoch time, weight agreement",
+    "bench_multiworker": "two-worker train and finetune on loopback beside one process: epoch time, weight agreement",
 }
 
 # figure -> (target description, test on the value or None)
@@ -88,6 +88,11 @@ TARGETS = {
     "multiworker_epoch_seconds": ("", None),
     "multiworker_epoch_ratio": ("", None),
     "multiworker_weight_difference": ("< 1e-4", lambda value: value < 1e-4),
+    "finetune_one_process_epoch_seconds": ("", None),
+    "finetune_multiworker_epoch_seconds": ("", None),
+    "finetune_multiworker_epoch_ratio": ("", None),
+    "finetune_multiworker_weight_difference": ("< 1e-4", lambda value: value < 1e-4),
+    "finetune_weight_change": ("", None),
 }
 
 

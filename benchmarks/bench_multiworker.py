@@ -1,4 +1,4 @@
-"""Two-worker `train --strategy multiworker` on loopback beside one-process `train`.
+"""Two-worker `train` and `finetune --strategy multiworker` on loopback beside one process.
 
     python -m benchmarks.bench_multiworker [--quick] [--json FILE]
 
@@ -13,7 +13,14 @@ trained for 3 epochs (batch 128, embedding 64, units 128, dropout 0, seed 0), al
 Figures: the median seconds of epochs 2..3 (from history.json: no tracing), the wall time
 of the whole command (process start to exit; for two workers, the later one), their
 ratios two-worker / one-process, and the largest absolute difference between the final
-weights of the two runs. On one 2-core machine the two workers share the CPU that one
+weights of the two runs. Fine-tuning needs captions whose samples earn CIDEr-D (on the
+random captions above every reward is 0 and nothing moves), so `finetune_*` figures come
+from a small demo run instead (240 generated scenes, random encoder, the demo's training
+settings, made once in this process), fine-tuned for 2 epochs both ways (each worker on
+its own copy): epoch 2's seconds from finetune_history.json, the wall times, and the
+largest difference between the weights of the last checkpoints (after the last step,
+whichever epoch validation picked), beside how far fine-tuning moved them
+(`finetune_weight_change`). On one 2-core machine the two workers share the CPU that one
 process had to itself and talk through gRPC at every step, so the two-worker run is
 slower here: what this shows is what the collectives cost and that the runs agree, not
 a speedup, which needs workers on separate machines. `--quick`: one round instead of two.
@@ -42,6 +49,8 @@ CAPTIONS_PER_IMAGE = 2
 # 4,000 captions at batch 128: 32 steps an epoch, validated after each (one period an epoch).
 FLAGS = ["--epochs", "3", "--validate-every-steps", "32", "--batch-size", "128", "--embedding-dim", "64",
          "--units", "128", "--dropout", "0", "--seed", "0"]
+FINETUNE_SCENES = 240
+FINETUNE_FLAGS = ["--epochs", "2", "--batch-size", "16"]
 WORKER_SECONDS = 1800
 
 
@@ -61,15 +70,15 @@ def worker_tf_config(addresses, index):
     return json.dumps({"cluster": {"worker": list(addresses)}, "task": {"type": "worker", "index": index}})
 
 
-def _train(outs):
-    """Runs `train` on each OUT (one process, or one worker per OUT); returns the wall seconds."""
+def _run_stage(outs, stage="train", flags=FLAGS):
+    """Runs `stage` on each OUT (one process, or one worker per OUT); returns the wall seconds."""
     repo = Path(__file__).resolve().parents[1]
     addresses = [f"127.0.0.1:{port}" for port in free_ports(len(outs))]
     started = time.monotonic()
     processes = []
     for index, out in enumerate(outs):
         environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-        command = [sys.executable, "run_pipeline.py", "train", "--out", str(out), *FLAGS]
+        command = [sys.executable, "run_pipeline.py", stage, "--out", str(out), *flags]
         if len(outs) > 1:
             environment["TF_CONFIG"] = worker_tf_config(addresses, index)
             command += ["--strategy", "multiworker"]
@@ -78,7 +87,7 @@ def _train(outs):
     for process in processes:
         _, stderr = process.communicate(timeout=WORKER_SECONDS)
         if process.returncode != 0:
-            raise RuntimeError(f"train failed (exit code {process.returncode}):\n{stderr[-3000:]}")
+            raise RuntimeError(f"{stage} failed (exit code {process.returncode}):\n{stderr[-3000:]}")
     return time.monotonic() - started
 
 
@@ -88,21 +97,59 @@ def _steady_epoch_seconds(out):
     return statistics.median(entry["seconds"] for entry in train.read_history(out)[1:])
 
 
+def _finetune_epoch_seconds(out):
+    from pipeline import finetune
+
+    return finetune.read_history(out)["epochs"][-1]["seconds"]
+
+
+def _trained_scenes(folder):
+    """OUT of a small trained demo run (FINETUNE_SCENES generated scenes), for `finetune`."""
+    from pipeline import demo, demo_data, extract, train
+
+    data_dir = demo_data.generate_demo_dataset(Path(folder) / "data", seed=demo.DEMO_SEED,
+                                               num_images=FINETUNE_SCENES)
+    out = Path(folder) / "trained"
+    extract.run_extract(data_dir, out, dict(demo.DEMO_EXTRACT_OVERRIDES))
+    train.run_train(out, dict(demo.DEMO_TRAIN_OVERRIDES))
+    return out
+
+
+def _finetuned_weights(out):
+    """The decoder's weights in OUT's last fine-tuning checkpoint (list of arrays)."""
+    import keras
+    import tensorflow as tf
+
+    from pipeline import finetune
+
+    model = keras.saving.load_model(Path(out) / finetune.XE_DECODER_FILE, compile=False)
+    latest = tf.train.latest_checkpoint(str(Path(out) / finetune.CHECKPOINT_DIR))
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    return model.get_weights()
+
+
 def _weights(out):
     import keras
 
     return keras.models.load_model(Path(out) / "decoder.keras", compile=False).get_weights()
 
 
+def _largest_difference(out_a, out_b):
+    """The largest absolute difference between the weights of two OUT/decoder.keras (float)."""
+    return max(float(np.max(np.abs(a - b))) for a, b in zip(_weights(out_a), _weights(out_b)))
+
+
 def run(quick):
     """Returns a dict: `multiworker_epoch_seconds`, `one_process_epoch_seconds`,
     `multiworker_epoch_ratio`, `multiworker_wall_seconds`, `one_process_wall_seconds`,
-    `multiworker_wall_ratio`, `multiworker_weight_difference`, and every round under `rounds`."""
+    `multiworker_wall_ratio`, `multiworker_weight_difference`, the same with a `finetune_`
+    prefix, and every round under `rounds`."""
     work = Path(tempfile.mkdtemp(prefix="bench_multiworker_"))
     rounds = []
     try:
         captions = bench_memory.synthetic_captions(CAPTIONED_IMAGES, CAPTIONS_PER_IMAGE)
         cache = bench_memory.write_run_folder(work / "cache", NUM_VECTORS, captions)
+        scenes = _trained_scenes(work / "scenes")
         for number in range(1 if quick else 2):
             measured = {}
             for kind, count in (("one_process", 1), ("multiworker", 2)):
@@ -110,21 +157,36 @@ def run(quick):
                 for out in outs:
                     shutil.rmtree(out, ignore_errors=True)
                     shutil.copytree(cache, out)
-                measured[f"{kind}_wall_seconds"] = round(_train(outs), 2)
+                measured[f"{kind}_wall_seconds"] = round(_run_stage(outs), 2)
                 measured[f"{kind}_epoch_seconds"] = round(_steady_epoch_seconds(outs[0]), 3)
-            measured["multiworker_weight_difference"] = max(
-                float(np.max(np.abs(a - b))) for a, b in zip(_weights(work / "one_process0"),
-                                                             _weights(work / "multiworker0")))
+            measured["multiworker_weight_difference"] = _largest_difference(work / "one_process0",
+                                                                            work / "multiworker0")
+            for kind, count in (("one_process", 1), ("multiworker", 2)):
+                outs = [work / f"finetune_{kind}{index}" for index in range(count)]
+                for out in outs:  # every run starts from the same trained decoder
+                    shutil.rmtree(out, ignore_errors=True)
+                    shutil.copytree(scenes, out)
+                measured[f"finetune_{kind}_wall_seconds"] = round(_run_stage(outs, "finetune", FINETUNE_FLAGS), 2)
+                measured[f"finetune_{kind}_epoch_seconds"] = round(_finetune_epoch_seconds(outs[0]), 3)
+            # The weights after the last step (the last checkpoint): on random data validation
+            # CIDEr-D may never beat the start, and decoder.keras would stay the XE decoder.
+            one, two = (_finetuned_weights(work / name) for name in ("finetune_one_process0", "finetune_multiworker0"))
+            measured["finetune_multiworker_weight_difference"] = max(
+                float(np.max(np.abs(a - b))) for a, b in zip(one, two))
+            # How far fine-tuning moved the weights: the difference above is only worth as much.
+            measured["finetune_weight_change"] = max(
+                float(np.max(np.abs(a - b))) for a, b in zip(one, _weights(scenes)))
             print(f"round {number + 1}: {measured}", file=sys.stderr)
             rounds.append(measured)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results = {key: statistics.median(entry[key] for entry in rounds) for key in rounds[0]}
-    results["multiworker_weight_difference"] = max(entry["multiworker_weight_difference"] for entry in rounds)
-    results["multiworker_epoch_ratio"] = round(results["multiworker_epoch_seconds"]
-                                               / results["one_process_epoch_seconds"], 3)
-    results["multiworker_wall_ratio"] = round(results["multiworker_wall_seconds"]
-                                              / results["one_process_wall_seconds"], 3)
+    for prefix in ("", "finetune_"):
+        results[f"{prefix}multiworker_weight_difference"] = max(
+            entry[f"{prefix}multiworker_weight_difference"] for entry in rounds)
+        for kind in ("epoch", "wall"):
+            results[f"{prefix}multiworker_{kind}_ratio"] = round(
+                results[f"{prefix}multiworker_{kind}_seconds"] / results[f"{prefix}one_process_{kind}_seconds"], 3)
     results["train_captions"] = (CAPTIONED_IMAGES - bench_memory.VAL_IMAGES) * CAPTIONS_PER_IMAGE
     results["rounds"] = rounds
     results["load_average"] = os.getloadavg()
