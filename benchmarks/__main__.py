@@ -108,7 +108,8 @@ def _run_one(name, quick, json_path):
 def run_suite(names, quick):
     """Runs the named benchmarks one after another; returns {"figures", "runs"}."""
     figures, runs = {}, {}
-    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    environment = dict(os.environ)
+    environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     for name in names:
         print(f"== {name}: {BENCHMARKS[name]}", flush=True)
         started = time.monotonic()
@@ -174,4 +175,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from pipeline import console
+
+    # As run_pipeline.py does: TensorFlow's C++ start-up lines (which read like failures)
+    # are filtered out of stderr, for this process and the benchmarks it starts.
+    console.quiet_tensorflow_logs()
     sys.exit(main())
