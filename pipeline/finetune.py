@@ -507,7 +507,7 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
         f"finetune: {summary['epochs_run']} epochs, validation CIDEr-D {summary['initial_val_cider']:.4f} -> "
         f"{summary['best_val_cider']:.4f} (epoch {best_epoch}), {summary['captions_per_second']:.0f} captions/s, "
         f"reward {summary['reward_captions_per_second']:.0f} captions/s, {summary['seconds']:.1f} s "
-        + (f"-> {out_dir / train.DECODER_FILE}" if is_chief else "(the chief writes decoder.keras)"),
+        f"{train.decoder_destination(out_dir, is_chief)}",
         file=sys.stderr,
     )
     return summary

@@ -749,6 +749,11 @@ def worker_scratch_dir(out_dir, strategy):
     return path
 
 
+def decoder_destination(out_dir, is_chief):
+    """The end of a stage's summary line: where decoder.keras went, or that the chief writes it."""
+    return f"-> {Path(out_dir) / DECODER_FILE}" if is_chief else "(the chief writes decoder.keras)"
+
+
 def is_chief_worker(strategy):
     """Whether this process writes OUT: always, except on the non-chief workers of a
     multi-worker cluster (the chief is the "chief" task, or else worker 0)."""
@@ -1196,8 +1201,7 @@ def run_train(out_dir, overrides, resume=False, validation_scorer=None):
         f"train: {summary['periods_run']} periods run, now step {steps_done} ({summary['epochs']:.1f} epochs), "
         f"stopped by {summary['stopped_by'].replace('_', ' ')}; best val {train_config.select_on} {best_text}, "
         f"{summary['seconds']:.1f} s, {summary['captions_per_second']:.0f} captions/s, validation "
-        f"{100 * summary['validation_share']:.1f}% of the fit "
-        + (f"-> {out_dir / DECODER_FILE}" if is_chief else "(the chief writes decoder.keras)"),
+        f"{100 * summary['validation_share']:.1f}% of the fit {decoder_destination(out_dir, is_chief)}",
         file=sys.stderr,
     )
     return summary
