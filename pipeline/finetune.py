@@ -266,16 +266,15 @@ class Stepper:
         """One optimizer step on the samples (NumPy arrays, one row per sample); returns the loss."""
         total_tokens = np.float32(mask.sum())
         replicas = self.strategy.num_replicas_in_sync
-        parts = [np.array_split(array, replicas) for array in (image_features, token_ids, mask, advantage)]
+        inputs = (image_features, token_ids, mask, advantage)
         if replicas > 1:
             # One part of each array per replica; the token count goes to all as it is.
             inputs = tuple(
                 self.strategy.experimental_distribute_values_from_function(
-                    lambda context, part=part: part[context.replica_id_in_sync_group])
-                for part in parts
-            ) + (total_tokens,)
-        else:
-            inputs = (image_features, token_ids, mask, advantage, total_tokens)
+                    lambda context, parts=np.array_split(array, replicas): parts[context.replica_id_in_sync_group])
+                for array in inputs
+            )
+        inputs += (total_tokens,)
         return float(self._update(inputs))
 
 
