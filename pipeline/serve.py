@@ -312,8 +312,9 @@ class CaptionServer:
         url = self.url
         settings = self.settings
         batching_text = (f"batches of up to {settings.max_batch_size} instances, {settings.batch_timeout_ms:g} ms "
-                         f"timeout, {settings.num_batch_threads} batch thread(s)" if settings.max_batch_size > 1
-                         else "batching off")
+                         f"timeout" if settings.max_batch_size > 1 else "batching off")
+        # The threads count with batching off too: one-image calls run side by side.
+        batching_text += f", {settings.num_batch_threads} batch thread(s)"
         print(f"serving {self.captioner.model_dir} as model {MODEL_NAME!r} ({batching_text})", flush=True)
         print(f"  upload page: {url}/", flush=True)
         print(f"  predict:     POST {url}/v1/models/{MODEL_NAME}:predict  "
