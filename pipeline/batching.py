@@ -15,6 +15,9 @@ its own call, in arrival order.
 
 The model runs in the batch threads, never in the caller's: callers get a
 `concurrent.futures.Future` (an asyncio server awaits it with `asyncio.wrap_future`).
+One batch fills at a time: while a thread's batch waits for more requests, the other
+threads do not start one (they would take the requests that belong to it); they start
+the next batch once that one is closed, and run it while the first one's call runs.
 """
 
 import collections
@@ -56,6 +59,7 @@ class Batcher:
         self._queue = collections.deque()
         self._condition = threading.Condition()
         self._closing = False
+        self._filling = False  # a thread's batch is open and waiting for more requests
         self._threads = [threading.Thread(target=self._work, name=f"batch-{index}", daemon=True)
                          for index in range(num_threads)]
         for thread in self._threads:
@@ -68,7 +72,8 @@ class Batcher:
             if self._closing:
                 raise RuntimeError("the batcher is closed")
             self._queue.append(_Task(key, list(items), future, time.monotonic()))
-            self._condition.notify()
+            # All: the thread filling a batch must see it, whichever thread notify() would pick.
+            self._condition.notify_all()
         return future
 
     def close(self):
@@ -82,11 +87,16 @@ class Batcher:
     def _work(self):
         while True:
             with self._condition:
-                while not self._queue and not self._closing:
+                while (not self._queue or self._filling) and not self._closing:
                     self._condition.wait()
                 if not self._queue:
                     return  # closing, nothing left
-                batch = self._gather()
+                self._filling = True
+                try:
+                    batch = self._gather()
+                finally:
+                    self._filling = False
+                    self._condition.notify_all()  # what is left may start the next batch
             self._run(batch)
 
     def _gather(self):

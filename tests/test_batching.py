@@ -1,6 +1,7 @@
 """pipeline.batching.Batcher with a plain Python batch function (the live server's batching is in test_serve.py)."""
 
 import threading
+import time
 
 import pytest
 
@@ -86,3 +87,19 @@ def test_bad_settings_are_refused():
         arguments = {"max_batch_size": 4, "timeout_s": 0.0, "num_threads": 1, **settings}
         with pytest.raises(ValueError, match="bad batching settings"):
             batching.Batcher(Recorder(), **arguments)
+
+
+def test_with_several_threads_requests_join_the_batch_that_is_filling():
+    # While one thread's batch waits out its timeout, the idle thread must not start a batch
+    # of its own with the next request: that request belongs to the open batch.
+    recorder = Recorder()
+    batcher = batching.Batcher(recorder, max_batch_size=8, timeout_s=0.5, num_threads=2)
+    try:
+        futures = []
+        for item in range(4):
+            futures.append(batcher.submit("a", [item]))
+            time.sleep(0.02)  # later requests, well within the first one's timeout
+        assert [future.result(10) for future in futures] == [[("a", item * item)] for item in range(4)]
+    finally:
+        batcher.close()
+    assert recorder.calls == [("a", [0, 1, 2, 3])]
