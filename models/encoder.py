@@ -7,6 +7,7 @@ before it (`fold_encoder`), built once from the plain Keras model, which stays a
 (`build_encoder(..., folded=False)`) as the reference that tests compare it with.
 """
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -98,10 +99,7 @@ def build_encoder(weights="imagenet", image_size=224, seed=0, precision="fp32", 
     """
     if not isinstance(image_size, int) or image_size < 32:
         raise errors.PipelineError(f"encoder.image_size must be an integer >= 32, got {image_size!r}")
-    policy_name = PRECISION_POLICIES[resolve_precision(precision)]
-    previous_policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(policy_name)
-    try:
+    with _dtype_policy(PRECISION_POLICIES[resolve_precision(precision)]):
         if weights == "random":
             # Keras draws default initializer seeds from the global seed generator, which
             # this seeds; that makes the weights a function of `seed` alone.
@@ -112,9 +110,18 @@ def build_encoder(weights="imagenet", image_size=224, seed=0, precision="fp32", 
         else:
             backbone = _resnet50_from_file(weights, image_size)
         plain = _with_preprocessing(backbone, image_size)
+    return fold_encoder(plain) if folded else plain
+
+
+@contextlib.contextmanager
+def _dtype_policy(name):
+    """Keras' global dtype policy set to `name` inside the block, the caller's restored after it."""
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
     finally:
         keras.config.set_dtype_policy(previous_policy)
-    return fold_encoder(plain) if folded else plain
 
 
 def _with_preprocessing(backbone, image_size):
@@ -147,13 +154,9 @@ def fold_encoder(encoder_model):
     """
     backbone = encoder_model.get_layer(ENCODER_NAME)
     image_size = int(encoder_model.inputs[0].shape[1])
-    previous_policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(backbone.dtype_policy.name)
-    try:
+    with _dtype_policy(backbone.dtype_policy.name):
         folded_backbone, _ = fold_batch_normalization(backbone)
         folded = _with_preprocessing(folded_backbone, image_size)
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
     folded.source_fingerprint = encoder_fingerprint(encoder_model)
     return folded
 
