@@ -7,6 +7,7 @@ scorer runs on (tests/test_evaluate.py and tests/test_finetune.py check METEOR v
 browser costs nothing when no page test runs.
 """
 
+import functools
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ ENVIRONMENT_VARIABLE = "CAPTIONER_CHROMIUM"  # a browser of the user's choice wi
 COMMAND_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 APT_PACKAGE = "chromium"
 JAVA_APT_PACKAGE = "default-jre-headless"
+_APT_ENVIRONMENT = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}  # no questions asked
 
 
 def find_chromium():
@@ -47,32 +49,32 @@ def _playwright_chromium():
     return path if path and os.access(path, os.X_OK) else None
 
 
-def _run(command):
+def _run(command, env=None):
     print(f"tests: {' '.join(command)}", file=sys.stderr, flush=True)
     try:
-        return subprocess.run(command, stdout=subprocess.DEVNULL, check=False).returncode == 0
+        return subprocess.run(command, stdout=subprocess.DEVNULL, check=False, env=env).returncode == 0
     except OSError:
         return False
+
+
+@functools.cache
+def _apt_get():
+    """[prefix..., apt-get] as root or through password-less sudo, after one `apt-get update`
+    (once per process, whichever packages follow); None where that cannot run."""
+    apt_get = shutil.which("apt-get")
+    if not apt_get:
+        return None
+    prefix = [] if os.geteuid() == 0 else (["sudo", "-n"] if _run(["sudo", "-n", "true"]) else None)
+    if prefix is None or not _run([*prefix, apt_get, "update", "-qq"], env=_APT_ENVIRONMENT):
+        return None
+    return [*prefix, apt_get]
 
 
 def _apt_install(package):
     """Installs a Debian package where apt-get and root (or password-less sudo) are there.
     Returns whether apt-get reported success."""
-    apt_get = shutil.which("apt-get")
-    if not apt_get:
-        return False
-    prefix = [] if os.geteuid() == 0 else (["sudo", "-n"] if _run(["sudo", "-n", "true"]) else None)
-    if prefix is None:
-        return False
-    environment_before = os.environ.get("DEBIAN_FRONTEND")
-    os.environ["DEBIAN_FRONTEND"] = "noninteractive"
-    try:
-        return _run([*prefix, apt_get, "update", "-qq"]) and _run([*prefix, apt_get, "install", "-y", "-qq", package])
-    finally:
-        if environment_before is None:
-            os.environ.pop("DEBIAN_FRONTEND", None)
-        else:
-            os.environ["DEBIAN_FRONTEND"] = environment_before
+    apt_get = _apt_get()
+    return apt_get is not None and _run([*apt_get, "install", "-y", "-qq", package], env=_APT_ENVIRONMENT)
 
 
 def install_chromium():
