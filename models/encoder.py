@@ -340,38 +340,38 @@ def declared_pixels(image_bytes):
     header_size = 26
     header = tf.strings.substr(
         image_bytes + tf.constant(b"\0" * header_size), 0, header_size)
-    raw = tf.cast(tf.io.decode_raw(header, tf.uint8), tf.int64)  # [26], zero-padded
+    raw = tf.ensure_shape(tf.cast(tf.io.decode_raw(header, tf.uint8), tf.int64), [header_size])  # zero-padded
 
     def starts_with(signature):
         return tf.reduce_all(tf.equal(raw[: len(signature)], tf.constant(list(signature), tf.int64)))
 
-    def big_endian_32(offset):
-        return raw[offset] * 2**24 + raw[offset + 1] * 2**16 + raw[offset + 2] * 2**8 + raw[offset + 3]
+    def number(offset, size, big_endian=False):
+        return _number(raw[offset: offset + size], tf.constant(big_endian))
 
-    def little_endian(offset, size):
-        value = tf.add_n([raw[offset + index] * 2 ** (8 * index) for index in range(size)])
-        if size == 4:  # BMP sizes are signed (a negative height means top-down rows)
-            value = tf.where(value >= 2**31, 2**32 - value, value)
-        return value
+    def signed_32(value):  # BMP sizes are signed (a negative height means top-down rows)
+        return tf.where(value >= 2**31, 2**32 - value, value)
 
-    def jpeg_pixels():
-        shape = tf.cast(tf.image.extract_jpeg_shape(image_bytes), tf.int64)
-        return shape[0] * shape[1]
-
+    # Formats other than JPEG by arithmetic on the header, so only JPEG's libjpeg parse
+    # (which raises on anything else) needs a branch: one graph function, not one per format.
     long_enough = tf.strings.length(image_bytes) >= header_size
-    return tf.case(
-        [
-            (starts_with(b"\xff\xd8"), jpeg_pixels),
-            (tf.logical_and(long_enough, starts_with(b"\x89PNG")),
-             lambda: big_endian_32(16) * big_endian_32(20)),
-            (tf.logical_and(long_enough, starts_with(b"GIF8")),
-             lambda: little_endian(6, 2) * little_endian(8, 2)),
-            (tf.logical_and(long_enough, starts_with(b"BM")),
-             lambda: little_endian(18, 4) * little_endian(22, 4)),
-        ],
-        default=lambda: tf.constant(0, tf.int64),
-        exclusive=False,
-    )
+    other = tf.constant(0, tf.int64)
+    for signature, pixels in (
+        (b"BM", lambda: signed_32(number(18, 4)) * signed_32(number(22, 4))),
+        (b"GIF8", lambda: number(6, 2) * number(8, 2)),
+        (b"\x89PNG", lambda: number(16, 4, big_endian=True) * number(20, 4, big_endian=True)),
+    ):
+        other = tf.where(tf.logical_and(long_enough, starts_with(signature)), pixels(), other)
+    return tf.cond(starts_with(b"\xff\xd8"),
+                   lambda: tf.reduce_prod(tf.cast(tf.image.extract_jpeg_shape(image_bytes)[:2], tf.int64)),
+                   lambda: other)
+
+
+def _number(digits, big_endian):
+    """Unsigned integers from their bytes (int64 [..., width]); big_endian a bool tensor."""
+    width = digits.shape[-1]
+    little_weights = tf.constant([256**index for index in range(width)], tf.int64)
+    weights = tf.where(big_endian, tf.reverse(little_weights, [0]), little_weights)
+    return tf.reduce_sum(digits * weights, axis=-1)
 
 
 def exif_orientation(image_bytes):
@@ -383,6 +383,10 @@ def exif_orientation(image_bytes):
     against the segment, so damaged or absent EXIF (and any non-JPEG) gives 1: as decoded
     without it. Graph-safe (fixed loop bounds), never raises.
 
+    Each step reads all the bytes it needs in one gather (a segment's head; the TIFF
+    header; every IFD entry as one [entries, 12] block), which keeps the graph small: its
+    ops cost time on every image and its size on every new tf.data iterator.
+
     Args:
         image_bytes: tf.string scalar.
 
@@ -392,71 +396,75 @@ def exif_orientation(image_bytes):
     data = tf.strings.substr(image_bytes, 0, EXIF_SCAN_BYTES)
     raw = tf.cast(tf.io.decode_raw(data, tf.uint8), tf.int64)
     size = tf.size(raw, out_type=tf.int64)
-    # Reads past the end land on these zeros, so no index can fall outside the tensor.
+    # Reads past the end land on this zero, so no index can fall outside the tensor.
     padded = tf.concat([raw, tf.zeros([1], tf.int64)], axis=0)
 
-    def byte(position):
-        inside = tf.logical_and(position >= 0, position < size)
-        return tf.where(inside, tf.gather(padded, tf.clip_by_value(position, 0, size)), tf.zeros_like(position))
+    def read(positions):
+        """The bytes at int64 `positions` (any shape); 0 where a position is outside the data."""
+        inside = tf.logical_and(positions >= 0, positions < size)
+        return tf.where(inside, tf.gather(padded, tf.clip_by_value(positions, 0, size)), tf.zeros_like(positions))
 
-    def matches(position, signature):
-        return tf.reduce_all(tf.equal(byte(position + tf.range(len(signature), dtype=tf.int64)),
-                                      tf.constant(list(signature), tf.int64)))
+    def offsets(count):
+        return tf.range(count, dtype=tf.int64)
+
+    exif_signature = tf.constant(list(b"Exif\0\0"), tf.int64)
 
     def walk(position, tiff_start, segment_end, step, done):
-        marker = byte(position + 1)
-        length = byte(position + 2) * 256 + byte(position + 3)
-        is_fill = tf.logical_and(byte(position) == 0xFF, marker == 0xFF)  # padding before a marker
-        stop = tf.logical_or(byte(position) != 0xFF, position + 4 > size)
-        stop = tf.logical_or(stop, tf.logical_or(marker == 0xDA, marker == 0xD9))  # image data, end
-        stop = tf.logical_and(tf.logical_not(is_fill), tf.logical_or(stop, length < 2))
+        head = read(position + offsets(10))  # 0xFF, marker, length (2 bytes), then "Exif\0\0"?
+        marker, length = head[1], head[2] * 256 + head[3]
+        is_fill = tf.logical_and(head[0] == 0xFF, marker == 0xFF)  # padding before a marker
+        stop = tf.reduce_any(tf.stack([head[0] != 0xFF, position + 4 > size,
+                                       marker == 0xDA, marker == 0xD9, length < 2]))  # image data, end
+        stop = tf.logical_and(tf.logical_not(is_fill), stop)
         found = tf.logical_and(tf.logical_not(tf.logical_or(stop, is_fill)),
-                               tf.logical_and(marker == 0xE1, matches(position + 4, b"Exif\0\0")))
-        next_position = tf.where(is_fill, position + 1, position + 2 + length)
-        return (next_position, tf.where(found, position + 10, tiff_start),
+                               tf.logical_and(marker == 0xE1, tf.reduce_all(tf.equal(head[4:], exif_signature))))
+        return (tf.where(is_fill, position + 1, position + 2 + length), tf.where(found, position + 10, tiff_start),
                 tf.where(found, tf.minimum(position + 2 + length, size), segment_end),
                 step + 1, tf.logical_or(stop, found))
 
-    is_jpeg = tf.logical_and(byte(tf.constant(0, tf.int64)) == 0xFF, byte(tf.constant(1, tf.int64)) == 0xD8)
+    is_jpeg = tf.reduce_all(tf.equal(read(offsets(2)), tf.constant([0xFF, 0xD8], tf.int64)))
     start = (tf.constant(2, tf.int64), tf.constant(-1, tf.int64), tf.constant(0, tf.int64),
              tf.constant(0, tf.int64), tf.logical_not(is_jpeg))
     _, tiff, segment_end, _, _ = tf.while_loop(
         lambda position, tiff_start, segment_end, step, done: tf.logical_and(
             tf.logical_not(done), step < EXIF_MAX_SEGMENTS),
         walk, start)
-    little = tf.logical_and(matches(tiff, b"II"), matches(tiff + 2, b"\x2a\x00"))
-    big = tf.logical_and(matches(tiff, b"MM"), matches(tiff + 2, b"\x00\x2a"))
 
-    def unsigned(position, width):
-        """Unsigned integers of `width` bytes at `position` (int64 tensor), in the TIFF's byte order."""
-        values = [byte(position + index) for index in range(width)]
-        little_value = tf.add_n([value * 256**index for index, value in enumerate(values)])
-        big_value = tf.add_n([value * 256**(width - 1 - index) for index, value in enumerate(values)])
-        return tf.where(little, little_value, big_value)
+    header = read(tiff + offsets(8))  # byte order, 42, offset of IFD0
+    little = tf.reduce_all(tf.equal(header[:4], tf.constant(list(b"II\x2a\x00"), tf.int64)))
+    big = tf.reduce_all(tf.equal(header[:4], tf.constant(list(b"MM\x00\x2a"), tf.int64)))
 
-    ifd = tiff + unsigned(tiff + 4, 4)
-    entry_count = unsigned(ifd, 2)
-    indices = tf.range(EXIF_MAX_ENTRIES, dtype=tf.int64)
-    entries = ifd + 2 + 12 * indices
-    entry_type = unsigned(entries + 2, 2)
-    value = tf.where(entry_type == 3, unsigned(entries + 8, 2), unsigned(entries + 8, 4))
+    def number(digits):
+        return _number(digits, tf.logical_not(little))
+
+    ifd = tiff + number(header[4:8])
+    entry_count = number(read(ifd + offsets(2)))
+    entries = ifd + 2 + 12 * offsets(EXIF_MAX_ENTRIES)
+    fields = read(entries[:, tf.newaxis] + offsets(12)[tf.newaxis, :])  # tag, type, count, value
+    entry_type = number(fields[:, 2:4])
+    value = tf.where(entry_type == 3, number(fields[:, 8:10]), number(fields[:, 8:12]))
     is_orientation = tf.reduce_all(tf.stack([
-        indices < entry_count,
+        offsets(EXIF_MAX_ENTRIES) < entry_count,
         entries + 12 <= segment_end,
-        unsigned(entries, 2) == EXIF_ORIENTATION_TAG,
+        number(fields[:, 0:2]) == EXIF_ORIENTATION_TAG,
         tf.logical_or(entry_type == 3, entry_type == 4),  # SHORT or LONG
-        unsigned(entries + 4, 4) == 1,
+        number(fields[:, 4:8]) == 1,
     ]), axis=0)
-    header_valid = tf.logical_and(tf.logical_or(little, big), tiff + 8 <= segment_end)
-    header_valid = tf.logical_and(header_valid, tf.logical_and(ifd >= tiff + 8, ifd + 2 <= segment_end))
     orientation = tf.gather(value, tf.argmax(tf.cast(is_orientation, tf.int32)))
-    usable = tf.logical_and(tf.logical_and(header_valid, tf.reduce_any(is_orientation)),
-                            tf.logical_and(orientation >= 1, orientation <= 8))
+    usable = tf.reduce_all(tf.stack([
+        tf.logical_or(little, big), tiff + 8 <= segment_end, ifd >= tiff + 8, ifd + 2 <= segment_end,
+        tf.reduce_any(is_orientation), orientation >= 1, orientation <= 8,
+    ]))
     return tf.cast(tf.where(usable, orientation, tf.ones_like(orientation)), tf.int32)
 
 
 def apply_exif_orientation(image, orientation):
     """Turns a decoded image upright as PIL's `ImageOps.exif_transpose` does, in TF ops.
+
+    Orientations 5-8 are a transpose (PIL's TRANSPOSE) followed by the flips of 1-4:
+    2 mirrors left-right, 3 rotates 180, 4 mirrors top-bottom; 6 (a phone's portrait
+    photo, stored 90 degrees counter-clockwise) is PIL's ROTATE_270, 8 its ROTATE_90 and
+    7 its TRANSVERSE. One transpose and one reverse with computed axes, no branches.
 
     Args:
         image: [H, W, C] tensor, as decoded (the photo as stored).
@@ -465,20 +473,12 @@ def apply_exif_orientation(image, orientation):
     Returns:
         The image as it should be shown: [H, W, C] for orientations 1-4, [W, H, C] for 5-8.
     """
-    def transpose():
-        return tf.transpose(image, [1, 0, 2])
-
-    branches = [
-        lambda: image,  # 1: upright
-        lambda: tf.reverse(image, axis=[1]),  # 2: mirrored left-right
-        lambda: tf.reverse(image, axis=[0, 1]),  # 3: rotated 180
-        lambda: tf.reverse(image, axis=[0]),  # 4: mirrored top-bottom
-        transpose,  # 5: PIL's TRANSPOSE (mirrored along the main diagonal)
-        lambda: tf.reverse(transpose(), axis=[1]),  # 6: stored 90 counter-clockwise; PIL's ROTATE_270
-        lambda: tf.reverse(transpose(), axis=[0, 1]),  # 7: PIL's TRANSVERSE (the other diagonal)
-        lambda: tf.reverse(transpose(), axis=[0]),  # 8: stored 90 clockwise; PIL's ROTATE_90
-    ]
-    return tf.switch_case(tf.clip_by_value(orientation, 1, 8) - 1, branches)
+    orientation = tf.clip_by_value(orientation, 1, 8)
+    permutation = tf.where(orientation >= 5, tf.constant([1, 0, 2]), tf.constant([0, 1, 2]))
+    flip_rows = tf.reduce_any(tf.equal(orientation, tf.constant([3, 4, 7, 8])))
+    flip_columns = tf.reduce_any(tf.equal(orientation, tf.constant([2, 3, 6, 7])))
+    axes = tf.boolean_mask(tf.constant([0, 1]), tf.stack([flip_rows, flip_columns]))
+    return tf.reverse(tf.transpose(image, permutation), axes)
 
 
 def resize_image(image, image_size):
