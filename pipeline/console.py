@@ -42,10 +42,16 @@ _PREFIX_PROBE = 64
 _installed = None
 
 
+def _user_level(environ):
+    """The user's TF_CPP_MIN_LOG_LEVEL as an int 0-3, or None when unset or not a level."""
+    raw = environ.get(LEVEL_VARIABLE, "").strip()
+    return int(raw) if raw in ("0", "1", "2", "3") else None
+
+
 def log_level(environ=None):
     """The level in force: the user's TF_CPP_MIN_LOG_LEVEL (0-3), else DEFAULT_LEVEL."""
-    raw = (os.environ if environ is None else environ).get(LEVEL_VARIABLE, "").strip()
-    return int(raw) if raw in ("0", "1", "2", "3") else DEFAULT_LEVEL
+    level = _user_level(os.environ if environ is None else environ)
+    return DEFAULT_LEVEL if level is None else level
 
 
 def keep_line(line, level, user_set):
@@ -170,7 +176,7 @@ def quiet_tensorflow_logs(environ=None):
     """
     global _installed
     environ = os.environ if environ is None else environ
-    user_set = environ.get(LEVEL_VARIABLE, "").strip() in ("0", "1", "2", "3")
+    user_set = _user_level(environ) is not None
     level = log_level(environ)
     environ[LEVEL_VARIABLE] = str(level)
     if _installed is None and level > 0:
