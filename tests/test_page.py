@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from playwright import sync_api
 
 from pipeline import serve
-from tests import browser
+from tests import programs
 
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -26,9 +26,9 @@ def page_server(exported_captioner):
 @pytest.fixture(scope="module")
 def browser_page():
     with sync_api.sync_playwright() as playwright:
-        executable = browser.find_chromium()
+        executable = programs.find_chromium()
         assert executable, ("no headless Chromium here: run the tests with `python -m tests`, which installs one, "
-                            f"or set {browser.ENVIRONMENT_VARIABLE}")
+                            f"or set {programs.ENVIRONMENT_VARIABLE}")
         chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
             yield chromium.new_page(viewport={"width": 900, "height": 900})
