@@ -61,6 +61,8 @@ TARGETS = {
     "savedmodel_latency_ms_unfolded": ("", None),
     "savedmodel_batch16_images_per_s": ("", None),
     "savedmodel_batch16_images_per_s_unfolded": ("", None),
+    "savedmodel_two_callers_images_per_s": ("", None),
+    "savedmodel_batch16_vs_two_callers": ("", None),
     "savedmodel_encoder_ms_per_image": ("", None),
     "savedmodel_decode_ms_per_image_untrained": ("", None),
     "savedmodel_decode_ms_per_image_trained": ("", None),

@@ -10,6 +10,10 @@ Measures, through the SavedModel's own signatures (what `serve` and TF Serving r
 `decode_ms_per_image` = caption_features time at batch 16 / 16, and `encoder_ms_per_image`
 = (serving_default - caption_features) at batch 16 / 16: what an image costs in beam
 search, and in decoding its bytes plus ResNet50, side by side.
+`savedmodel_two_callers_images_per_s`: two threads each calling `serving_default` with
+one image at a time, at once (what `serve --max-batch-size 1` runs on two batch threads),
+and `savedmodel_batch16_vs_two_callers`, batch 16 against that: the most that batching
+in a server can gain over two concurrent one-image calls on this machine.
 `serve_photo_overhead`: a 4000x3000 JPEG (a phone photo) through an in-process `serve` on
 loopback against the same `serving_default` call made directly, alternately (ratio of
 medians): what the HTTP server adds, base64 and JSON and its header check included.
@@ -162,6 +166,30 @@ def _time_alternately(functions, repeats, warmup):
     return durations
 
 
+def _two_callers_images_per_s(function, images, calls):
+    """Images/s of two threads each making `calls` one-image `function(images=...)` calls at once
+    (after one untimed call each): what a server without batching gets from two batch threads."""
+    import threading
+
+    warm = threading.Barrier(3)  # both callers warmed up, and the clock about to start
+
+    def caller(offset):
+        function(images=images[offset:offset + 1])
+        warm.wait()
+        for index in range(calls):
+            position = (offset + index) % len(images)
+            function(images=images[position:position + 1])
+
+    threads = [threading.Thread(target=caller, args=(offset,)) for offset in (0, 1)]
+    for thread in threads:
+        thread.start()
+    warm.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return 2 * calls / (time.perf_counter() - started)
+
+
 def _time_calls(function, repeats, warmup):
     """Seconds per call (list of float) of `function()` after `warmup` untimed calls."""
     return _time_alternately({"": function}, repeats, warmup)[""]
@@ -267,6 +295,8 @@ def measure(model_dir, images, feature_rows, decode, repeats, batch_repeats, unf
                                for name, function in by_images.items()}, batch_repeats, warmup=1)
     print(f"caption_features, batch {BATCH_SIZE}:", file=sys.stderr)
     batch_features = _time_calls(lambda: by_features(features=feature_rows), batch_repeats, warmup=1)
+    print("serving_default, 1 image from each of two threads at once", file=sys.stderr)
+    two_callers = _two_callers_images_per_s(by_images["folded"], images, repeats)
 
     print("a 12-megapixel photo through serve and directly, alternately:", file=sys.stderr)
     overhead, photo = serve_overhead(model_dir, repeats=max(5, repeats // 2))
@@ -298,6 +328,10 @@ def measure(model_dir, images, feature_rows, decode, repeats, batch_repeats, unf
         "savedmodel_decode_ms_per_image": 1000 * batch_features_seconds / BATCH_SIZE,
         "serve_photo_overhead": overhead,
         **photo,
+        "savedmodel_two_callers_images_per_s": two_callers,
+        # The most batching in a server can gain over two one-image calls side by side
+        # (`serve --max-batch-size 1` on two batch threads): batch 16 against them.
+        "savedmodel_batch16_vs_two_callers": BATCH_SIZE / batch_seconds / two_callers,
     }
     for name in by_images:
         suffix = "" if name == "folded" else f"_{name}"
@@ -338,6 +372,9 @@ def print_table(results):
         (f"per image at batch {results['batch_size']}: image decoding + ResNet50",
          f"{results['savedmodel_encoder_ms_per_image']:.1f} ms"),
         (f"per image at batch {results['batch_size']}: beam search", f"{results[decode_key]:.1f} ms"),
+        ("serving_default, 1 image from each of two threads at once",
+         f"{results['savedmodel_two_callers_images_per_s']:.1f} images/s "
+         f"(batch {results['batch_size']} / that = {results['savedmodel_batch16_vs_two_callers']:.3f})"),
         ("mean caption length", f"{results['mean_caption_words']:.1f} words"),
         (f"{results['serve_photo_pixels']} JPEG ({results['serve_photo_kb']} kB), SavedModel call",
          f"{results['serve_photo_direct_ms']:.0f} ms"),
