@@ -99,6 +99,40 @@ def test_big_endian_exif_and_long_values_are_read(orientation):
             _pil_upright_of_tf_pixels(image_bytes))
 
 
+def _tiff_with_entries(little_endian, entries):
+    """An APP1 payload: "Exif" and a TIFF whose IFD0 holds `entries` [(tag, type, count, value)], in that order."""
+    order = "<" if little_endian else ">"
+    body = b"".join(struct.pack(order + "HHI", tag, entry_type, count)
+                    + (struct.pack(order + "HH", value, 0) if entry_type == 3 else struct.pack(order + "I", value))
+                    for tag, entry_type, count, value in entries)
+    header = (b"II\x2a\x00" if little_endian else b"MM\x00\x2a") + struct.pack(order + "I", 8)
+    return b"Exif\0\0" + header + struct.pack(order + "H", len(entries)) + body + struct.pack(order + "I", 0)
+
+
+def test_orientation_among_other_tags_in_either_byte_order_reads_as_pil_reads_it():
+    """IFD0 with up to 18 tags before the orientation and 20 after it (sorted by tag, as
+    TIFF wants), SHORT and LONG, either byte order, behind a JFIF APP0 or not: TF reads
+    the orientation PIL reads."""
+    plain = _jpeg(_scene())
+    rng = np.random.default_rng(7)
+    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\0\x01\x01\0\0\x01\0\x01\0\0"
+    seen = set()
+    for _ in range(40):
+        orientation = int(rng.integers(1, 9))
+        before = rng.choice(np.arange(0x00FE, 0x0112), int(rng.integers(0, 19)), replace=False)
+        after = rng.choice(np.arange(0x0113, 0x8000), int(rng.integers(0, 21)), replace=False)
+        entries = sorted([(int(tag), int(rng.choice([3, 4])), 1, int(rng.integers(0, 2**16)))
+                          for tag in [*before, *after]] + [(0x0112, int(rng.choice([3, 4])), 1, orientation)])
+        little_endian = bool(rng.integers(0, 2))
+        image_bytes = _with_app1(plain, _tiff_with_entries(little_endian, entries))
+        if rng.integers(0, 2):  # the Exif segment after a JFIF APP0 segment instead of first
+            image_bytes = image_bytes[:2] + app0 + image_bytes[2:]
+        assert Image.open(io.BytesIO(image_bytes)).getexif().get(0x0112) == orientation
+        assert _tf_orientation(image_bytes) == orientation, (little_endian, len(before), len(entries))
+        seen.add((little_endian, len(before) > 9))
+    assert len(seen) == 4  # both byte orders, the orientation both near the start and far in
+
+
 def _damaged_variants():
     """(name, JPEG bytes whose EXIF is damaged or useless): each must decode as if it had none."""
     tagged = _jpeg(_scene(), 6)
