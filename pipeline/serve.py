@@ -31,7 +31,6 @@ import dataclasses
 import http
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -44,7 +43,7 @@ from aiohttp import web
 from google.protobuf import json_format
 from tensorflow.core.protobuf import saved_model_pb2
 
-from pipeline import batching, caption, errors
+from pipeline import batching, caption, errors, tf_data
 
 MODEL_NAME = "captioner"
 MODEL_VERSION = "1"
@@ -66,10 +65,7 @@ DEFAULT_BATCH_TIMEOUT_MS = 2.0
 
 def default_batch_threads():
     """The CPU cores this process may run on (int >= 1): `--num-batch-threads`'s default."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    return tf_data.cpu_count()
 
 
 @dataclasses.dataclass(frozen=True)
