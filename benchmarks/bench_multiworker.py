@@ -128,15 +128,16 @@ def _finetuned_weights(out):
     return model.get_weights()
 
 
-def _weights(out):
+def decoder_weights(out):
+    """The weights of OUT/decoder.keras (list of arrays)."""
     import keras
 
     return keras.models.load_model(Path(out) / "decoder.keras", compile=False).get_weights()
 
 
-def _largest_difference(out_a, out_b):
-    """The largest absolute difference between the weights of two OUT/decoder.keras (float)."""
-    return max(float(np.max(np.abs(a - b))) for a, b in zip(_weights(out_a), _weights(out_b)))
+def largest_difference(weights_a, weights_b):
+    """The largest absolute difference between two lists of weight arrays (float)."""
+    return max(float(np.max(np.abs(a - b))) for a, b in zip(weights_a, weights_b))
 
 
 def run(quick):
@@ -159,8 +160,8 @@ def run(quick):
                     shutil.copytree(cache, out)
                 measured[f"{kind}_wall_seconds"] = round(_run_stage(outs), 2)
                 measured[f"{kind}_epoch_seconds"] = round(_steady_epoch_seconds(outs[0]), 3)
-            measured["multiworker_weight_difference"] = _largest_difference(work / "one_process0",
-                                                                            work / "multiworker0")
+            measured["multiworker_weight_difference"] = largest_difference(
+                decoder_weights(work / "one_process0"), decoder_weights(work / "multiworker0"))
             for kind, count in (("one_process", 1), ("multiworker", 2)):
                 outs = [work / f"finetune_{kind}{index}" for index in range(count)]
                 for out in outs:  # every run starts from the same trained decoder
@@ -171,11 +172,9 @@ def run(quick):
             # The weights after the last step (the last checkpoint): on random data validation
             # CIDEr-D may never beat the start, and decoder.keras would stay the XE decoder.
             one, two = (_finetuned_weights(work / name) for name in ("finetune_one_process0", "finetune_multiworker0"))
-            measured["finetune_multiworker_weight_difference"] = max(
-                float(np.max(np.abs(a - b))) for a, b in zip(one, two))
+            measured["finetune_multiworker_weight_difference"] = largest_difference(one, two)
             # How far fine-tuning moved the weights: the difference above is only worth as much.
-            measured["finetune_weight_change"] = max(
-                float(np.max(np.abs(a - b))) for a, b in zip(one, _weights(scenes)))
+            measured["finetune_weight_change"] = largest_difference(one, decoder_weights(scenes))
             print(f"round {number + 1}: {measured}", file=sys.stderr)
             rounds.append(measured)
     finally:

@@ -95,12 +95,6 @@ def _history_epochs(out):
     return [entry["period"] for entry in train.read_history(out)]
 
 
-def _weights(out):
-    import keras
-
-    return keras.models.load_model(out / train.DECODER_FILE, compile=False).get_weights()
-
-
 def _listing(folder):
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
 
@@ -160,8 +154,8 @@ def test_two_workers_killed_and_resumed_train_like_one_process(extracted_out, tm
     reference_out = tmp_path / "one_process"
     shutil.copytree(extracted_out, reference_out)
     train.run_train(reference_out, dict(OVERRIDES))
-    reference, distributed = _weights(reference_out), _weights(chief_out)
-    difference = max(float(np.max(np.abs(a - b))) for a, b in zip(reference, distributed))
+    difference = bench_multiworker.largest_difference(bench_multiworker.decoder_weights(reference_out),
+                                                      bench_multiworker.decoder_weights(chief_out))
     print(f"largest weight difference from one process: {difference:.2e}")
     assert difference < 1e-5
     for name in ("loss", "val_loss", "val_cider"):
@@ -238,7 +232,8 @@ def test_two_workers_fine_tune_killed_and_resumed_like_one_process(trained_out, 
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
     assert history["best_step"] == expected["best_step"]
     # decoder.keras: the best fine-tuned decoder of each, or the XE decoder of both if none was better.
-    difference = max(float(np.max(np.abs(a - b))) for a, b in zip(_weights(chief_out), _weights(reference_out)))
+    difference = bench_multiworker.largest_difference(bench_multiworker.decoder_weights(chief_out),
+                                                      bench_multiworker.decoder_weights(reference_out))
     print(f"largest weight difference from one process: {difference:.2e}")
     assert difference < 1e-5
     assert finetune.decoder_objective(chief_out) == finetune.decoder_objective(reference_out)
@@ -260,7 +255,8 @@ def test_two_fine_tuning_workers_stop_early_together(trained_out, tmp_path):
         assert code == 0, "\n\n".join(stderr[-3000:] for _, stderr in results)
         assert "finetune: early stopping after epoch 1" in stderr and "finetune: 1 epochs" in stderr, stderr[-3000:]
     assert _finetune_history(outs[0]) == ([1], 0)
-    for kept, trained in zip(_weights(outs[0]), _weights(trained_out), strict=True):
+    kept_weights = bench_multiworker.decoder_weights(outs[0])
+    for kept, trained in zip(kept_weights, bench_multiworker.decoder_weights(trained_out), strict=True):
         np.testing.assert_array_equal(kept, trained)
     assert not (outs[1] / finetune.HISTORY_FILE).exists() and not (outs[1] / finetune.XE_DECODER_FILE).exists()
     assert not (outs[1] / ".worker-worker-1.tmp").exists()
