@@ -75,6 +75,7 @@ TARGETS = {
     "serve_images_per_s": ("", None),
     "serve_unbatched_images_per_s": ("", None),
     "serve_batching_speedup": (">= 1.4", lambda value: value >= 1.4),
+    "serve_model_batching_gain": ("", None),
     "serve_mean_batch_size": ("", None),
     "serve_p50_ms": ("", None),
     "serve_unbatched_p50_ms": ("", None),

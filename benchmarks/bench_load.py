@@ -22,6 +22,11 @@ tenth of them malformed, and reports for each:
     caption, both servers), `serve_wrong_bad` (bad ones without a 4xx and a JSON error),
   - `serve_rss_growth`: mean server RSS over the last quarter of a round / first quarter - 1,
     the largest over rounds and servers.
+Then, with the servers stopped, `serve_model_batching_gain`: the same SavedModel called
+directly in the best groupings 8 one-image clients can form (their 8 images spread over
+the batch threads, or all 8 in one call on one thread) against one image a call on every
+batch thread (`serve_model_*_images_per_s`, in alternating rounds): what batching gains
+in the model itself on this machine, so how much of the 1.4 target there is to take.
 The expected caption of each input is the batching server's own answer in a sequential
 warm-up, so the load checks that neither concurrency nor batching changes an answer.
 
@@ -355,9 +360,59 @@ def measure(model_dir, images, total_requests, rounds=2, max_images=4, max_body_
         calls, instances = model_calls(batched)
         exit_codes = {name: server.stop() for name, server in servers.items()}
     results = _compare(results_by_server, requests)
+    results.update(model_batching_gain(model_dir, images, rounds=GAIN_ROUNDS))
     results.update({"serve_exit_codes": exit_codes, "serve_rounds": rounds, "model_dir": str(model_dir),
                     "serve_model_calls": calls, "serve_mean_batch_size": round(instances / calls, 2)})
     return results
+
+
+GAIN_IMAGES = 48  # per grouping and round
+GAIN_ROUNDS = 5
+
+
+def groupings(threads):
+    """{name: (calling threads, images a call)}: batching off on the servers' `threads` batch
+    threads (one image a call each), and the best batches CLIENTS one-image clients can form:
+    CLIENTS // threads on each thread, or all CLIENTS on one."""
+    return {"unbatched": (threads, 1), "all_threads": (threads, max(1, CLIENTS // threads)),
+            "one_thread": (1, CLIENTS)}
+
+
+def model_batching_gain(model_dir, images, rounds):
+    """What batching gains in the model call itself, with no server around it.
+
+    Calls the SavedModel's `serving_default` directly, in this process, in each of the
+    `groupings` of the servers' default batch threads (GAIN_IMAGES images each, the order
+    reversed every other round), after the servers have stopped. Returns (dict)
+    `serve_model_<grouping>_images_per_s` (medians) and `serve_model_batching_gain`: the
+    median over rounds of the better batched grouping against batching off, with its
+    rounds in `rounds_serve_model_batching_gain`. A server pays the same HTTP work per
+    request either way, plus a little per model call (the batcher, the input tensor), so
+    `serve_batching_speedup` can come out a little above this, never far.
+    """
+    import tensorflow as tf
+
+    from benchmarks import bench_serving
+    from pipeline import serve
+
+    function = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
+    images = tf.constant(images)
+    plans = groupings(serve.default_batch_threads())
+    names = list(plans)
+    rates = {name: [] for name in names}
+    print(f"the SavedModel alone, {CLIENTS} clients' groupings {plans}, {rounds} rounds", file=sys.stderr, flush=True)
+    for round_index in range(rounds):
+        for name in (names if round_index % 2 == 0 else names[::-1]):
+            callers, batch = plans[name]
+            rates[name].append(bench_serving.callers_images_per_s(
+                function, images, callers, batch, calls=max(1, GAIN_IMAGES // (callers * batch))))
+    gains = [max(threads, one) / unbatched for unbatched, threads, one in
+             zip(rates["unbatched"], rates["all_threads"], rates["one_thread"])]
+    figures = {f"serve_model_{name}_images_per_s": round(statistics.median(values), 2)
+               for name, values in rates.items()}
+    figures.update({"serve_model_batching_gain": round(statistics.median(gains), 3),
+                    "rounds_serve_model_batching_gain": [round(value, 3) for value in gains]})
+    return figures
 
 
 def model_calls(server):
@@ -441,6 +496,11 @@ def main(argv=None):
           f"per model call on average ({results['serve_model_calls']} calls, warm-up included); "
           f"{results['serve_vs_one_at_a_time_speedup']:.2f}x one call at a time at "
           f"{results['serve_vs_one_at_a_time_p50_ratio']:.2f}x its p50")
+    print(f"  the SavedModel alone, no server: {results['serve_model_unbatched_images_per_s']:.2f} images/s one "
+          f"image a call on each batch thread, {results['serve_model_all_threads_images_per_s']:.2f} with the "
+          f"clients' images spread over them, {results['serve_model_one_thread_images_per_s']:.2f} all on one: "
+          f"batching gains {results['serve_model_batching_gain']:.2f}x in the model "
+          f"(rounds {results['rounds_serve_model_batching_gain']})")
     print(f"  {results['serve_failed_good']} good requests failed; bad answered wrongly: {results['serve_wrong_bad']}")
     print(f"  server RSS growth, first to last quarter of a round, largest: {100 * results['serve_rss_growth']:+.2f}% "
           f"(ends at {results['serve_rss_mb_end']:.0f} MB at most)")

@@ -166,28 +166,30 @@ def _time_alternately(functions, repeats, warmup):
     return durations
 
 
-def _two_callers_images_per_s(function, images, calls):
-    """Images/s of two threads each making `calls` one-image `function(images=...)` calls at once
-    (after one untimed call each): what a server without batching gets from two batch threads."""
+def callers_images_per_s(function, images, callers, batch, calls):
+    """Images/s of `callers` threads each making `calls` calls of `batch` images
+    (`function(images=...)`, after one untimed call each), all at once: what a server that
+    forms batches of `batch` gets from `callers` batch threads. `images`: a string tensor."""
     import threading
 
-    warm = threading.Barrier(3)  # both callers warmed up, and the clock about to start
+    warm = threading.Barrier(callers + 1)  # every caller warmed up, and the clock about to start
+    count = int(images.shape[0])
 
     def caller(offset):
-        function(images=images[offset:offset + 1])
+        function(images=images[:batch])
         warm.wait()
         for index in range(calls):
-            position = (offset + index) % len(images)
-            function(images=images[position:position + 1])
+            position = (offset + index * batch) % (count - batch + 1)
+            function(images=images[position:position + batch])
 
-    threads = [threading.Thread(target=caller, args=(offset,)) for offset in (0, 1)]
+    threads = [threading.Thread(target=caller, args=(offset,)) for offset in range(callers)]
     for thread in threads:
         thread.start()
     warm.wait()
     started = time.perf_counter()
     for thread in threads:
         thread.join()
-    return 2 * calls / (time.perf_counter() - started)
+    return callers * calls * batch / (time.perf_counter() - started)
 
 
 def _time_calls(function, repeats, warmup):
@@ -296,7 +298,7 @@ def measure(model_dir, images, feature_rows, decode, repeats, batch_repeats, unf
     print(f"caption_features, batch {BATCH_SIZE}:", file=sys.stderr)
     batch_features = _time_calls(lambda: by_features(features=feature_rows), batch_repeats, warmup=1)
     print("serving_default, 1 image from each of two threads at once", file=sys.stderr)
-    two_callers = _two_callers_images_per_s(by_images["folded"], images, repeats)
+    two_callers = callers_images_per_s(by_images["folded"], images, callers=2, batch=1, calls=repeats)
 
     print("a 12-megapixel photo through serve and directly, alternately:", file=sys.stderr)
     overhead, photo = serve_overhead(model_dir, repeats=max(5, repeats // 2))
