@@ -387,8 +387,9 @@ def model_batching_gain(model_dir, images, rounds):
     `serve_model_<grouping>_images_per_s` (medians) and `serve_model_batching_gain`: the
     median over rounds of the better batched grouping against batching off, with its
     rounds in `rounds_serve_model_batching_gain`. A server pays the same HTTP work per
-    request either way, plus a little per model call (the batcher, the input tensor), so
-    `serve_batching_speedup` can come out a little above this, never far.
+    request either way, plus a little per model call (the batcher, the input tensor), which
+    batching saves: `serve_batching_speedup` a little above this is that; below it, the
+    server formed smaller batches than the clients allowed.
     """
     import tensorflow as tf
 
