@@ -439,12 +439,13 @@ def exif_orientation(image_bytes):
 
     ifd = tiff + number(header[4:8])
     entry_count = number(read(ifd + offsets(2)))
-    entries = ifd + 2 + 12 * offsets(EXIF_MAX_ENTRIES)
+    indices = offsets(EXIF_MAX_ENTRIES)
+    entries = ifd + 2 + 12 * indices
     fields = read(entries[:, tf.newaxis] + offsets(12)[tf.newaxis, :])  # tag, type, count, value
     entry_type = number(fields[:, 2:4])
     value = tf.where(entry_type == 3, number(fields[:, 8:10]), number(fields[:, 8:12]))
     is_orientation = tf.reduce_all(tf.stack([
-        offsets(EXIF_MAX_ENTRIES) < entry_count,
+        indices < entry_count,
         entries + 12 <= segment_end,
         number(fields[:, 0:2]) == EXIF_ORIENTATION_TAG,
         tf.logical_or(entry_type == 3, entry_type == 4),  # SHORT or LONG
