@@ -399,14 +399,11 @@ def model_batching_gain(model_dir, images, rounds):
     function = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
     images = tf.constant(images)
     plans = groupings(serve.default_batch_threads())
-    names = list(plans)
-    rates = {name: [] for name in names}
-    print(f"the SavedModel alone, {CLIENTS} clients' groupings {plans}, {rounds} rounds", file=sys.stderr, flush=True)
-    for round_index in range(rounds):
-        for name in (names if round_index % 2 == 0 else names[::-1]):
-            callers, batch = plans[name]
-            rates[name].append(bench_serving.callers_images_per_s(
-                function, images, callers, batch, calls=max(1, GAIN_IMAGES // (callers * batch))))
+    print(f"the SavedModel alone, {CLIENTS} clients' groupings {plans}:", file=sys.stderr, flush=True)
+    rates = bench_serving.in_alternating_rounds({
+        name: (lambda callers=callers, batch=batch: bench_serving.callers_images_per_s(
+            function, images, callers, batch, calls=max(1, GAIN_IMAGES // (callers * batch))))
+        for name, (callers, batch) in plans.items()}, rounds)
     gains = [max(threads, one) / unbatched for unbatched, threads, one in
              zip(rates["unbatched"], rates["all_threads"], rates["one_thread"])]
     figures = {f"serve_model_{name}_images_per_s": round(statistics.median(values), 2)

@@ -146,24 +146,34 @@ def trained_decode(out_dir, repeats, batch_repeats):
     }
 
 
+def in_alternating_rounds(functions, rounds):
+    """{name: [what `functions[name]()` returned, a round each]}, calling them in turn, in the
+    reverse order every other round, so a drift in the machine's speed favours none."""
+    names = list(functions)
+    results = {name: [] for name in names}
+    for index in range(rounds):
+        for name in (names if index % 2 == 0 else names[::-1]):
+            results[name].append(functions[name]())
+        label = "calls" if len(names) == 1 else f"calls of each of {', '.join(names)}"
+        print(f"\r  {index + 1}/{rounds} {label}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr, flush=True)
+    return results
+
+
 def _time_alternately(functions, repeats, warmup):
     """{name: seconds per call (list of float)} of each `functions[name]()`, after `warmup`
-    untimed calls each, calling them in turn, in the reverse order every other time, so a
-    drift in the machine's speed favours none."""
-    names = list(functions)
-    for name in names:
+    untimed calls each, timed `in_alternating_rounds`."""
+    for function in functions.values():
         for _ in range(warmup):
-            functions[name]()
-    durations = {name: [] for name in names}
-    for index in range(repeats):
-        for name in (names if index % 2 == 0 else names[::-1]):
-            started = time.perf_counter()
-            functions[name]()
-            durations[name].append(time.perf_counter() - started)
-        label = "calls" if len(names) == 1 else f"calls of each of {', '.join(names)}"
-        print(f"\r  {index + 1}/{repeats} {label}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr, flush=True)
-    return durations
+            function()
+
+    def timed(function):
+        started = time.perf_counter()
+        function()
+        return time.perf_counter() - started
+
+    return in_alternating_rounds({name: (lambda function=function: timed(function))
+                                  for name, function in functions.items()}, repeats)
 
 
 def callers_images_per_s(function, images, callers, batch, calls):
