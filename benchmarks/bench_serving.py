@@ -238,17 +238,8 @@ def serve_overhead(model_dir, repeats, width=4000, height=3000):
     def direct():
         by_images(images=tf.constant([image])).get("captions").numpy()
 
-    timings = {"direct": [], "http": []}
     try:
-        direct()
-        over_http()
-        for index in range(repeats):
-            for name, call in (("direct", direct), ("http", over_http))[:: 1 if index % 2 == 0 else -1]:
-                started = time.perf_counter()
-                call()
-                timings[name].append(time.perf_counter() - started)
-            print(f"\r  {index + 1}/{repeats} pairs", end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr, flush=True)
+        timings = _time_alternately({"direct": direct, "http": over_http}, repeats, warmup=1)
     finally:
         server.stop()
     direct_seconds, http_seconds = statistics.median(timings["direct"]), statistics.median(timings["http"])
