@@ -165,7 +165,7 @@ def run(args):
             evaluate.run_evaluate(args.out, _overrides(args, DECODE_FLAGS))
             export.run_export(args.out, _overrides(args, DECODE_FLAGS))
     elif command == "merge-features":
-        from pipeline import features
+        from pipeline.data import features
 
         features.merge_shards(args.out)
     elif command == "train":
@@ -204,7 +204,7 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     try:
         return run(args) or 0
@@ -222,7 +222,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from pipeline import console
+    from pipeline.core import console
 
     # Before any stage imports TensorFlow: its C++ start-up lines read like failures. Here,
     # not in main(), which tests and other programs call in their own process.

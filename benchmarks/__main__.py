@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import io_utils
+from pipeline.core import io_utils
 
 # benchmark module -> what it measures
 BENCHMARKS = {
@@ -178,7 +178,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from pipeline import console
+    from pipeline.core import console
 
     # As run_pipeline.py does: TensorFlow's C++ start-up lines (which read like failures)
     # are filtered out of stderr, for this process and the benchmarks it starts.

@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import io_utils
+from pipeline.core import io_utils
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -142,7 +142,9 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
     from PIL import Image
 
     from models import encoder
-    from pipeline import config, extract, features
+    from pipeline import extract
+    from pipeline.core import config
+    from pipeline.data import features
 
     settings = dict(QUICK if quick else FULL)
     for name, value in (("images", images), ("batch_size", batch_size), ("rounds", rounds),

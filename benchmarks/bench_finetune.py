@@ -17,7 +17,7 @@ import argparse
 import sys
 import time
 
-from pipeline import io_utils
+from pipeline.core import io_utils
 
 WARMUP_STEPS = 3
 STEPS = 200
@@ -47,9 +47,9 @@ def measure(timed_steps):
 
     from benchmarks import bench_train
     from models import decoder
-    from pipeline import config as config_module
+    from pipeline.core import config as config_module
     from pipeline import finetune
-    from pipeline.cider_reward import CiderD
+    from pipeline.training.cider_reward import CiderD
 
     features, rows, token_rows = bench_train.synthetic_cache()
     references = [[] for _ in range(bench_train.NUM_IMAGES)]

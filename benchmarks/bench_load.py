@@ -51,7 +51,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline import io_utils
+from pipeline.core import io_utils
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 PREDICT = "/v1/models/captioner:predict"
@@ -317,7 +317,7 @@ def summary(result, requests):
 def _model_and_images(out_dir, folder):
     """(saved_model_dir, list of image bytes) of a trained run, or of bench_serving's synthetic export."""
     if out_dir is not None and (Path(out_dir) / "saved_model" / "saved_model.pb").is_file():
-        from pipeline import datasets
+        from pipeline.data import datasets
 
         dataset = datasets.read_captions_json(out_dir)
         images = [(dataset.image_dir / record.image_id).read_bytes() for record in dataset.images[:8]]

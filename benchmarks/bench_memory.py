@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import io_utils
+from pipeline.core import io_utils
 
 SMALL_VECTORS = 10_000
 LARGE_VECTORS = 200_000
@@ -95,8 +95,8 @@ def write_run_folder(out_dir, num_vectors, captions, seed=0):
     captions: list of CAPTIONED_IMAGES lists of caption strings (the first VAL_IMAGES are val).
     The captioned images are rows 0, k, 2k, ... (k = num_vectors // len(captions)).
     """
-    from pipeline import config as config_module
-    from pipeline import datasets, features, text
+    from pipeline.core import config as config_module
+    from pipeline.data import datasets, features, text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

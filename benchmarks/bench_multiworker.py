@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import bench_memory
-from pipeline import io_utils
+from pipeline.core import io_utils
 
 NUM_VECTORS = 3000
 CAPTIONED_IMAGES = 3000  # bench_memory.VAL_IMAGES (1,000) of them are val
@@ -105,7 +105,8 @@ def _finetune_epoch_seconds(out):
 
 def _trained_scenes(folder):
     """OUT of a small trained demo run (FINETUNE_SCENES generated scenes), for `finetune`."""
-    from pipeline import demo, demo_data, extract, train
+    from pipeline import demo, extract, train
+    from pipeline.data import demo_data
 
     data_dir = demo_data.generate_demo_dataset(Path(folder) / "data", seed=demo.DEMO_SEED,
                                                num_images=FINETUNE_SCENES)

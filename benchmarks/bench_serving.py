@@ -46,14 +46,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import io_utils
+from pipeline.core import io_utils
 
 BATCH_SIZE = 16
 FRESH_NUM_IMAGES = 48
 
 
 def _fresh_run(folder):
-    from pipeline import demo_data, export, extract, train
+    from pipeline import export, extract, train
+    from pipeline.data import demo_data
 
     print(f"making a small run in {folder} (demo images, random weights, 1 epoch)", flush=True)
     data_dir = demo_data.generate_demo_dataset(Path(folder) / "data", seed=0, num_images=FRESH_NUM_IMAGES)
@@ -78,7 +79,7 @@ def _synthetic_run(folder, beam_size=3):
     from PIL import Image
 
     from models import captioner, decoder, encoder
-    from pipeline import config as config_module
+    from pipeline.core import config as config_module
     from pipeline import export
 
     settings = config_module.PipelineConfig().replace({"decode.beam_size": beam_size})
@@ -114,7 +115,8 @@ TRAINED_NUM_IMAGES = 150
 def _trained_demo_run(folder):
     """A small demo run exported at beam 3: generated scenes, random encoder, the demo's
     decoder settings (`pipeline.demo`); returns its OUT folder."""
-    from pipeline import demo, demo_data, export, extract, train
+    from pipeline import demo, export, extract, train
+    from pipeline.data import demo_data
 
     print(f"making a small trained demo run in {folder} ({TRAINED_NUM_IMAGES} scenes)", flush=True)
     data_dir = demo_data.generate_demo_dataset(Path(folder) / "data", seed=demo.DEMO_SEED,
@@ -258,7 +260,7 @@ def _percentile(values, fraction):
 
 def _run_inputs(out_dir):
     """(saved_model_dir, images list[bytes], feature rows, decode dict) of a trained run."""
-    from pipeline import datasets, features
+    from pipeline.data import datasets, features
 
     model_dir = Path(out_dir) / "saved_model"
     dataset = datasets.read_captions_json(out_dir)

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from pipeline import io_utils
+from pipeline.core import io_utils
 
 NUM_IMAGES = 6000
 NUM_CAPTIONS = 30000
@@ -37,7 +37,7 @@ WARMUP_BATCHES = 3
 
 def synthetic_cache(seed=0):
     """(features float32 [6000, 2048], rows int32 [30000], list of int32 token rows with <start>/<end>)."""
-    from pipeline import text
+    from pipeline.data import text
 
     generator = np.random.default_rng(seed)
     # Non-negative like pooled ReLU activations.
@@ -68,7 +68,7 @@ def _timed_fit(model, dataset, batches, captions_per_batch):
 
 
 def bench_teacher_forcing(features, rows, token_rows, args):
-    from pipeline import config as config_module
+    from pipeline.core import config as config_module
     from pipeline import train
 
     split = train.CaptionSplit(rows, token_rows, images=NUM_IMAGES)
@@ -143,7 +143,7 @@ def bench_merge_model(features, rows, token_rows, args):
 
 
 def _parser():
-    from pipeline.config import TrainConfig
+    from pipeline.core.config import TrainConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="also write the results to this file")

@@ -19,7 +19,7 @@ import tempfile
 
 import numpy as np
 
-from pipeline import io_utils
+from pipeline.core import io_utils
 
 TRAIN_IMAGES = 6000
 VAL_IMAGES = 1000
@@ -43,8 +43,8 @@ def _word(index):
 
 def build_run_folder(out_dir, seed=0):
     """Writes config.json, captions.json, vocab.json and features.h5 of a synthetic Flickr8k-sized run."""
-    from pipeline import config as config_module
-    from pipeline import datasets, features, text
+    from pipeline.core import config as config_module
+    from pipeline.data import datasets, features, text
 
     generator = np.random.default_rng(seed)
     words = [_word(index) for index in range(VOCAB_WORDS)]
@@ -72,7 +72,7 @@ def build_run_folder(out_dir, seed=0):
 
 
 def _parser():
-    from pipeline.config import TrainConfig
+    from pipeline.core.config import TrainConfig
 
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import errors
+from pipeline.core import errors
 
 DOWNLOAD_TIMEOUT_SECONDS = 60  # per socket operation, not for the whole 94 MB
 ENCODER_NAME = "resnet50"

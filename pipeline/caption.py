@@ -18,7 +18,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from models import encoder
-from pipeline import errors
+from pipeline.core import errors
 
 SERVING_SIGNATURE = "serving_default"
 FEATURES_SIGNATURE = "caption_features"

@@ -1,6 +1,6 @@
 """`python run_pipeline.py` with no arguments: the whole pipeline on the generated demo data.
 
-Generates the synthetic shapes dataset (`pipeline.demo_data`) into `OUT/data/`, then runs
+Generates the synthetic shapes dataset (`pipeline.data.demo_data`) into `OUT/data/`, then runs
 the same stages as `run_pipeline.py all` on it with settings sized for a CPU and a few
 hundred images, and ends by saying where everything is and what to try next.
 
@@ -14,7 +14,7 @@ Nothing here is a substitute for ImageNet weights on real photographs.
 import time
 from pathlib import Path
 
-from pipeline import demo_data
+from pipeline.data import demo_data
 
 DEMO_SEED = 0
 DEMO_NUM_IMAGES = demo_data.DEFAULT_NUM_IMAGES
@@ -82,7 +82,8 @@ def run_demo(out_dir="artifacts/demo"):
       (the dict `pipeline.evaluate.run_evaluate` returned).
     """
     # Stage modules import TensorFlow; imported here so that importing the demo is cheap.
-    from pipeline import evaluate, export, extract, features, finetune, train
+    from pipeline import evaluate, export, extract, finetune, train
+    from pipeline.data import features
 
     out_dir = Path(out_dir)
     data_dir = out_dir / DATA_SUBDIR

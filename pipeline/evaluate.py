@@ -13,7 +13,7 @@ references, and writes:
                             `finetune`, "xe": the same figures of the XE decoder
     OUT/metrics_xe.json     after `finetune`: every metric of OUT/decoder_xe.keras
     OUT/captions_test.json  per test image: id, generated caption, score, references
-    OUT/report.html         metrics, training curves, gallery (`pipeline.report`)
+    OUT/report.html         metrics, training curves, gallery (`pipeline.evaluation.report`)
 
 `shuffled_bleu_4` is the grounding control: the same model captions each test image from
 another test image's vector (a fixed derangement), scored against the original image's
@@ -27,8 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import config as config_module
-from pipeline import datasets, errors, features, io_utils, metrics, progress, report, text, train
+from pipeline.core import config as config_module
+from pipeline import train
+from pipeline.core import errors, io_utils, progress
+from pipeline.data import datasets, features, text
+from pipeline.evaluation import metrics, report
 
 METRICS_FILE = "metrics.json"
 XE_METRICS_FILE = "metrics_xe.json"  # the cross-entropy decoder's, after `finetune`

@@ -35,8 +35,9 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from models import captioner as captioner_module
 from models import encoder as encoder_module
-from pipeline import config as config_module
-from pipeline import errors, features, io_utils, text
+from pipeline.core import config as config_module
+from pipeline.core import errors, io_utils
+from pipeline.data import features, text
 
 DECODER_FILE = "decoder.keras"
 SAVED_MODEL_DIR = "saved_model"

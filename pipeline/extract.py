@@ -30,8 +30,9 @@ import numpy as np
 import tensorflow as tf
 
 from models import encoder as encoder_module
-from pipeline import config as config_module
-from pipeline import errors, features, io_utils, progress, tf_data
+from pipeline.core import config as config_module
+from pipeline.core import errors, io_utils, progress, tf_data
+from pipeline.data import features
 
 ERRORS_FILE = "extract_errors.json"
 # Batches tf.data keeps decoded ahead of the encoder: one encoder batch outlasts the
@@ -50,7 +51,7 @@ def run_extract(data_dir, out_dir, overrides, overwrite=False, num_shards=1, sha
     """Extracts the features of every image of `data_dir` that OUT's cache lacks.
 
     Args:
-        data_dir: dataset folder (any layout `pipeline.datasets.load_dataset` detects).
+        data_dir: dataset folder (any layout `pipeline.data.datasets.load_dataset` detects).
         out_dir: artifact folder; created if needed.
         overrides: {"section.field": value} applied to OUT/config.json (None values ignored).
         overwrite: replace a cache made with other encoder settings instead of failing.
@@ -61,7 +62,7 @@ def run_extract(data_dir, out_dir, overrides, overwrite=False, num_shards=1, sha
         A summary dict: images, new, cached, errors, seconds, images_per_second,
         features_file, errors_file.
     """
-    from pipeline import datasets, text
+    from pipeline.data import datasets, text
 
     started = time.monotonic()
     out_dir = Path(out_dir)

@@ -7,12 +7,12 @@ Starts from the cross-entropy decoder `OUT/decoder.keras`, which it keeps as
    (seed, e)) and draws `finetune.samples` captions per image from the decoder
    (`models.sampling.sample_captions`, stateless seed (seed, step));
 2. rewards each caption by its CIDEr-D against the image's training references, `<end>`
-   counted, document frequencies from the training split (`pipeline.cider_reward`);
+   counted, document frequencies from the training split (`pipeline.training.cider_reward`);
 3. subtracts a baseline ("mean": the image's other samples' mean reward; "greedy": the
    reward of the image's greedy caption) and descends the self-critical loss
    (`models.sampling.self_critical_loss`) with Adam, under the distribution strategy.
 
-Each epoch ends with validation CIDEr-D (`pipeline.validation`, shared with `train`);
+Each epoch ends with validation CIDEr-D (`pipeline.training.validation`, shared with `train`);
 the best decoder on it is written to `OUT/decoder.keras`, and a run stops after
 `finetune.early_stopping_patience` epochs without improvement. Written:
 
@@ -40,9 +40,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import config as config_module
-from pipeline import errors, io_utils, progress, text, train, validation
-from pipeline.cider_reward import CiderD
+from pipeline.core import config as config_module
+from pipeline import train
+from pipeline.core import errors, io_utils, progress
+from pipeline.data import text
+from pipeline.training import validation
+from pipeline.training.cider_reward import CiderD
 
 XE_DECODER_FILE = "decoder_xe.keras"
 HISTORY_FILE = "finetune_history.json"

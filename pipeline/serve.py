@@ -43,11 +43,13 @@ from aiohttp import web
 from google.protobuf import json_format
 from tensorflow.core.protobuf import saved_model_pb2
 
-from pipeline import batching, caption, errors, tf_data
+from pipeline import caption
+from pipeline.core import errors, tf_data
+from pipeline.serving import batching
 
 MODEL_NAME = "captioner"
 MODEL_VERSION = "1"
-PAGE_FILE = Path(__file__).with_name("static") / "index.html"
+PAGE_FILE = Path(__file__).parent / "serving" / "static" / "index.html"
 METRICS_PATH = "/monitoring/prometheus/metrics"
 FEATURE_DIM = 2048
 # Predict requests holding a body at once (reading, parsing, queued or in a model call) is

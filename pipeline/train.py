@@ -16,7 +16,7 @@ and writes:
 Schedule, in optimizer steps so that it means the same on 2,400 captions as on 600k: a
 validation period of `train.validate_every_steps` steps is one Keras epoch; after each,
 the val images are captioned greedily in the graph and scored with corpus CIDEr-D
-(`pipeline.validation`). The learning rate warms up linearly over `train.warmup_steps`,
+(`pipeline.training.validation`). The learning rate warms up linearly over `train.warmup_steps`,
 then is halved after `train.reduce_lr_patience_steps` steps without a better score
 (`models.schedules.WarmupSchedule`); training stops after `train.patience_steps` steps
 without one, or at the cap of `train.epochs` passes over the training captions.
@@ -47,8 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import config as config_module
-from pipeline import datasets, errors, features, io_utils, text, tf_data
+from pipeline.core import config as config_module
+from pipeline.core import errors, io_utils, tf_data
+from pipeline.data import datasets, features, text
 
 DECODER_FILE = "decoder.keras"
 HISTORY_FILE = "history.json"
@@ -856,7 +857,7 @@ def _make_callbacks(out_dir, config, history, is_chief, *, strategy, scorer, sch
     elsewhere); only the chief writes OUT."""
     import keras
 
-    from pipeline import validation
+    from pipeline.training import validation
 
     out_dir, write_dir = Path(out_dir), Path(write_dir)
     train_config = config.train
@@ -1009,7 +1010,7 @@ def run_train(out_dir, overrides, resume=False, validation_scorer=None):
 
     Training runs in validation periods of `train.validate_every_steps` optimizer steps (a
     Keras epoch each). After each, the val images are captioned greedily and scored
-    (`pipeline.validation.ValidationScorer`); decoder.keras is replaced whenever the score
+    (`pipeline.training.validation.ValidationScorer`); decoder.keras is replaced whenever the score
     of `train.select_on` (val CIDEr-D, or val loss) is a new best, the learning rate is cut
     after `train.reduce_lr_patience_steps` steps without one (schedule "plateau"), and
     training stops after `train.patience_steps`, or at the cap of `train.epochs` passes.
@@ -1076,7 +1077,7 @@ def run_train(out_dir, overrides, resume=False, validation_scorer=None):
     if is_chief:
         config.save(out_dir)
 
-    from pipeline import validation
+    from pipeline.training import validation
 
     scorer = validation_scorer or validation.build_validation_scorer(
         out_dir, config, max_images=train_config.validation_images or None,

@@ -21,8 +21,8 @@ Exit code 0 when everything present is consistent, 2 otherwise. Nothing is writt
 import sys
 from pathlib import Path
 
-from pipeline import config as config_module
-from pipeline import errors
+from pipeline.core import config as config_module
+from pipeline.core import errors
 
 SIGNATURES = ("serving_default", "caption_features")
 
@@ -69,7 +69,7 @@ def run_verify(out_dir, stream=None):
     Returns the exit code: 0 when the artifacts present are consistent, 2 otherwise.
     Raises PipelineError if `out_dir` is not a folder.
     """
-    from pipeline import datasets, features, text
+    from pipeline.data import datasets, features, text
 
     stream = stream or sys.stdout
     out_dir = Path(out_dir)

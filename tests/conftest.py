@@ -51,7 +51,7 @@ def as_version_1(cache_path):
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory):
     """A generated demo dataset in the Kaggle layout (Images/ + captions.txt)."""
-    from pipeline import demo_data
+    from pipeline.data import demo_data
 
     return demo_data.generate_demo_dataset(
         tmp_path_factory.mktemp("demo") / "data", seed=0, num_images=TEST_NUM_IMAGES
@@ -83,7 +83,7 @@ def trained_out(extracted_out, tmp_path_factory):
 def finetuned(trained_out, tmp_path_factory):
     """(OUT after an uninterrupted 2-epoch fine-tuning and `evaluate`, the summary, the
     original decoder bytes); read-only: copy to change."""
-    from pipeline import config as config_module
+    from pipeline.core import config as config_module
     from pipeline import evaluate, finetune
 
     out = tmp_path_factory.mktemp("finetune") / "run"
@@ -155,7 +155,8 @@ def small_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference_cache(small_data, tmp_path_factory):
     """features.h5 of an uninterrupted extraction of `small_data` (a FeatureCache)."""
-    from pipeline import extract, features
+    from pipeline import extract
+    from pipeline.data import features
 
     out = tmp_path_factory.mktemp("small") / "reference"
     extract.run_extract(small_data, out, dict(SMALL_EXTRACT_OVERRIDES))

@@ -1,11 +1,11 @@
-"""pipeline.batching.Batcher with a plain Python batch function (the live server's batching is in test_serve.py)."""
+"""pipeline.serving.batching.Batcher with a plain Python batch function (the live server's batching is in test_serve.py)."""
 
 import threading
 import time
 
 import pytest
 
-from pipeline import batching
+from pipeline.serving import batching
 
 
 class Recorder:

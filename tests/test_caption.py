@@ -9,7 +9,9 @@ import keras
 import pytest
 
 from models import captioner as captioner_module
-from pipeline import caption, config as config_module, datasets, errors, features, text
+from pipeline import caption
+from pipeline.core import config as config_module, errors
+from pipeline.data import datasets, features, text
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -44,7 +46,7 @@ def test_bad_files_are_reported_and_good_ones_captioned_in_order(exported_out, t
     )
     assert result.returncode == 2, result.stderr
     # TensorFlow's C++ start-up lines (oneDNN, no CUDA driver, cuInit) are filtered out by
-    # default (pipeline.console): stderr holds our own lines only.
+    # default (pipeline.core.console): stderr holds our own lines only.
     assert [line for line in result.stderr.splitlines() if not line.startswith("error: ")] == []
     expected = _expected_captions(exported_out, image_ids)
     assert result.stdout.splitlines() == [f"{path}\t{text_}" for path, text_ in zip(good, expected)]

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from models import beam_search, captioner, decoder
-from pipeline.config import DecodeConfig, DecoderConfig
+from pipeline.core.config import DecodeConfig, DecoderConfig
 
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "runs", "on", "the", "grass", "cat", "sits"]
 FEATURE_DIM = 2048

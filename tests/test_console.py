@@ -1,4 +1,4 @@
-"""pipeline.console: TensorFlow's C++ log lines filtered from stderr, our own text untouched.
+"""pipeline.core.console: TensorFlow's C++ log lines filtered from stderr, our own text untouched.
 
 The filter runs on real pipes here; tests/test_caption.py checks a real `run_pipeline.py`
 subprocess's stderr at the default level and at TF_CPP_MIN_LOG_LEVEL=0.
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from pipeline import console
+from pipeline.core import console
 
 ONEDNN = b"I0000 00:00:1796158589.190822    7065 port.cc:153] oneDNN custom operations are on.\n"
 WARNING = b"W1201 20:51:39.123456   42 loop.cc:9] Local rendezvous is aborting\n"

@@ -10,7 +10,8 @@ import random
 
 import pytest
 
-from pipeline import config, datasets, errors
+from pipeline.core import config, errors
+from pipeline.data import datasets
 
 DATA_CONFIG = config.DataConfig()
 BAD_SUFFIX = "2258277193_586949ec62.jpg.1"  # the real Flickr8k token file names this non-image

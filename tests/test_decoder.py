@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from models import decoder
-from pipeline.config import DecoderConfig
+from pipeline.core.config import DecoderConfig
 
 VOCAB_SIZE = 11
 FEATURE_DIM = 24

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import config, datasets, demo_data, errors
+from pipeline.core import config, errors
+from pipeline.data import datasets, demo_data
 
 NUM_IMAGES = 24
 # Baseline JPEG at quality 92 without chroma subsampling keeps flat areas within a few

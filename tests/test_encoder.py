@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 IMAGE_SIZE = 64
 RESNET50_PAIRS = 53  # Conv2D -> BatchNormalization pairs of Keras' ResNet50: all of its BatchNorms

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import datasets, errors, evaluate, report
+from pipeline import evaluate
+from pipeline.core import errors
+from pipeline.data import datasets
+from pipeline.evaluation import report
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,10 @@ import keras
 import pytest
 
 from models import captioner as captioner_module
-from pipeline import config as config_module
-from pipeline import datasets, errors, export, features, text
+from pipeline.core import config as config_module
+from pipeline import export
+from pipeline.core import errors
+from pipeline.data import datasets, features, text
 from tests.conftest import as_version_1
 
 NUM_CHECKED_IMAGES = 6

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import ArtifactError
+from pipeline.core.errors import ArtifactError
 from tests.conftest import as_version_1
 
 IMAGE_SIZE = 64
@@ -88,7 +88,7 @@ def awkward_run(awkward_data, tmp_path_factory):
 
 
 def test_demo_extraction_matches_its_captions(extracted_out):
-    from pipeline import features
+    from pipeline.data import features
 
     cache = features.read_features(extracted_out)
     captions = json.loads((extracted_out / "captions.json").read_text())
@@ -124,7 +124,7 @@ def handle_rows(out):
 
 
 def test_bad_images_are_reported_and_kept_out(awkward_data, awkward_run):
-    from pipeline import features
+    from pipeline.data import features
 
     _, usable, bad = awkward_data
     out, summary = awkward_run
@@ -151,7 +151,7 @@ def encoder_model():
 
 def test_features_equal_the_encoder_on_the_decoded_image(awkward_data, awkward_run, encoder_model):
     from models import encoder
-    from pipeline import features
+    from pipeline.data import features
 
     data_dir, _, _ = awkward_data
     out, _ = awkward_run
@@ -166,7 +166,8 @@ def test_features_equal_the_encoder_on_the_decoded_image(awkward_data, awkward_r
 
 
 def test_rerun_adds_nothing_and_leaves_the_file_alone(awkward_data, awkward_run, copy_run):
-    from pipeline import extract, features
+    from pipeline import extract
+    from pipeline.data import features
 
     data_dir, usable, _ = awkward_data
     out = copy_run(awkward_run[0])
@@ -196,7 +197,9 @@ def test_other_encoder_settings_are_refused(awkward_data, awkward_run, copy_run,
 
 
 def test_a_version_1_cache_is_read_and_rerun_but_not_extended(awkward_data, awkward_run, copy_run, encoder_model):
-    from pipeline import config, extract, features
+    from pipeline import extract
+    from pipeline.core import config
+    from pipeline.data import features
 
     data_dir, usable, bad = awkward_data
     out = copy_run(awkward_run[0])
@@ -230,7 +233,8 @@ def test_a_version_1_cache_is_read_and_rerun_but_not_extended(awkward_data, awkw
 
 
 def test_overwrite_replaces_the_cache_with_float16(awkward_data, awkward_run, copy_run):
-    from pipeline import extract, features
+    from pipeline import extract
+    from pipeline.data import features
 
     data_dir, usable, _ = awkward_data
     out = copy_run(awkward_run[0])
@@ -250,7 +254,7 @@ def test_overwrite_replaces_the_cache_with_float16(awkward_data, awkward_run, co
 
 
 def test_damaged_and_foreign_caches_raise_one_clear_error(tmp_path):
-    from pipeline import features
+    from pipeline.data import features
 
     (tmp_path / "features.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 40)
     with pytest.raises(ArtifactError, match="not a readable HDF5 feature cache") as raised:
@@ -267,7 +271,9 @@ def test_damaged_and_foreign_caches_raise_one_clear_error(tmp_path):
 KILL_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
-from pipeline import config, extract, features
+from pipeline import extract
+from pipeline.core import config
+from pipeline.data import features
 
 appends = []
 original_append = features.FeatureWriter.append
@@ -293,7 +299,9 @@ extract.extract_to_cache(image_dir, ids, cache, config.EncoderConfig(weights="ra
 
 
 def test_a_run_killed_mid_batch_keeps_what_it_counted(awkward_data, awkward_run, tmp_path):
-    from pipeline import config, extract, features
+    from pipeline import extract
+    from pipeline.core import config
+    from pipeline.data import features
 
     data_dir, _, _ = awkward_data
     cache_path = tmp_path / "features.h5"
@@ -318,10 +326,11 @@ def test_a_run_killed_mid_batch_keeps_what_it_counted(awkward_data, awkward_run,
 
 def test_image_pipeline_runs_untuned_on_every_core_and_traces_decoding_once(awkward_data):
     # tf.data's autotuner made releasing a finished iterator wait up to ~10 s (see
-    # pipeline/tf_data.py); the pipeline sets its parallelism itself instead.
+    # pipeline/core/tf_data.py); the pipeline sets its parallelism itself instead.
     import tensorflow as tf
 
-    from pipeline import extract, tf_data
+    from pipeline import extract
+    from pipeline.core import tf_data
 
     data_dir, usable, _ = awkward_data
     datasets = [extract.image_dataset(data_dir / "Images", usable[:3], IMAGE_SIZE, batch_size=2) for _ in range(2)]
@@ -339,7 +348,7 @@ def test_image_pipeline_runs_untuned_on_every_core_and_traces_decoding_once(awkw
 
 
 def test_progress_reports_rate_and_eta():
-    from pipeline import progress
+    from pipeline.core import progress
 
     now = [100.0]
     stream = io.StringIO()
@@ -370,7 +379,8 @@ def test_progress_reports_rate_and_eta():
 
 
 def test_sharded_extraction_merges_into_the_unsharded_cache(awkward_data, awkward_run, tmp_path):
-    from pipeline import extract, features
+    from pipeline import extract
+    from pipeline.data import features
 
     data_dir, usable, bad = awkward_data
     out = tmp_path / "sharded"
@@ -393,7 +403,8 @@ def test_bf16_extraction_records_its_precision_and_matches_fp32(awkward_data, aw
     import keras
 
     from models import encoder
-    from pipeline import extract, features
+    from pipeline import extract
+    from pipeline.data import features
 
     data_dir, usable, _ = awkward_data
     out = tmp_path / "bf16"

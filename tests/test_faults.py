@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 import run_pipeline
-from pipeline import features, train
+from pipeline import train
+from pipeline.data import features
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 from tests.conftest import SMALL_EXTRACT_FLAGS as EXTRACT_FLAGS  # noqa: E402
@@ -195,7 +196,8 @@ def _run_python_with_file_size_limit(code, limit_bytes, *arguments):
 _APPEND_UNTIL_FULL = """
 import sys
 import numpy as np
-from pipeline import errors, features
+from pipeline.core import errors
+from pipeline.data import features
 
 attrs = {"format": features.FEATURES_FORMAT, "version": features.FEATURES_VERSION, "feature_dim": 2048,
          "dtype": "float32"}
@@ -244,7 +246,7 @@ _FAIL_INSIDE_HDF5 = """
 import resource, sys
 import h5py
 import numpy as np
-from pipeline import features
+from pipeline.data import features
 
 guarded = features._GuardedFile(sys.argv[1], "w+b")
 handle = h5py.File(guarded, "w")

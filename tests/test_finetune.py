@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import config as config_module
+from pipeline.core import config as config_module
 from tests.conftest import FINETUNE_SETTINGS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,7 +114,8 @@ def test_finetune_sigkilled_mid_epoch_and_resumed_equals_the_uninterrupted_run(f
 
 
 def test_bad_settings_are_rejected_before_anything_is_written(trained_out, finetuned, copy_run, monkeypatch):
-    from pipeline import errors, finetune
+    from pipeline import finetune
+    from pipeline.core import errors
 
     finished = copy_run(finetuned[0])
     with pytest.raises(errors.PipelineError, match="--resume cannot change finetune.batch_size"):
@@ -146,9 +147,9 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 
 import keras
 from models import decoder
-from pipeline import config as config_module
+from pipeline.core import config as config_module
 from pipeline import finetune, train
-from pipeline.cider_reward import CiderD
+from pipeline.training.cider_reward import CiderD
 
 rng = np.random.default_rng(0)
 features = tf.constant(rng.normal(size=(12, 16)).astype(np.float32))

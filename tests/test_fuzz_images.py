@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from models import encoder
-from pipeline import caption, config, errors, extract, serve
+from pipeline import caption, extract, serve
+from pipeline.core import config, errors
 
 IMAGE_SIZE = 224
 # Far below the ~10 GB a 60000 x 60000 image would take, far above one small decode.

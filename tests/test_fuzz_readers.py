@@ -33,7 +33,8 @@ import hypothesis
 import pytest
 from hypothesis import strategies as st
 
-from pipeline import config, datasets, errors, text
+from pipeline.core import config, errors
+from pipeline.data import datasets, text
 
 DATA_CONFIG = config.DataConfig()
 

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from benchmarks import bench_load
-from pipeline import datasets, features, serve
+from pipeline import serve
+from pipeline.data import datasets, features
 from tests.conftest import wait_until
 
 TOTAL_REQUESTS = 2000

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import metrics
+from pipeline.evaluation import metrics
 
 # Two images whose captions share no word, so every n-gram of one image's references is
 # absent from the other's: CIDEr's document frequency is 1 of 2 images for all of them.

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from benchmarks import bench_multiworker
-from pipeline import config as config_module
+from pipeline.core import config as config_module
 from pipeline import finetune, train
 from tests.conftest import FINETUNE_SETTINGS
 
@@ -264,7 +264,8 @@ def test_two_fine_tuning_workers_stop_early_together(trained_out, tmp_path):
 
 CHIEF_SCORES_SCRIPT = r"""
 import json, math, os
-from pipeline import train, validation
+from pipeline import train
+from pipeline.training import validation
 strategy = train.make_strategy("multiworker")
 task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
 # Each worker's own scores differ; worker 1 has a NaN where the chief has a number.

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from models import sampling
-from pipeline.cider_reward import CiderD
+from pipeline.training.cider_reward import CiderD
 
 END = 2
 
@@ -169,7 +169,7 @@ def test_loss_sign_and_masking():
 
 def test_teacher_forced_log_probs_equal_the_samplers_on_a_real_decoder():
     from models import decoder
-    from pipeline import config
+    from pipeline.core import config
 
     model = decoder.build_decoder(config.DecoderConfig(embedding_dim=8, units=16, dropout=0.0), 9, feature_dim=6)
     decoding = decoder.DecodingFunctions(model)

@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 from prometheus_client import parser as prometheus_parser
 
-from pipeline import datasets, errors, features, serve
+from pipeline import serve
+from pipeline.core import errors
+from pipeline.data import datasets, features
 from tests.conftest import wait_until
 
 MAX_IMAGES = 4

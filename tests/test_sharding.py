@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline import features
+from pipeline.data import features
 from tests.conftest import SMALL_EXTRACT_FLAGS
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -48,7 +48,8 @@ def test_two_concurrent_shard_processes_merge_into_the_unsharded_cache(small_dat
 def test_merge_without_every_shard_names_the_missing_one(small_data, tmp_path):
     import pytest
 
-    from pipeline import errors, extract
+    from pipeline import extract
+    from pipeline.core import errors
     from tests.conftest import SMALL_EXTRACT_OVERRIDES
 
     out = tmp_path / "half"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import datasets, errors, text
+from pipeline.core import errors
+from pipeline.data import datasets, text
 
 
 @pytest.mark.parametrize(
@@ -154,7 +155,7 @@ def test_load_reports_missing_and_truncated_file(tmp_path):
 def test_text_and_dataset_modules_do_not_import_tensorflow():
     # A fresh interpreter: this test process may already hold TensorFlow from other tests.
     script = (
-        "import sys, pipeline.datasets, pipeline.text\n"
+        "import sys, pipeline.data.datasets, pipeline.data.text\n"
         "heavy = sorted(name for name in ('tensorflow', 'keras', 'numpy', 'h5py') if name in sys.modules)\n"
         "print(','.join(heavy))\n"
     )

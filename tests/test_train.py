@@ -7,8 +7,10 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import config as config_module
-from pipeline import errors, text, train
+from pipeline.core import config as config_module
+from pipeline import train
+from pipeline.core import errors
+from pipeline.data import text
 from tests.conftest import TRAIN_OVERRIDES
 
 
@@ -38,7 +40,7 @@ def test_dataset_pads_per_batch_shifts_targets_and_gathers_rows():
         token_lists=[[1, 5, 6, 2], [1, 7, 2], [1, 4, 5, 6, 7, 8, 2], [1, 9, 2], [1, 5, 2]],
     )
     dataset = train.make_caption_dataset(split, train.InMemoryFeatures(image_features), batch_size=2)
-    assert dataset.options().autotune.enabled is False  # see pipeline/tf_data.py
+    assert dataset.options().autotune.enabled is False  # see pipeline/core/tf_data.py
     batches = list(dataset.as_numpy_iterator())
     assert len(batches) == 3
     (inputs, targets), (inputs_2, targets_2), (inputs_3, targets_3) = batches
@@ -331,7 +333,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 
 import keras
 from models import decoder
-from pipeline import config as config_module
+from pipeline.core import config as config_module
 from pipeline import train
 
 rng = np.random.default_rng(0)

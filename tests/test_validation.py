@@ -6,8 +6,12 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import config as config_module
-from pipeline import errors, evaluate, io_utils, metrics, text, train, validation
+from pipeline.core import config as config_module
+from pipeline import evaluate, train
+from pipeline.core import errors, io_utils
+from pipeline.data import text
+from pipeline.evaluation import metrics
+from pipeline.training import validation
 
 
 def _run_stopper(stopper, scores, every=100, start=0):

@@ -16,7 +16,9 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import errors, text, verify
+from pipeline import verify
+from pipeline.core import errors
+from pipeline.data import text
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -105,7 +107,7 @@ def _config_of_another_encoder(out):
                                  "made with image_size=224 but this run asks for image_size=299"),
 ])
 def test_each_damage_is_one_named_problem(trained_copy, damage, expected):
-    from pipeline import features
+    from pipeline.data import features
 
     vocab_size = len(text.Vocabulary.load(trained_copy / "vocab.json"))
     damage(trained_copy)

@@ -19,7 +19,7 @@ settings (README).
 The attributes were chosen by measuring what ResNet50 features with *random* weights (the
 demo cannot download ImageNet weights) let a linear probe recover on held-out images; the
 measured table is in the README. Output is the Kaggle Flickr8k layout that
-`pipeline.datasets.load_dataset` detects:
+`pipeline.data.datasets.load_dataset` detects:
 
     DEST/Images/demo_0000.jpg ...
     DEST/captions.txt          CSV, header "image,caption", five rows per image
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline import errors, io_utils
+from pipeline.core import errors, io_utils
 
 GENERATOR_VERSION = 2
 MARKER_FILE = "DEMO.json"
@@ -124,7 +124,7 @@ def generate_demo_dataset(dest_dir, seed=0, num_images=DEFAULT_NUM_IMAGES, frame
         frames of the captions; the images are the same either way.
 
     Returns:
-      Path of `dest_dir`, ready for `pipeline.datasets.load_dataset`.
+      Path of `dest_dir`, ready for `pipeline.data.datasets.load_dataset`.
     """
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise errors.PipelineError(f"demo dataset: num_images must be a positive integer, got {num_images!r}")

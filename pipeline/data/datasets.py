@@ -12,7 +12,7 @@ Layouts, detected in this order (the first that matches wins):
 * ``kaggle``: ``captions.txt`` (CSV, header ``image,caption``) plus ``Images/``; the
   Flickr8k split lists are used when present, else `deterministic_split`.
 
-Captions stay raw here (`pipeline.text.normalize_caption` tokenizes them). Missing image
+Captions stay raw here (`pipeline.data.text.normalize_caption` tokenizes them). Missing image
 files are reported by name in `Dataset.missing` and left out, never an error unless no
 image is left. Pure Python: importing this module must not import TensorFlow.
 """
@@ -27,7 +27,7 @@ import re
 import reprlib
 from pathlib import Path, PurePosixPath
 
-from pipeline import errors, io_utils
+from pipeline.core import errors, io_utils
 
 SPLITS = ("train", "val", "test")
 CAPTIONS_FILE = "captions.json"
@@ -149,7 +149,7 @@ def load_dataset(data_dir, config):
 
     Args:
         data_dir: str or Path, the dataset folder.
-        config: `pipeline.config.DataConfig`; `val_images`/`test_images` size the
+        config: `pipeline.core.config.DataConfig`; `val_images`/`test_images` size the
             deterministic split of a Kaggle layout without split lists.
     Returns:
         Dataset.

@@ -44,7 +44,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline import errors
+from pipeline.core import errors
 
 FEATURES_FILE = "features.h5"
 FEATURES_FORMAT = "captioner.features"

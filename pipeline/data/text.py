@@ -17,7 +17,7 @@ import collections
 import unicodedata
 from pathlib import Path
 
-from pipeline import errors, io_utils
+from pipeline.core import errors, io_utils
 
 PAD_ID = 0
 START_ID = 1
@@ -105,7 +105,7 @@ class Vocabulary:
 
     @classmethod
     def from_dataset(cls, dataset, min_count):
-        """The vocabulary of the training split of a `pipeline.datasets.Dataset`."""
+        """The vocabulary of the training split of a `pipeline.data.datasets.Dataset`."""
         token_lists = (
             normalize_caption(caption)
             for record in dataset.images

@@ -12,7 +12,7 @@ import html
 import io
 from pathlib import Path, PurePosixPath
 
-from pipeline import io_utils
+from pipeline.core import io_utils
 
 REPORT_FILE = "report.html"
 THUMBNAIL_SIZE = 160  # pixels, longest side

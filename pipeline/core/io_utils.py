@@ -52,7 +52,7 @@ def write_json(path, data, default=None):
 def write_text(path, text):
     """Writes `text` as UTF-8, atomically; ArtifactError names the file and the reason on failure
     (no permission, disk full), and the previous version of the file, if any, is left as it was."""
-    from pipeline.errors import ArtifactError
+    from pipeline.core.errors import ArtifactError
 
     try:
         with atomic_path(path) as temporary:
@@ -69,7 +69,7 @@ def read_json(path, what):
 
     `what` names the artifact for the message, e.g. "the vocabulary".
     """
-    from pipeline.errors import ArtifactError
+    from pipeline.core.errors import ArtifactError
 
     path = Path(path)
     if not path.is_file():

@@ -1,7 +1,7 @@
 """Caption metrics on word tokens: corpus BLEU-1..4 (nltk), CIDEr-D and METEOR (pycocoevalcap).
 
 Every metric comes from its reference library; this module only shapes our data for them.
-Both sides are lists of words from `pipeline.text.normalize_caption` (no `<start>`/`<end>`),
+Both sides are lists of words from `pipeline.data.text.normalize_caption` (no `<start>`/`<end>`),
 so the scores do not depend on the COCO Java tokenizer, which is not used.
 
 Shapes used throughout:

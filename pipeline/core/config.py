@@ -10,7 +10,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from pipeline import errors, io_utils
+from pipeline.core import errors, io_utils
 
 CONFIG_FILE = "config.json"
 CONFIG_VERSION = 1

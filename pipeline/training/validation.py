@@ -3,7 +3,7 @@
 `ValidationScorer` captions the images of one split greedily (beam 1, batched, in the
 graph: `models.captioner.FeatureCaptioner`, the decoding that evaluation and the
 SavedModel use) and scores the captions with corpus CIDEr-D and BLEU-4 against the
-split's own references (`pipeline.metrics`, the test metrics' code, so a validation
+split's own references (`pipeline.evaluation.metrics`, the test metrics' code, so a validation
 CIDEr-D is comparable to the test one on a split of the same size). `EarlyStopper` is the
 plain-Python stopping state (best score, step of the best, patience in optimizer steps)
 whose `state_dict` goes into checkpoints, so a resumed run stops where an uninterrupted
@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import datasets, errors, features, metrics, text
+from pipeline.core import errors
+from pipeline.data import datasets, features, text
+from pipeline.evaluation import metrics
 
 DEFAULT_BATCH_SIZE = 256
 STOPPER_MODES = ("max", "min")
@@ -39,7 +41,7 @@ class ValidationScorer:
         Args:
             image_features: np.ndarray float32 [N, F], one vector per image.
             references: list over the N images of list of captions, each a list[str] of
-                words (`pipeline.text.normalize_caption`); every image has at least one.
+                words (`pipeline.data.text.normalize_caption`); every image has at least one.
             words: list[str], the vocabulary (index = id, special tokens first).
             max_length: int >= 1, generated words at most (`decode.max_length`).
             batch_size: int >= 1, images per call of the captioner.
@@ -78,7 +80,7 @@ class ValidationScorer:
             # One captioner (one traced tf.function) per model: the weights it reads are the
             # model's variables, so later calls see the training's updates without a retrace.
             from models import captioner
-            from pipeline import config as config_module
+            from pipeline.core import config as config_module
 
             decode_config = config_module.DecodeConfig(
                 beam_size=self.beam_size, max_length=self.max_length, length_penalty=self.length_penalty)
