@@ -394,11 +394,11 @@ def model_batching_gain(model_dir, images, rounds):
     import tensorflow as tf
 
     from benchmarks import bench_serving
-    from pipeline import serve
+    from pipeline.serving import server as http_server
 
     function = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
     images = tf.constant(images)
-    plans = groupings(serve.default_batch_threads())
+    plans = groupings(http_server.default_batch_threads())
     print(f"the SavedModel alone, {CLIENTS} clients' groupings {plans}:", file=sys.stderr, flush=True)
     rates = bench_serving.in_alternating_rounds({
         name: (lambda callers=callers, batch=batch: bench_serving.callers_images_per_s(

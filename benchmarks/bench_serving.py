@@ -224,11 +224,11 @@ def serve_overhead(model_dir, repeats, width=4000, height=3000):
     import tensorflow as tf
 
     from benchmarks import photos
-    from pipeline import serve
+    from pipeline.serving import server as http_server
 
     image = photos.photo_jpeg(width, height, numpy.random.default_rng(0))
     by_images = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
-    server = serve.make_server(model_dir, port=0, max_body_mb=64, log_stream=io.StringIO()).start()
+    server = http_server.make_server(model_dir, port=0, max_body_mb=64, log_stream=io.StringIO()).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1/models/captioner:predict"
     body = json.dumps({"instances": [{"b64": base64.b64encode(image).decode("ascii")}]}).encode("utf-8")
 

@@ -38,6 +38,7 @@ from models import encoder as encoder_module
 from pipeline.core import config as config_module
 from pipeline.core import errors, io_utils
 from pipeline.data import features, text
+from pipeline.serving.exported_model import FEATURES_SIGNATURE, METADATA_DIR, METADATA_FILE, SERVING_SIGNATURE
 
 DECODER_FILE = "decoder.keras"
 SAVED_MODEL_DIR = "saved_model"
@@ -45,13 +46,9 @@ MODEL_NAME = "captioner"
 MODEL_VERSION = 1
 # TF Serving watches OUT/serving/<model name>/ and loads the highest numbered version.
 SERVING_DIR = Path("serving") / MODEL_NAME / str(MODEL_VERSION)
-METADATA_DIR = "assets.extra"  # TF Serving's folder for files beside, not inside, the graph
-METADATA_FILE = "captioner.json"
 METADATA_FORMAT = "captioner.export"
 METADATA_VERSION = 1
 
-SERVING_SIGNATURE = "serving_default"
-FEATURES_SIGNATURE = "caption_features"
 # name -> (inputs, outputs), each {tensor name: (dtype name, shape)}; -1 is a free dimension.
 _OUTPUTS = {"captions": ("string", [-1]), "scores": ("float32", [-1])}
 SIGNATURES = {

@@ -108,10 +108,10 @@ def exported_out(trained_out, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported_captioner(exported_out):
-    """The SavedModel of `exported_out`, loaded once (a caption.ExportedCaptioner) for in-process servers."""
-    from pipeline import caption
+    """The SavedModel of `exported_out`, loaded once (an exported_model.ExportedCaptioner) for in-process servers."""
+    from pipeline.serving import exported_model
 
-    return caption.ExportedCaptioner(exported_out / "saved_model")
+    return exported_model.ExportedCaptioner(exported_out / "saved_model")
 
 
 @pytest.fixture

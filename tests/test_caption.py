@@ -12,6 +12,7 @@ from models import captioner as captioner_module
 from pipeline import caption
 from pipeline.core import config as config_module, errors
 from pipeline.data import datasets, features, text
+from pipeline.serving import exported_model
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -86,13 +87,13 @@ def test_missing_model_folder_names_the_command_that_makes_it(tmp_path):
 
 def test_image_problem_accepts_images_and_names_what_is_wrong(demo_data_dir):
     image_bytes = next((demo_data_dir / "Images").iterdir()).read_bytes()
-    assert caption.image_problem(image_bytes) is None
-    assert caption.image_problem(b"") == "empty file"
-    assert caption.image_problem(b"GIF89a nonsense").startswith("not a readable JPEG, PNG, GIF or BMP image")
-    assert "{{" not in caption.image_problem(b"plain text")  # no graph-node noise in the reason
+    assert exported_model.image_problem(image_bytes) is None
+    assert exported_model.image_problem(b"") == "empty file"
+    assert exported_model.image_problem(b"GIF89a nonsense").startswith("not a readable JPEG, PNG, GIF or BMP image")
+    assert "{{" not in exported_model.image_problem(b"plain text")  # no graph-node noise in the reason
     # The header check (serve, caption) passes a cut file whose header is whole: the
     # model's decoder refuses it, and image_problem, which decodes, then names it.
     truncated = image_bytes[: len(image_bytes) // 2]
-    assert caption.header_problem(image_bytes) is None and caption.header_problem(truncated) is None
-    assert caption.image_problem(truncated).startswith("not a readable JPEG, PNG, GIF or BMP image")
-    assert caption.header_problem(b"") == "empty file"
+    assert exported_model.header_problem(image_bytes) is None and exported_model.header_problem(truncated) is None
+    assert exported_model.image_problem(truncated).startswith("not a readable JPEG, PNG, GIF or BMP image")
+    assert exported_model.header_problem(b"") == "empty file"

@@ -1,8 +1,8 @@
 """Fuzzed image bytes: damaged JPEG/PNG/GIF/BMP files, random bytes and decompression bombs.
 
 Through `models.encoder.decode_image` (as extraction and the SavedModel use it), the
-exported SavedModel's `serving_default` behind `caption.image_problem` (as `caption` and
-`serve` call it), the server's predict endpoint, and extraction. The property: a caption
+exported SavedModel's `serving_default` behind `exported_model.image_problem` (as `caption`
+and `serve` call it), the server's predict endpoint, and extraction. The property: a caption
 or a decoded tensor, or a refusal with a reason; never a crash, never a huge allocation.
 """
 
@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from models import encoder
-from pipeline import caption, extract, serve
+from pipeline import extract
 from pipeline.core import config, errors
+from pipeline.serving import exported_model, server as http_server
 
 IMAGE_SIZE = 224
 # Far below the ~10 GB a 60000 x 60000 image would take, far above one small decode.
@@ -136,11 +137,11 @@ def test_decode_image_decodes_or_refuses_damaged_bytes(decode):
     @hypothesis.given(mutated_images())
     def check(image_bytes):
         try:
-            pixels = caption.declared_pixels(image_bytes)
+            pixels = exported_model.declared_pixels(image_bytes)
         except tf.errors.InvalidArgumentError:
             pixels = None  # a JPEG header libjpeg cannot parse: the decoder refuses it too
         # decode_image itself has no size guard (see the report): only what TF caps by itself.
-        hypothesis.assume(pixels is None or pixels <= caption.MAX_IMAGE_PIXELS)
+        hypothesis.assume(pixels is None or pixels <= exported_model.MAX_IMAGE_PIXELS)
         try:
             image = decode(tf.constant(image_bytes)).numpy()
         except tf.errors.InvalidArgumentError as error:
@@ -163,14 +164,14 @@ def test_decode_image_refuses_60000_square_declared_sizes(decode, make):
 
 @pytest.fixture(scope="module")
 def captioner(exported_out):
-    return caption.ExportedCaptioner(exported_out / "saved_model")
+    return exported_model.ExportedCaptioner(exported_out / "saved_model")
 
 
 def test_bombs_are_refused_from_the_header_before_decoding(captioner):
     @hypothesis.settings(FUZZ, max_examples=16)
     @hypothesis.given(huge_images())
     def check(image_bytes):
-        problem = caption.image_problem(image_bytes)
+        problem = exported_model.image_problem(image_bytes)
         assert problem is not None and "over the limit of 50 megapixels" in problem, problem
 
     with PeakRss() as memory:
@@ -181,20 +182,20 @@ def test_bombs_are_refused_from_the_header_before_decoding(captioner):
 def test_declared_pixels_match_the_decoded_image():
     for image_bytes in SEEDS + [_seed("WEBP")]:
         decoded = tf.io.decode_image(image_bytes, expand_animations=False)
-        assert caption.declared_pixels(image_bytes) == decoded.shape[0] * decoded.shape[1]
+        assert exported_model.declared_pixels(image_bytes) == decoded.shape[0] * decoded.shape[1]
     single = gif_bomb(30, 20)
     frame = single[19:-1]  # image descriptor, LZW code size, data sub-blocks
     five_frames = single[:19] + b"\x21\xf9\x04\x00\x00\x00\x00\x00" + frame * 5 + b"\x3b"
-    assert caption.declared_pixels(single) == 30 * 20
-    assert caption.declared_pixels(five_frames) == 5 * 30 * 20  # TF decodes every frame
-    assert caption.declared_pixels(b"not an image") is None
+    assert exported_model.declared_pixels(single) == 30 * 20
+    assert exported_model.declared_pixels(five_frames) == 5 * 30 * 20  # TF decodes every frame
+    assert exported_model.declared_pixels(b"not an image") is None
 
 
 def test_saved_model_captions_or_refuses_fuzzed_images(captioner):
     @hypothesis.settings(FUZZ, max_examples=30)
     @hypothesis.given(st.one_of(mutated_images(), huge_images()))
     def check(image_bytes):
-        problem = caption.image_problem(image_bytes)
+        problem = exported_model.image_problem(image_bytes)
         if problem is not None:
             assert isinstance(problem, str) and problem
             return
@@ -211,7 +212,8 @@ def test_saved_model_captions_or_refuses_fuzzed_images(captioner):
 
 
 def test_server_answers_fuzzed_images_with_a_caption_or_a_400(exported_captioner):
-    server = serve.CaptionServer(exported_captioner, serve.ServeSettings(port=0), log_stream=io.StringIO()).start()
+    server = http_server.CaptionServer(exported_captioner, http_server.ServeSettings(port=0),
+                                       log_stream=io.StringIO()).start()
     connection = http.client.HTTPConnection(*server.server_address[:2], timeout=120)
 
     @hypothesis.settings(FUZZ, max_examples=30)

@@ -21,6 +21,7 @@ from PIL import Image
 from benchmarks import bench_load
 from pipeline import serve
 from pipeline.data import datasets, features
+from pipeline.serving import server as http_server
 from tests.conftest import wait_until
 
 TOTAL_REQUESTS = 2000
@@ -94,7 +95,7 @@ def test_load_answers_every_request_correctly_and_memory_stays_flat(server, good
 
 def test_binds_loopback_by_default(server):
     assert server.host == "127.0.0.1"  # the fixture's server runs without --host
-    for function in (serve.make_server, serve.run_serve):
+    for function in (http_server.make_server, serve.run_serve):
         assert inspect.signature(function).parameters["host"].default == "127.0.0.1"
     # Nothing listens on the machine's other addresses at the server's port.
     other = _non_loopback_address()

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageDraw
 from playwright import sync_api
 
-from pipeline import serve
+from pipeline.serving import server as http_server
 from tests import programs
 
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -19,7 +19,8 @@ SCREENSHOT = "/tmp/captioner_page.png"
 
 @pytest.fixture(scope="module")
 def page_server(exported_captioner):
-    with serve.CaptionServer(exported_captioner, serve.ServeSettings(port=0), log_stream=io.StringIO()) as server:
+    settings = http_server.ServeSettings(port=0)
+    with http_server.CaptionServer(exported_captioner, settings, log_stream=io.StringIO()) as server:
         yield server
 
 

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 from prometheus_client import parser as prometheus_parser
 
-from pipeline import serve
 from pipeline.core import errors
 from pipeline.data import datasets, features
+from pipeline.serving import server as http_server
 from tests.conftest import wait_until
 
 MAX_IMAGES = 4
@@ -28,8 +28,8 @@ PREDICT = "/v1/models/captioner:predict"
 def live_server(exported_captioner):
     """(server, log): a server with the default batching, serving in a background thread until the module ends."""
     log = io.StringIO()
-    settings = serve.ServeSettings(port=0, max_body_mb=MAX_BODY_MB, max_images=MAX_IMAGES)
-    with serve.CaptionServer(exported_captioner, settings, log_stream=log) as server:
+    settings = http_server.ServeSettings(port=0, max_body_mb=MAX_BODY_MB, max_images=MAX_IMAGES)
+    with http_server.CaptionServer(exported_captioner, settings, log_stream=log) as server:
         yield server, log
 
 
@@ -293,11 +293,11 @@ def test_batching_defaults_are_tf_servings_for_a_cpu_server(exported_out):
     # Flags left out reach make_server as None: the settings' defaults decide.
     args = run_pipeline.build_parser().parse_args(["serve", "--model", str(exported_out / "saved_model")])
     assert (args.batch_timeout_ms, args.num_batch_threads) == (None, None)
-    server = serve.make_server(args.model, port=0, batch_timeout_ms=args.batch_timeout_ms,
+    server = http_server.make_server(args.model, port=0, batch_timeout_ms=args.batch_timeout_ms,
                                num_batch_threads=args.num_batch_threads)
     # As many batch threads as cores this process may use (TF Serving: port::MaxParallelism()).
     assert server.settings.num_batch_threads == len(os.sched_getaffinity(0)) >= 1
-    assert server.settings.batch_timeout_ms == serve.DEFAULT_BATCH_TIMEOUT_MS == 2.0
+    assert server.settings.batch_timeout_ms == http_server.DEFAULT_BATCH_TIMEOUT_MS == 2.0
     assert server.settings.max_batch_size == 16
 
 
@@ -309,9 +309,9 @@ def test_make_server_refuses_bad_settings_and_missing_model(tmp_path, exported_o
                               ({"num_batch_threads": 0}, "--num-batch-threads must be at least 1"),
                               ({"read_timeout_s": 0}, "--read-timeout-s must be positive")]:
         with pytest.raises(errors.PipelineError, match=message):
-            serve.make_server(model, port=0, **settings)
+            http_server.make_server(model, port=0, **settings)
     with pytest.raises(errors.PipelineError, match="no exported SavedModel here"):
-        serve.make_server(tmp_path / "saved_model", port=0)
+        http_server.make_server(tmp_path / "saved_model", port=0)
 
 
 def metric_samples(server):
@@ -352,8 +352,8 @@ def test_metrics_count_requests_latency_batches_and_images(live_server, demo_ima
 @pytest.fixture(scope="module")
 def batching_server(exported_captioner):
     """A server whose batches wait up to 500 ms to fill, so concurrent requests surely share a model call."""
-    settings = serve.ServeSettings(port=0, max_images=MAX_IMAGES, max_batch_size=16, batch_timeout_ms=500)
-    with serve.CaptionServer(exported_captioner, settings, log_stream=io.StringIO()) as server:
+    settings = http_server.ServeSettings(port=0, max_images=MAX_IMAGES, max_batch_size=16, batch_timeout_ms=500)
+    with http_server.CaptionServer(exported_captioner, settings, log_stream=io.StringIO()) as server:
         yield server
 
 
@@ -404,8 +404,8 @@ def test_an_instance_that_does_not_decode_fails_only_its_own_request(batching_se
 
 
 def test_a_body_that_stalls_gets_408_after_the_read_timeout(exported_captioner, demo_images, expected):
-    settings = serve.ServeSettings(port=0, read_timeout_s=1.0)
-    with serve.CaptionServer(exported_captioner, settings, log_stream=io.StringIO()) as server:
+    settings = http_server.ServeSettings(port=0, read_timeout_s=1.0)
+    with http_server.CaptionServer(exported_captioner, settings, log_stream=io.StringIO()) as server:
         body = json.dumps({"instances": [{"b64": b64(demo_images[0])}]}).encode()
         with socket.create_connection(server.server_address, timeout=30) as connection:
             connection.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n\r\n".encode()
