@@ -39,11 +39,12 @@ def test_our_lines_pass_whatever_the_level():
         assert console.keep_line(line, 3, True)
 
 
-def _filtered(chunks, level=2, user_set=False):
+def _filtered(chunks, level=2, user_set=False, gpu_machine=False):
     """Writes `chunks` (bytes) one by one into a real pipe through filter_stream; returns what comes out."""
     source_read, source_write = os.pipe()
     target_read, target_write = os.pipe()
-    worker = threading.Thread(target=console.filter_stream, args=(source_read, target_write, level, user_set))
+    worker = threading.Thread(target=console.filter_stream,
+                              args=(source_read, target_write, level, user_set, gpu_machine))
     worker.start()
     for chunk in chunks:
         os.write(source_write, chunk)
@@ -83,3 +84,40 @@ def test_log_level_reads_the_users_setting():
     assert console.log_level({"TF_CPP_MIN_LOG_LEVEL": "0"}) == 0
     assert console.log_level({"TF_CPP_MIN_LOG_LEVEL": " 3 "}) == 3
     assert console.log_level({"TF_CPP_MIN_LOG_LEVEL": "verbose"}) == 2
+
+
+DLOPEN = (b"W0000 00:00:1796158592.712000    7351 gpu_device.cc:2344] Cannot dlopen some GPU libraries. Please make "
+          b"sure the missing libraries mentioned above are installed properly if you would like to use GPU.\n")
+SKIPPING = b"Skipping registering GPU devices...\n"  # the same message's second line, without a log prefix
+
+
+def _fake_nvidia_machine(root, models):
+    """A /proc tree under `root` with one driver directory per GPU model (None: no information file)."""
+    for index, model in enumerate(models):
+        gpu_dir = root / "proc/driver/nvidia/gpus" / f"0000:0{index + 1}:00.0"
+        gpu_dir.mkdir(parents=True)
+        if model is not None:
+            (gpu_dir / "information").write_text(f"Model: \t\t {model}\nIRQ:   \t\t 42\nBus Type: \t PCIe\n")
+
+
+def test_machine_nvidia_gpus_reads_the_driver_tree_then_the_path(tmp_path):
+    assert console.machine_nvidia_gpus(tmp_path, search_path="") == []  # no driver, no nvidia-smi: no GPU
+    _fake_nvidia_machine(tmp_path / "two", ["NVIDIA A100-SXM4-40GB", None])
+    assert console.machine_nvidia_gpus(tmp_path / "two", search_path="") == ["NVIDIA A100-SXM4-40GB", "NVIDIA GPU"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 1\n")  # never run, only found
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    assert console.machine_nvidia_gpus(tmp_path, search_path=str(bin_dir)) == ["NVIDIA GPU"]
+
+
+@pytest.mark.parametrize("level, user_set, gpu_machine, kept", [
+    (2, False, False, [SKIPPING, REAL_ERROR]),  # no GPU: today's quiet console (the prefix-less line is never ours to drop)
+    (2, False, True, [DLOPEN, SKIPPING, CUINIT, REAL_ERROR]),  # a GPU TensorFlow cannot use: say why
+    (1, True, True, [WARNING, DLOPEN, SKIPPING, CUINIT, REAL_ERROR]),
+    (3, True, True, [SKIPPING]),  # the user asked for fatal errors only
+])
+def test_gpu_setup_lines_show_only_on_a_machine_with_an_nvidia_gpu(level, user_set, gpu_machine, kept):
+    lines = [ONEDNN, WARNING, DLOPEN, SKIPPING, CUINIT, REAL_ERROR]
+    assert [line for line in lines if console.keep_line(line, level, user_set, gpu_machine)] == kept
+    assert _filtered(lines, level, user_set, gpu_machine) == b"".join(kept)

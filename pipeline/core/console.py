@@ -14,6 +14,11 @@ failure. The only place left to honour the level is the stderr file descriptor i
 - at the default level (2, the user set nothing) the "errors" that report none are dropped
   too (`BENIGN_ERRORS`: this machine has no GPU, so TensorFlow runs on the CPU; oneDNN
   leaves a uint8 op to TensorFlow's own kernel);
+- on a machine whose operating system shows an NVIDIA GPU (`machine_nvidia_gpus`), the
+  lines in which TensorFlow explains why it cannot use it (`GPU_SETUP_LINES`: "Cannot dlopen
+  some GPU libraries ... Skipping registering GPU devices", "failed call to cuInit") pass
+  at every level but 3: there they are the one hint that the run is on the CPU. Without
+  such a GPU they stay dropped at the default level, the same "no GPU here" noise as above;
 - everything else (our messages, progress bars rewritten with `\\r`, Python tracebacks,
   real C++ errors) passes through unchanged, partial lines at once.
 
@@ -24,7 +29,9 @@ import atexit
 import io
 import os
 import re
+import shutil
 import sys
+from pathlib import Path
 
 LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
 DEFAULT_LEVEL = 2
@@ -36,6 +43,12 @@ _ABSL_NOTICE = b"WARNING: All log messages before absl::InitializeLog() is calle
 # handing an op it has no kernel for (uint8 image ops) to TensorFlow's own implementation.
 BENIGN_ERRORS = (b"failed call to cuInit", b"Unable to register cu", b"cuda_dnn", b"cuda_fft", b"cuda_blas",
                  b"Falling back to the default Eigen-based implementation")
+# TensorFlow's lines saying why it registers no GPU (missing CUDA/cuDNN libraries, no
+# usable driver). Noise where there is no GPU; the diagnosis where there is one.
+GPU_SETUP_LINES = (b"Cannot dlopen some GPU libraries", b"Skipping registering GPU devices", b"failed call to cuInit",
+                   b"Could not load dynamic library", b"Could not find cuda drivers")
+# One directory per NVIDIA GPU the kernel driver has found (PCI address), relative to the root.
+NVIDIA_PROC_GPUS = "proc/driver/nvidia/gpus"
 # Longest text kept back while it might still become a log line (the prefix is ~50 bytes).
 _PREFIX_PROBE = 64
 
@@ -54,16 +67,53 @@ def log_level(environ=None):
     return DEFAULT_LEVEL if level is None else level
 
 
-def keep_line(line, level, user_set):
+def machine_nvidia_gpus(root="/", search_path=None):
+    """The NVIDIA GPUs the operating system shows, whether or not TensorFlow can use them.
+
+    Reads the driver's `ROOT/proc/driver/nvidia/gpus/*/information` ("Model: NVIDIA ...");
+    without that directory, an `nvidia-smi` on `search_path` (default: $PATH) counts as one
+    GPU of unknown model (it is not run: a wedged driver can make it hang). Needs no
+    TensorFlow, so the console filter can ask before TensorFlow starts.
+
+    Returns:
+        list of str, one model name per GPU ("NVIDIA GPU" when unknown); empty without one.
+    """
+    models = []
+    try:
+        gpu_dirs = sorted(path for path in (Path(root) / NVIDIA_PROC_GPUS).iterdir() if path.is_dir())
+    except OSError:
+        gpu_dirs = []
+    for gpu_dir in gpu_dirs:
+        model = "NVIDIA GPU"
+        try:
+            for line in (gpu_dir / "information").read_text(encoding="utf-8", errors="replace").splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "Model" and value.strip():
+                    model = value.strip()
+                    break
+        except OSError:
+            pass
+        models.append(model)
+    if not models and shutil.which("nvidia-smi", path=os.environ.get("PATH", os.defpath)
+                                   if search_path is None else search_path):
+        models.append("NVIDIA GPU")
+    return models
+
+
+def keep_line(line, level, user_set, gpu_machine=False):
     """Whether one line of stderr (bytes, newline included or not) is shown at `level`.
 
     `user_set`: the level came from the user's TF_CPP_MIN_LOG_LEVEL; then the benign
-    errors show at level 2, as TensorFlow would show them.
+    errors show at level 2, as TensorFlow would show them. `gpu_machine`: the operating
+    system shows an NVIDIA GPU (`machine_nvidia_gpus`); then TensorFlow's `GPU_SETUP_LINES`
+    show below level 3, whatever their severity.
     """
     if line.rstrip(b"\r\n") == _ABSL_NOTICE:
         return level == 0
     match = _LOG_LINE.match(line)
     if not match:
+        return True
+    if gpu_machine and level < 3 and any(reason in line for reason in GPU_SETUP_LINES):
         return True
     severity = SEVERITIES[match.group(1).decode()]
     if severity < level:
@@ -82,7 +132,7 @@ def _could_become_log_line(text):
     return bool(re.match(rb"^[IWEF](\d{0,4}|\d{4} [\d:.]*( +\d*( [^\s:\]]*(:\d*)?)?)?)$", text))
 
 
-def filter_stream(source_fd, target_fd, level, user_set):
+def filter_stream(source_fd, target_fd, level, user_set, gpu_machine=False):
     """Copies source_fd to target_fd until EOF, keeping the lines `keep_line` keeps.
 
     Partial lines pass at once unless they may still become a filtered log line, and a
@@ -108,12 +158,12 @@ def filter_stream(source_fd, target_fd, level, user_set):
                 break
             cut = min(ends) + 1
             line, pending = pending[:cut], pending[cut:]
-            if keep_line(line, level, user_set):
+            if keep_line(line, level, user_set, gpu_machine):
                 write(line)
         if pending and not _could_become_log_line(pending):
             write(pending)
             pending = b""
-    if pending and keep_line(pending, level, user_set):
+    if pending and keep_line(pending, level, user_set, gpu_machine):
         write(pending)
 
 
@@ -127,7 +177,7 @@ class _StderrFilter:
     words of a crash are not lost.
     """
 
-    def __init__(self, level, user_set):
+    def __init__(self, level, user_set, gpu_machine):
         import subprocess
 
         sys.stderr.flush()
@@ -135,7 +185,8 @@ class _StderrFilter:
         read_end, write_end = os.pipe()
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", os.path.abspath(__file__), str(level), "1" if user_set else "0"],
+                [sys.executable, "-I", "-S", os.path.abspath(__file__), str(level), "1" if user_set else "0",
+                 "1" if gpu_machine else "0"],
                 stdin=read_end, stdout=self.original, stderr=self.original, close_fds=True,
             )
         finally:
@@ -172,7 +223,8 @@ def quiet_tensorflow_logs(environ=None):
 
     Call before TensorFlow is imported; calling again does nothing. Sets
     TF_CPP_MIN_LOG_LEVEL to the level in force, so that TensorFlow filters what it logs
-    after start-up itself. Returns the level in force.
+    after start-up itself. On a machine with an NVIDIA GPU, TensorFlow's lines on why it
+    cannot use it stay (see `keep_line`). Returns the level in force.
     """
     global _installed
     environ = os.environ if environ is None else environ
@@ -181,17 +233,17 @@ def quiet_tensorflow_logs(environ=None):
     environ[LEVEL_VARIABLE] = str(level)
     if _installed is None and level > 0:
         try:
-            _installed = _StderrFilter(level, user_set)
+            _installed = _StderrFilter(level, user_set, bool(machine_nvidia_gpus()))
         except OSError:
             pass  # no usable fd 2 (a daemon with stderr closed): nothing to filter
     return level
 
 
 if __name__ == "__main__":
-    # The filter process (see _StderrFilter): argv = level, user_set; stdin -> stdout.
+    # The filter process (see _StderrFilter): argv = level, user_set, gpu_machine; stdin -> stdout.
     import signal
 
     # Ctrl-C reaches the whole process group; the filter must outlive the pipeline's
     # own "interrupted" message.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    filter_stream(0, 1, int(sys.argv[1]), sys.argv[2] == "1")
+    filter_stream(0, 1, int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1")
