@@ -24,8 +24,6 @@ from pathlib import Path
 from pipeline.core import config as config_module
 from pipeline.core import errors
 
-SIGNATURES = ("serving_default", "caption_features")
-
 
 class _Report:
     def __init__(self, stream):
@@ -180,8 +178,11 @@ def _check_saved_model(report, saved_model, cache, vocabulary):
     import numpy
     import tensorflow
 
+    from pipeline.serving import exported_model
+
     loaded = tensorflow.saved_model.load(str(saved_model))
-    missing = sorted(set(SIGNATURES) - set(loaded.signatures))
+    signatures = (exported_model.SERVING_SIGNATURE, exported_model.FEATURES_SIGNATURE)
+    missing = sorted(set(signatures) - set(loaded.signatures))
     if missing:
         report.problem(f"saved_model: signature(s) {', '.join(missing)} missing")
         return
@@ -189,7 +190,8 @@ def _check_saved_model(report, saved_model, cache, vocabulary):
         vector = cache.features[:1]
     else:
         vector = numpy.zeros((1, 2048), numpy.float32)
-    result = loaded.signatures["caption_features"](features=tensorflow.constant(vector, tensorflow.float32))
+    by_features = loaded.signatures[exported_model.FEATURES_SIGNATURE]
+    result = by_features(features=tensorflow.constant(vector, tensorflow.float32))
     caption = result["captions"].numpy()[0].decode("utf-8")
     unknown = []
     if vocabulary is not None:
@@ -201,9 +203,9 @@ def _check_saved_model(report, saved_model, cache, vocabulary):
         report.ok(f"saved_model loads and captions one vector: {caption!r}")
 
     # The export's self-description (assets.extra/) must name this run's vocabulary and encoder.
-    metadata_path = saved_model / "assets.extra" / "captioner.json"
+    metadata_path = saved_model / exported_model.METADATA_DIR / exported_model.METADATA_FILE
     if not metadata_path.is_file():
-        report.skip("saved_model has no assets.extra/captioner.json to compare")
+        report.skip(f"saved_model has no {exported_model.METADATA_DIR}/{exported_model.METADATA_FILE} to compare")
         return
     metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
     exported_size = metadata.get("vocabulary_size")
