@@ -141,9 +141,9 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
     import tensorflow as tf
     from PIL import Image
 
-    from models import encoder
+    from models import encoder, image_decoding
     from pipeline import extract
-    from pipeline.core import config
+    from pipeline.core import config, device
     from pipeline.data import features
 
     settings = dict(QUICK if quick else FULL)
@@ -159,7 +159,7 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
         image_dir = work / "images"
         image_dir.mkdir()
         names = _make_images(image_dir, count, seed=0)
-        plain = {precision: encoder.build_encoder("random", IMAGE_SIZE, seed=0, precision=precision, folded=False)
+        plain = {precision: encoder.build_encoder(None, IMAGE_SIZE, seed=0, precision=precision, folded=False)
                  for precision in precisions}
         encoder.randomize_batch_normalization(plain["fp32"], seed=1)
         plain["bf16"].set_weights(plain["fp32"].get_weights())
@@ -169,7 +169,7 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
                    for precision in models}
         # The bound's input: the same photos, decoded and held in memory (the encoder's
         # speed depends a little on the pixels, so random tensors would flatter it).
-        pixels = tf.stack([encoder.decode_image(tf.io.read_file(str(image_dir / name)), IMAGE_SIZE)
+        pixels = tf.stack([image_decoding.decode_image(tf.io.read_file(str(image_dir / name)), IMAGE_SIZE)
                            for name in names[:batch]])
         gemm = {"fp32": _gemm_function(tf.float32), "bf16": _gemm_function(tf.bfloat16)}
         for precision, model in models.items():
@@ -293,7 +293,7 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
         "extract_bf16_cosine": round(float(cosine.mean()), 6),
         "extract_bf16_cosine_min": round(float(cosine.min()), 6),
         "extract_bf16_vs_keras_fp32_cosine_min": round(float(bf16_keras_cosine.min()), 6),
-        "extract_bf16_auto_resolves_to": encoder.resolve_precision("auto"),
+        "extract_bf16_auto_resolves_to": device.resolve_precision("auto"),
     }
     for figure, (numerator, denominator) in compared.items():
         results[figure] = round(median(ratios(numerator, denominator)), 3)

@@ -78,12 +78,12 @@ def _synthetic_run(folder, beam_size=3):
     import tensorflow as tf
     from PIL import Image
 
-    from models import captioner, decoder, encoder
+    from models import captioner, decoder, encoder, image_decoding
     from pipeline.core import config as config_module
     from pipeline import export
 
     settings = config_module.PipelineConfig().replace({"decode.beam_size": beam_size})
-    plain_encoder = encoder.build_encoder("random", settings.encoder.image_size, seed=0, folded=False)
+    plain_encoder = encoder.build_encoder(None, settings.encoder.image_size, seed=0, folded=False)
     encoder.randomize_batch_normalization(plain_encoder, seed=1)
     encoder_model = encoder.fold_encoder(plain_encoder)
     decoder_model = decoder.build_decoder(settings.decoder, SYNTHETIC_VOCABULARY)
@@ -103,7 +103,7 @@ def _synthetic_run(folder, beam_size=3):
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
         images.append(buffer.getvalue())
-    decoded = tf.stack([encoder.decode_image(tf.constant(data), settings.encoder.image_size) for data in images])
+    decoded = tf.stack([image_decoding.decode_image(tf.constant(data), settings.encoder.image_size) for data in images])
     feature_rows = encoder_model(decoded, training=False).numpy()
     decode = {"beam_size": settings.decode.beam_size, "max_length": settings.decode.max_length}
     return saved_model_dirs[0], images, feature_rows, decode, saved_model_dirs[1]

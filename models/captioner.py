@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from models import beam_search as beam_search_module
 from models import decoder as decoder_module
+from models import image_decoding
 
 
 class FeatureCaptioner(tf.Module):
@@ -109,7 +110,7 @@ class ImageCaptioner(tf.Module):
             feature_captioner: a `FeatureCaptioner` whose F matches the encoder's output.
             image_size: S.
             decode_image: `(bytes string scalar, image_size) -> float32 [S, S, 3]`; defaults
-                to `models.encoder.decode_image`, the decoding that feature extraction uses.
+                to `models.image_decoding.decode_image`, the decoding that feature extraction uses.
         """
         super().__init__(name="image_captioner")
         encoder_dim = encoder_model.outputs[0].shape[-1]
@@ -119,9 +120,7 @@ class ImageCaptioner(tf.Module):
                 f"{feature_captioner.feature_dim}-d features"
             )
         if decode_image is None:
-            from models import encoder  # noqa: PLC0415 (only this default needs the encoder module)
-
-            decode_image = encoder.decode_image
+            decode_image = image_decoding.decode_image
         self.encoder_model = encoder_model
         self.feature_captioner = feature_captioner
         self.image_size = int(image_size)

@@ -36,7 +36,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from models import captioner as captioner_module
 from models import encoder as encoder_module
 from pipeline.core import config as config_module
-from pipeline.core import errors, io_utils
+from pipeline.core import encoder_loading, errors, io_utils
 from pipeline.data import features, text
 from pipeline.serving.exported_model import FEATURES_SIGNATURE, METADATA_DIR, METADATA_FILE, SERVING_SIGNATURE
 
@@ -220,7 +220,7 @@ def _build_matching_encoder(config, cache_attrs, cache_path):
             f"the encoder the decoder was trained with; re-extract with `python run_pipeline.py extract --overwrite`")
     # float32 whatever the extraction used: the SavedModel must run on any CPU, and mixed
     # precision changes only the arithmetic, not the weights the fingerprint covers.
-    encoder_model = encoder_module.build_encoder(
+    encoder_model = encoder_loading.load_encoder(
         config.encoder.weights, config.encoder.image_size, seed=config.seed, precision="fp32")
     fingerprint = encoder_module.encoder_fingerprint(encoder_model)
     if fingerprint != cached_fingerprint:

@@ -30,8 +30,9 @@ import numpy as np
 import tensorflow as tf
 
 from models import encoder as encoder_module
+from models import image_decoding
 from pipeline.core import config as config_module
-from pipeline.core import errors, io_utils, progress, tf_data
+from pipeline.core import device, encoder_loading, errors, io_utils, progress, tf_data
 from pipeline.data import features
 
 ERRORS_FILE = "extract_errors.json"
@@ -74,7 +75,7 @@ def run_extract(data_dir, out_dir, overrides, overwrite=False, num_shards=1, sha
     _check_encoder_config(config.encoder)
     # Recorded resolved ("auto" -> "bf16" here, "fp16" on a GPU machine), in config.json as in
     # the cache's attributes: the artifacts say what was computed, not what was asked.
-    config.encoder.precision = encoder_module.resolve_precision(config.encoder.precision)
+    config.encoder.precision = device.resolve_precision(config.encoder.precision)
     data_dir = Path(data_dir).resolve()
     dataset = datasets.load_dataset(data_dir, config.data)
     config.data.data_dir = str(data_dir)
@@ -142,7 +143,7 @@ def _check_encoder_config(encoder_config):
         raise errors.PipelineError(f"encoder.feature_dtype must be float32 or float16, got {encoder_config.feature_dtype!r}")
     if encoder_config.batch_size < 1:
         raise errors.PipelineError(f"encoder.batch_size must be positive, got {encoder_config.batch_size}")
-    encoder_module.resolve_precision(encoder_config.precision)
+    device.resolve_precision(encoder_config.precision)
 
 
 def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, overwrite=False, encoder_model=None):
@@ -162,7 +163,7 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
 
     cache_path = Path(cache_path)
     encoder_config = dataclasses.replace(
-        encoder_config, precision=encoder_module.resolve_precision(encoder_config.precision)
+        encoder_config, precision=device.resolve_precision(encoder_config.precision)
     )
     cached_ids = set()
     cache_exists = cache_path.exists()
@@ -181,7 +182,7 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
     batches = _BatchStream(
         lambda: image_dataset(image_dir, pending, encoder_config.image_size, encoder_config.batch_size))
     if encoder_model is None:
-        encoder_model = encoder_module.build_encoder(
+        encoder_model = encoder_loading.load_encoder(
             encoder_config.weights, encoder_config.image_size, seed=seed, precision=encoder_config.precision
         )
     else:
@@ -264,7 +265,7 @@ def image_dataset(image_dir, image_ids, image_size, batch_size):
 
 
 def _read_and_decode_function(image_size):
-    """tf.function: file path tf.string [] -> float32 [S, S, 3] (`encoder.decode_image`), traced once per S.
+    """tf.function: file path tf.string [] -> float32 [S, S, 3] (`image_decoding.decode_image`), traced once per S.
 
     Tracing `decode_image` (its header checks included) takes ~0.25 s; a dataset's map
     function that calls this one only adds a call to the traced graph, so a second
@@ -273,7 +274,7 @@ def _read_and_decode_function(image_size):
     if image_size not in _READ_AND_DECODE_FUNCTIONS:
         @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
         def read_and_decode(path):
-            return encoder_module.decode_image(tf.io.read_file(path), image_size)
+            return image_decoding.decode_image(tf.io.read_file(path), image_size)
 
         _READ_AND_DECODE_FUNCTIONS[image_size] = read_and_decode
     return _READ_AND_DECODE_FUNCTIONS[image_size]
@@ -397,7 +398,7 @@ def _recover(image_dir, image_ids, writer, encode, image_size):
         if pixels is None:
             failures.append({"image_id": image_id, "path": str(path), "reason": reason})
             continue
-        image = encoder_module.resize_image(tf.constant(pixels), image_size)
+        image = image_decoding.resize_image(tf.constant(pixels), image_size)
         writer.append([image_id], encode(image[tf.newaxis]).numpy())
     return failures
 
@@ -414,10 +415,10 @@ def _decode_fallback(path):
         return None, f"unreadable: {error.strerror or error}"
     if not data:
         return None, "empty: the file has 0 bytes"
-    too_large = f"too large: over the limit of {encoder_module.MAX_IMAGE_PIXELS // 1_000_000} megapixels"
+    too_large = f"too large: over the limit of {image_decoding.MAX_IMAGE_PIXELS // 1_000_000} megapixels"
     try:
         # The same header check and decode as the pipeline's, eagerly, for the reason.
-        encoder_module.decode_image(tf.constant(data), 8)
+        image_decoding.decode_image(tf.constant(data), 8)
         tf_reason = "TensorFlow dropped it while reading"
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.UnimplementedError) as error:
         tf_reason = errors.op_error_reason(error)
@@ -429,7 +430,7 @@ def _decode_fallback(path):
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > encoder_module.MAX_IMAGE_PIXELS:
+            if image.width * image.height > image_decoding.MAX_IMAGE_PIXELS:
                 return None, f"{too_large} ({image.width} x {image.height})"
             image.load()  # decodes fully: a truncated file raises here, not later
             pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
@@ -442,6 +443,6 @@ def _decode_fallback(path):
 
 def _declared_megapixels(data):
     try:
-        return f"{int(encoder_module.declared_pixels(tf.constant(data))) / 1e6:.0f} megapixels"
+        return f"{int(image_decoding.declared_pixels(tf.constant(data))) / 1e6:.0f} megapixels"
     except tf.errors.OpError:
         return "an unreadable size"

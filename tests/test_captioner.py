@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import beam_search, captioner, decoder
+from models import beam_search, captioner, decoder, image_decoding
 from pipeline.core.config import DecodeConfig, DecoderConfig
 
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "runs", "on", "the", "grass", "cat", "sits"]
@@ -139,14 +139,12 @@ def encoded_images():
     return images
 
 
-def test_default_image_decoding_is_the_encoder_modules():
-    from models import encoder as encoder_module
-
+def test_default_image_decoding_is_the_one_extraction_uses():
     feature_captioner = captioner.FeatureCaptioner(random_decoder(seed=6), WORDS, DecodeConfig(beam_size=2))
     encoder = stand_in_encoder()
     module = captioner.ImageCaptioner(encoder, feature_captioner, IMAGE_SIZE)
     images = encoded_images()
-    pixels = tf.stack([encoder_module.decode_image(tf.constant(image), IMAGE_SIZE) for image in images])
+    pixels = tf.stack([image_decoding.decode_image(tf.constant(image), IMAGE_SIZE) for image in images])
     expected = feature_captioner.caption_features(encoder(pixels))
     result = module.caption_images(tf.constant(images))
     assert result["captions"].numpy().tolist() == expected["captions"].numpy().tolist()

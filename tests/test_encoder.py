@@ -1,11 +1,11 @@
-"""models.encoder: the ResNet50 builder, BatchNorm folding, image decoding and the weights fingerprint.
+"""models.encoder: the ResNet50 builder, BatchNorm folding and the weights fingerprint.
 
 ResNet50 costs seconds to build, so small (64 px) seeded encoders are shared by the module:
 the folded one `build_encoder` makes by default, and a plain one whose BatchNorm layers
 have random statistics (the reference the folded forms are compared with).
 """
 
-import io
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +13,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from PIL import Image
-
-from pipeline.core.errors import PipelineError
 
 IMAGE_SIZE = 64
 RESNET50_PAIRS = 53  # Conv2D -> BatchNormalization pairs of Keras' ResNet50: all of its BatchNorms
@@ -23,7 +20,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 FINGERPRINT_SCRIPT = (
     "import os, sys; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3';"
     "from models import encoder;"
-    "print(*(encoder.encoder_fingerprint(encoder.build_encoder('random', 64, seed=seed)) for seed in (0, 1)))"
+    "print(*(encoder.encoder_fingerprint(encoder.build_encoder(None, 64, seed=seed)) for seed in (0, 1)))"
 )
 
 
@@ -31,7 +28,7 @@ FINGERPRINT_SCRIPT = (
 def encoder_model():
     from models import encoder
 
-    return encoder.build_encoder("random", IMAGE_SIZE, seed=0)
+    return encoder.build_encoder(None, IMAGE_SIZE, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +37,7 @@ def plain_model():
     BatchNormalization with random statistics: an identity one would hide a folding bug."""
     from models import encoder
 
-    model = encoder.build_encoder("random", IMAGE_SIZE, seed=0, folded=False)
+    model = encoder.build_encoder(None, IMAGE_SIZE, seed=0, folded=False)
     assert encoder.randomize_batch_normalization(model, seed=1) == RESNET50_PAIRS
     return model
 
@@ -51,31 +48,16 @@ def photo_pixels():
     import tensorflow as tf
 
     from benchmarks import photos
-    from models import encoder
+    from models import image_decoding
 
     generator = np.random.default_rng(5)
-    return tf.stack([encoder.decode_image(photos.photo_jpeg(500, 375, generator), IMAGE_SIZE)
+    return tf.stack([image_decoding.decode_image(photos.photo_jpeg(500, 375, generator), IMAGE_SIZE)
                      for _ in range(4)]).numpy()
 
 
 def _cosines(first, second):
     first, second = np.asarray(first, np.float64), np.asarray(second, np.float64)
     return (first * second).sum(1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1))
-
-
-def _encoded(array, file_format, **options):
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, file_format, **options)
-    return buffer.getvalue()
-
-
-def _pil_reference(data, image_size):
-    """PIL's decoding of `data`, resized by our own resize: what decode_image must give."""
-    from models import encoder
-
-    with Image.open(io.BytesIO(data)) as image:
-        pixels = np.asarray(image.convert("RGB"))
-    return encoder.resize_image(pixels, image_size).numpy()
 
 
 def test_random_weights_are_identical_in_separate_processes(encoder_model):
@@ -120,174 +102,42 @@ def test_fingerprint_changes_with_any_weight(plain_model):
     assert encoder.encoder_fingerprint(plain_model) == before
 
 
-def test_weights_file_round_trip_and_bad_files(plain_model, tmp_path):
+def test_weights_file_round_trip(plain_model, tmp_path):
     from models import encoder
+    from pipeline.core import encoder_loading
 
     weights_file = tmp_path / "resnet50_notop.weights.h5"  # Keras 3's own format
     plain_model.get_layer("resnet50").save_weights(weights_file)
-    loaded = encoder.build_encoder(str(weights_file), IMAGE_SIZE)
+    loaded = encoder_loading.load_encoder(str(weights_file), IMAGE_SIZE)
     assert encoder.encoder_fingerprint(loaded) == encoder.encoder_fingerprint(plain_model)
 
-    with pytest.raises(PipelineError, match="no such file") as raised:
-        encoder.build_encoder(str(tmp_path / "absent.h5"), IMAGE_SIZE)
-    assert "absent.h5" in str(raised.value) and "--weights random" in str(raised.value)
 
-    not_weights = tmp_path / "notes.h5"
-    not_weights.write_text("these are not weights")
-    with pytest.raises(PipelineError, match="not ResNet50 notop weights") as raised:
-        encoder.build_encoder(str(not_weights), IMAGE_SIZE)
-    assert str(not_weights) in str(raised.value)
-
-
-def test_imagenet_download_failure_names_the_alternatives(tmp_path, monkeypatch):
+def test_bad_arguments_are_value_errors_before_any_building():
     from models import encoder
 
-    # An empty Keras cache: a copy of the weights elsewhere must not hide the failure.
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    with pytest.raises(PipelineError) as raised:
-        encoder.build_encoder("imagenet", IMAGE_SIZE)
-    message = str(raised.value)
-    assert "ImageNet weights" in message and "could not be downloaded" in message
-    assert "--weights FILE.h5" in message and "--weights random" in message
-    assert "URL fetch failure" in message  # the cause is kept
+    for arguments, message in (
+        ({"image_size": 8}, "encoder.image_size must be an integer >= 32"),
+        ({"image_size": 64.0}, "encoder.image_size must be an integer >= 32"),
+        ({"precision": "auto"}, "encoder precision must be one of bf16, fp16, fp32, got 'auto'"),
+        ({"weights": "random"}, "encoder weights must be None"),  # a user's string: `encoder_loading` reads it
+        ({"weights": "resnet50_notop.h5"}, "encoder weights must be None"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            encoder.build_encoder(**{"image_size": IMAGE_SIZE, **arguments})
 
 
-def test_bad_precision_and_image_size_are_refused():
-    from models import encoder
-
-    with pytest.raises(PipelineError, match="encoder.precision"):
-        encoder.build_encoder("random", IMAGE_SIZE, precision="fp8")
-    with pytest.raises(PipelineError, match="encoder.image_size"):
-        encoder.build_encoder("random", 8)
-
-
-@pytest.mark.parametrize(
-    "name, make, tolerance",
-    [
-        ("rgb png", lambda rgb: _encoded(rgb, "PNG"), 1e-3),
-        ("grayscale png", lambda rgb: _encoded(rgb[..., 0], "PNG"), 1e-3),
-        ("palette png", None, 1e-3),
-        ("16-bit png", lambda rgb: _encoded((rgb[..., 0].astype(np.uint16) * 257), "PNG"), 1.0),
-        ("bmp", lambda rgb: _encoded(rgb, "BMP"), 1e-3),
-        ("jpeg", lambda rgb: _encoded(rgb, "JPEG", quality=95), 4.0),
-        ("cmyk jpeg", None, 4.0),
-        ("gif first frame", None, 1e-3),
-    ],
-)
-def test_decode_image_matches_pil(name, make, tolerance):
-    from models import encoder
-
-    rng = np.random.default_rng(2)
-    # Smooth content, so JPEG decoders that differ in rounding stay close.
-    gradient = np.linspace(0, 255, 90, dtype=np.float32)
-    rgb = np.stack(
-        [np.add.outer(np.linspace(0, 80, 60), gradient * 0.6), np.tile(gradient, (60, 1)),
-         np.full((60, 90), 60.0) + rng.random((60, 90)) * 4], axis=-1
-    ).clip(0, 255).astype(np.uint8)
-    if name == "palette png":
-        data = _encoded_image(Image.fromarray(rgb).quantize(colors=16), "PNG")
-    elif name == "cmyk jpeg":
-        data = _encoded_image(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95)
-    elif name == "gif first frame":
-        frames = [Image.fromarray(rgb).quantize(colors=32), Image.fromarray(255 - rgb).quantize(colors=32)]
-        buffer = io.BytesIO()
-        frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100)
-        data = buffer.getvalue()
-    else:
-        data = make(rgb)
-    decoded = encoder.decode_image(data, 32).numpy()
-    assert decoded.shape == (32, 32, 3) and decoded.dtype == np.float32
-    assert 0.0 <= decoded.min() and decoded.max() <= 255.0
-    if name == "16-bit png":
-        # PIL clips 16-bit values to 255 when converting to RGB; TF scales them (v / 257).
-        expected = encoder.resize_image(np.repeat(rgb[..., :1], 3, axis=-1), 32).numpy()
-    else:
-        expected = _pil_reference(data, 32)
-    assert np.abs(decoded - expected).mean() <= tolerance, name
-
-
-def _encoded_image(image, file_format, **options):
-    buffer = io.BytesIO()
-    image.save(buffer, file_format, **options)
-    return buffer.getvalue()
-
-
-def test_decode_image_squashes_without_keeping_aspect_ratio():
-    from models import encoder
-
-    # Left half black, right half white: a squash keeps the split in the middle column.
-    wide = np.zeros((40, 400, 3), np.uint8)
-    wide[:, 200:] = 255
-    decoded = encoder.decode_image(_encoded(wide, "PNG"), 20).numpy()
-    assert decoded.shape == (20, 20, 3)
-    assert decoded[:, :9].max() < 1.0 and decoded[:, 11:].min() > 254.0
-
-
-def test_decode_image_rejects_what_is_not_a_whole_image():
-    import tensorflow as tf
-
-    from models import encoder
-
-    jpeg = _encoded((np.random.default_rng(3).random((80, 80, 3)) * 255).astype(np.uint8), "JPEG")
-    for data in (b"", b"plain text, not an image", jpeg[: len(jpeg) // 2]):
-        with pytest.raises(tf.errors.InvalidArgumentError):
-            encoder.decode_image(data, 32)
-
-
-def test_auto_precision_follows_the_cpu_flags(tmp_path, monkeypatch):
-    from models import encoder
-
-    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
-    cpuinfo = tmp_path / "cpuinfo"
-    header = "processor\t: 0\nmodel name\t: Some CPU\n"
-    cpuinfo.write_text(header + "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n\n" + "processor\t: 1\n")
-    assert encoder.cpu_flags(cpuinfo) >= {"avx2", "avx512_bf16"}
-    assert encoder.resolve_precision("auto", cpuinfo) == "bf16"
-    cpuinfo.write_text(header + "flags\t\t: fpu sse2 avx2 amx_tile amx_bf16\n")
-    assert encoder.resolve_precision("auto", cpuinfo) == "bf16"
-    cpuinfo.write_text(header + "flags\t\t: fpu sse2 avx2 avx512f avx512_fp16\n")
-    assert encoder.resolve_precision("auto", cpuinfo) == "fp32"
-    assert encoder.resolve_precision("auto", tmp_path / "absent") == "fp32"  # not Linux
-    # Explicit names pass through whatever the machine.
-    assert encoder.resolve_precision("fp16", cpuinfo) == "fp16"
-    # Without oneDNN, TF emulates bfloat16 convolutions: slower than float32.
-    cpuinfo.write_text(header + "flags\t\t: avx512_bf16 amx_bf16\n")
-    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
-    assert encoder.resolve_precision("auto", cpuinfo) == "fp32"
-    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
-    # The real /proc/cpuinfo (the development host, an AMD EPYC Zen 5, has avx512_bf16 and no AMX: "bf16").
-    machine_flags = encoder.cpu_flags()
-    assert bool(machine_flags) == Path(encoder.CPUINFO_PATH).is_file()
-    import tensorflow as tf
-
-    expected = "bf16" if machine_flags & set(encoder.BF16_CPU_FLAGS) else "fp32"
-    assert encoder.resolve_precision("auto") == ("fp16" if tf.config.list_physical_devices("GPU") else expected)
-
-
-def test_decode_image_refuses_a_header_that_declares_too_many_pixels():
-    """A tiny PNG whose IHDR declares 20000 x 20000 is refused before decoding (graph-side)."""
-    import io
-    import struct
-
-    import tensorflow as tf
-    from PIL import Image
-
-    from models import encoder
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (10, 10), (1, 2, 3)).save(buffer, format="PNG")
-    bomb = bytearray(buffer.getvalue())
-    bomb[16:24] = struct.pack(">II", 20000, 20000)
-    assert int(encoder.declared_pixels(tf.constant(bytes(bomb)))) == 20000 * 20000
-    decode = tf.function(lambda data: encoder.decode_image(data, 8), input_signature=[tf.TensorSpec([], tf.string)])
-    with pytest.raises(tf.errors.InvalidArgumentError, match="megapixels"):
-        decode(tf.constant(bytes(bomb)))
-    for image_format, mode in (("JPEG", "RGB"), ("PNG", "RGB"), ("GIF", "P"), ("BMP", "RGB")):
-        buffer = io.BytesIO()
-        Image.new(mode, (37, 23)).save(buffer, format=image_format)
-        assert int(encoder.declared_pixels(tf.constant(buffer.getvalue()))) == 37 * 23, image_format
-        assert decode(tf.constant(buffer.getvalue())).shape == (8, 8, 3)
-    assert int(encoder.declared_pixels(tf.constant(b"abc"))) == 0
+def test_models_import_nothing_from_pipeline():
+    """`models/` builds and computes: the stages depend on it, never the other way round."""
+    for path in sorted((REPOSITORY / "models").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not any(name == "pipeline" or name.startswith("pipeline.") for name in names), (
+                f"{path.name}:{node.lineno} imports {names}")
 
 
 def test_folding_covers_every_batch_normalization_and_keeps_the_features(plain_model, encoder_model, photo_pixels):
@@ -326,7 +176,7 @@ def test_folded_reduced_precision_matches_plain_fp32_without_changing_the_global
     from models import encoder
 
     # fp16 convolutions run on this CPU too (slowly: no native fp16 arithmetic here).
-    plain = encoder.build_encoder("random", IMAGE_SIZE, seed=0, precision=precision, folded=False)
+    plain = encoder.build_encoder(None, IMAGE_SIZE, seed=0, precision=precision, folded=False)
     plain.set_weights(plain_model.get_weights())
     folded = encoder.fold_encoder(plain)
     assert keras.config.dtype_policy().name == "float32"
@@ -359,6 +209,7 @@ def _write_legacy_notop_h5(backbone, path):
 
 def test_a_legacy_notop_weights_file_loads_and_folds(plain_model, photo_pixels, tmp_path):
     from models import encoder
+    from pipeline.core import encoder_loading
 
     weights_file = tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
     _write_legacy_notop_h5(plain_model.get_layer("resnet50"), weights_file)
@@ -367,7 +218,7 @@ def test_a_legacy_notop_weights_file_loads_and_folds(plain_model, photo_pixels, 
         assert list(handle["conv1_bn"].attrs["weight_names"]) == [
             b"conv1_bn/gamma:0", b"conv1_bn/beta:0", b"conv1_bn/moving_mean:0", b"conv1_bn/moving_variance:0"]
         assert handle["conv1_conv"]["conv1_conv"]["kernel:0"].shape == (7, 7, 3, 64)
-    loaded = encoder.build_encoder(str(weights_file), IMAGE_SIZE)
+    loaded = encoder_loading.load_encoder(str(weights_file), IMAGE_SIZE)
     assert encoder.encoder_graph(loaded) == "folded"
     assert encoder.encoder_fingerprint(loaded) == encoder.encoder_fingerprint(plain_model)
     assert _cosines(loaded(photo_pixels), plain_model(photo_pixels)).min() >= 0.99999

@@ -1,4 +1,4 @@
-"""EXIF orientation in `models.encoder.decode_image`: photos come out upright, as PIL's
+"""EXIF orientation in `models.image_decoding.decode_image`: photos come out upright, as PIL's
 `ImageOps.exif_transpose` shows them, in TF ops (so the SavedModel does it too)."""
 
 import io
@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from models import encoder
+from models import image_decoding
 
 IMAGE_SIZE = 40
 
@@ -48,7 +48,7 @@ def _big_endian_exif(orientation, entry_type=3, count=1):
 
 
 def _tf_orientation(image_bytes):
-    return int(encoder.exif_orientation(tf.constant(image_bytes)))
+    return int(image_decoding.exif_orientation(tf.constant(image_bytes)))
 
 
 def _pil_upright_of_tf_pixels(image_bytes):
@@ -66,7 +66,7 @@ def _pil_upright_of_tf_pixels(image_bytes):
 @pytest.fixture(scope="module")
 def graph_decode():
     """decode_image inside one tf.function (traced once for the module), as extraction and the SavedModel run it."""
-    return tf.function(lambda data: encoder.decode_image(data, IMAGE_SIZE))
+    return tf.function(lambda data: image_decoding.decode_image(data, IMAGE_SIZE))
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -74,7 +74,7 @@ def test_every_orientation_matches_pil_exif_transpose(orientation, graph_decode)
     image_bytes = _jpeg(_scene(), orientation)
     assert _tf_orientation(image_bytes) == orientation == Image.open(io.BytesIO(image_bytes)).getexif()[0x0112]
     stored = tf.io.decode_jpeg(image_bytes, channels=3)
-    upright = encoder.apply_exif_orientation(stored, encoder.exif_orientation(tf.constant(image_bytes))).numpy()
+    upright = image_decoding.apply_exif_orientation(stored, image_decoding.exif_orientation(tf.constant(image_bytes))).numpy()
     expected = _pil_upright_of_tf_pixels(image_bytes)
     assert upright.shape == expected.shape == ((32, 48, 3) if orientation <= 4 else (48, 32, 3))
     np.testing.assert_array_equal(upright, expected)
@@ -83,7 +83,7 @@ def test_every_orientation_matches_pil_exif_transpose(orientation, graph_decode)
     assert np.abs(upright.astype(int) - pil_upright.astype(int)).mean() < 2
     # decode_image turns it before the resize, inside one graph function.
     np.testing.assert_allclose(graph_decode(tf.constant(image_bytes)).numpy(),
-                               encoder.resize_image(expected, IMAGE_SIZE).numpy(), atol=1e-4)
+                               image_decoding.resize_image(expected, IMAGE_SIZE).numpy(), atol=1e-4)
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])
@@ -94,8 +94,8 @@ def test_big_endian_exif_and_long_values_are_read(orientation):
         assert Image.open(io.BytesIO(image_bytes)).getexif()[0x0112] == orientation
         assert _tf_orientation(image_bytes) == orientation
         np.testing.assert_array_equal(
-            encoder.apply_exif_orientation(tf.io.decode_jpeg(image_bytes, channels=3),
-                                           encoder.exif_orientation(tf.constant(image_bytes))).numpy(),
+            image_decoding.apply_exif_orientation(tf.io.decode_jpeg(image_bytes, channels=3),
+                                           image_decoding.exif_orientation(tf.constant(image_bytes))).numpy(),
             _pil_upright_of_tf_pixels(image_bytes))
 
 
@@ -168,8 +168,8 @@ DAMAGED = _damaged_variants()
 @pytest.mark.parametrize("name,image_bytes", DAMAGED, ids=[name for name, _ in DAMAGED])
 def test_damaged_or_absent_exif_decodes_as_without_it(name, image_bytes):
     assert _tf_orientation(image_bytes) == 1
-    decoded = encoder.decode_image(tf.constant(image_bytes), IMAGE_SIZE).numpy()
-    as_stored = encoder.resize_image(tf.io.decode_jpeg(image_bytes, channels=3), IMAGE_SIZE).numpy()
+    decoded = image_decoding.decode_image(tf.constant(image_bytes), IMAGE_SIZE).numpy()
+    as_stored = image_decoding.resize_image(tf.io.decode_jpeg(image_bytes, channels=3), IMAGE_SIZE).numpy()
     np.testing.assert_array_equal(decoded, as_stored)
 
 

@@ -146,11 +146,11 @@ def encoder_model():
     """The encoder `extract` builds for OVERRIDES (folded, seed 0)."""
     from models import encoder
 
-    return encoder.build_encoder("random", IMAGE_SIZE, seed=0)
+    return encoder.build_encoder(None, IMAGE_SIZE, seed=0)
 
 
 def test_features_equal_the_encoder_on_the_decoded_image(awkward_data, awkward_run, encoder_model):
-    from models import encoder
+    from models import encoder, image_decoding
     from pipeline.data import features
 
     data_dir, _, _ = awkward_data
@@ -160,7 +160,7 @@ def test_features_equal_the_encoder_on_the_decoded_image(awkward_data, awkward_r
     assert encoder.encoder_fingerprint(model) == cache.attrs["encoder_fingerprint"]
     rows = cache.index()
     for image_id in ("photo_03.jpg", "gray.png", "palette.png", "png_named.jpg", "big.jpg", "cmyk.jpg"):
-        pixels = encoder.decode_image((data_dir / "Images" / image_id).read_bytes(), IMAGE_SIZE)
+        pixels = image_decoding.decode_image((data_dir / "Images" / image_id).read_bytes(), IMAGE_SIZE)
         direct = np.asarray(model(pixels[None]))[0]
         np.testing.assert_allclose(cache.features[rows[image_id]], direct, rtol=1e-4, atol=1e-4, err_msg=image_id)
 
@@ -402,8 +402,8 @@ def test_sharded_extraction_merges_into_the_unsharded_cache(awkward_data, awkwar
 def test_bf16_extraction_records_its_precision_and_matches_fp32(awkward_data, awkward_run, copy_run, tmp_path):
     import keras
 
-    from models import encoder
     from pipeline import extract
+    from pipeline.core import device
     from pipeline.data import features
 
     data_dir, usable, _ = awkward_data
@@ -433,7 +433,7 @@ def test_bf16_extraction_records_its_precision_and_matches_fp32(awkward_data, aw
     assert json.loads((fp32_out / "config.json").read_text())["encoder"]["precision"] == "fp32"
     auto_out = tmp_path / "auto"
     shutil.copytree(out, auto_out)
-    if encoder.resolve_precision("auto") == "bf16":  # this machine: AMX-BF16 (see test_encoder)
+    if device.resolve_precision("auto") == "bf16":  # this machine: AMX-BF16 (see test_device)
         assert extract.run_extract(data_dir, auto_out, {**OVERRIDES, "encoder.precision": "auto"})["new"] == 0
         assert json.loads((auto_out / "config.json").read_text())["encoder"]["precision"] == "bf16"
     else:

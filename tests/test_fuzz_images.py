@@ -1,6 +1,6 @@
 """Fuzzed image bytes: damaged JPEG/PNG/GIF/BMP files, random bytes and decompression bombs.
 
-Through `models.encoder.decode_image` (as extraction and the SavedModel use it), the
+Through `models.image_decoding.decode_image` (as extraction and the SavedModel use it), the
 exported SavedModel's `serving_default` behind `exported_model.image_problem` (as `caption`
 and `serve` call it), the server's predict endpoint, and extraction. The property: a caption
 or a decoded tensor, or a refusal with a reason; never a crash, never a huge allocation.
@@ -22,7 +22,7 @@ import tensorflow as tf
 from hypothesis import strategies as st
 from PIL import Image
 
-from models import encoder
+from models import image_decoding
 from pipeline import extract
 from pipeline.core import config, errors
 from pipeline.serving import exported_model, server as http_server
@@ -128,7 +128,7 @@ class PeakRss:
 
 @pytest.fixture(scope="module")
 def decode():
-    return tf.function(lambda image_bytes: encoder.decode_image(image_bytes, IMAGE_SIZE),
+    return tf.function(lambda image_bytes: image_decoding.decode_image(image_bytes, IMAGE_SIZE),
                        input_signature=[tf.TensorSpec([], tf.string)])
 
 

@@ -15,7 +15,7 @@ were all written by the plain model: they read as encoder_graph="keras" and stay
 for train, evaluate and export (the same weights, the same fingerprint, features equal
 to cosine >= 0.99999 at fp32). Only adding rows to one is refused (see `check_graph`).
 Version 2 also marks the decoding that turns a JPEG with an EXIF orientation upright
-before the resize (`models.encoder.exif_orientation`); a version 1 cache saw such photos
+before the resize (`models.image_decoding.exif_orientation`); a version 1 cache saw such photos
 as stored (sideways), one more reason new rows are never added to it.
 
 Crash safety: a batch is appended (datasets resized and written, file flushed) before
@@ -95,7 +95,7 @@ def expected_attrs(encoder_config, fingerprint=None, encoder_graph="folded"):
     """The attributes a cache made with `encoder_config` (an EncoderConfig) carries.
 
     `encoder_config.precision` should already be resolved ("auto" -> "bf16"/"fp16"/"fp32",
-    `models.encoder.resolve_precision`): the attribute records what was computed.
+    `pipeline.core.device.resolve_precision`): the attribute records what was computed.
     encoder_graph: "folded" or "keras" (`models.encoder.encoder_graph` of the model).
     """
     import h5py as h5py_module
