@@ -1,10 +1,11 @@
 """The image encoder: ResNet50 without its classifier, its preprocessing inside, in float32 or mixed precision.
 
-`build_encoder` makes it from arguments already resolved by the caller (weights to use,
-a precision name, not "auto"): it reads no file and asks nothing of the machine. Feature
-extraction and the exported SavedModel run its inference form, every BatchNormalization
-folded into the convolution before it (`fold_encoder`); the plain Keras model stays
-available (`build_encoder(..., folded=False)`) as the reference that tests compare it with.
+`build_encoder` makes it from arguments the caller has already resolved (seeded weights,
+Keras' ImageNet weights or a loader of its own; a precision name, never "auto"): it opens
+no file of its own and asks nothing of the machine. Feature extraction and the exported
+SavedModel run its inference form, every BatchNormalization folded into the convolution
+before it (`fold_encoder`); the plain Keras model stays available
+(`build_encoder(..., folded=False)`) as the reference that tests compare it with.
 Bad arguments raise ValueError.
 """
 
