@@ -1,0 +1,84 @@
+"""What a run says about its device: the device line, the warning for a GPU TensorFlow cannot use, the GPU install."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.core import device, tf_data
+from tests.test_console import _fake_nvidia_machine
+
+ROOT = Path(__file__).resolve().parent.parent
+CPUINFO = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n\n"
+
+
+@pytest.fixture
+def cpuinfo(tmp_path):
+    """Writes a fake /proc/cpuinfo with `extra` flags; returns its path."""
+    def write(extra=""):
+        path = tmp_path / f"cpuinfo-{extra or 'plain'}"
+        path.write_text(CPUINFO.format(extra=extra))
+        return path
+    return write
+
+
+def test_an_nvidia_gpu_tensorflow_does_not_list_is_a_warning_naming_the_fix(tmp_path):
+    _fake_nvidia_machine(tmp_path, ["NVIDIA L4"])
+    warning = device.unusable_gpu_warning(tmp_path, tensorflow_gpus=[], search_path="")
+    assert warning.startswith("warning: this machine has 1 NVIDIA GPU (NVIDIA L4) but TensorFlow cannot use it")
+    assert "pip install -r requirements-gpu.txt" in warning
+    assert device.unusable_gpu_warning(tmp_path, tensorflow_gpus=["NVIDIA L4"], search_path="") is None
+    # No GPU in the OS: nothing to say (this machine's real answer too, unless it has one).
+    assert device.unusable_gpu_warning(tmp_path / "none", tensorflow_gpus=[], search_path="") is None
+
+
+def test_announce_prints_the_device_line_after_each_warning_once(tmp_path, cpuinfo, capsys, monkeypatch):
+    monkeypatch.setattr(device, "gpu_names", lambda: [])
+    monkeypatch.setattr(device, "_warned", set())
+    monkeypatch.setenv("PATH", "")  # no nvidia-smi
+    _fake_nvidia_machine(tmp_path, ["NVIDIA A100-SXM4-40GB"])
+    path = cpuinfo("avx512_bf16")
+    cores = tf_data.cpu_count()
+    expected = f"CPU, {cores} core{'s' if cores > 1 else ''}, AVX512-BF16 (bf16)"
+    for stage in ("extract", "train"):
+        assert device.announce(stage, "bf16", cpuinfo_path=path, root=tmp_path) == expected
+    captured = capsys.readouterr()
+    assert captured.out == f"extract: {expected}\ntrain: {expected}\n"
+    assert captured.err.count("requirements-gpu.txt") == 1 and captured.err.count("\n") == 1
+    # Without the GPU in /proc, no warning: a CPU machine's console stays quiet.
+    monkeypatch.setattr(device, "_warned", set())
+    device.announce("train", "fp32", cpuinfo_path=cpuinfo(), root=tmp_path / "none")
+    captured = capsys.readouterr()
+    assert captured.err == "" and re.fullmatch(r"train: CPU, \d+ cores?, AVX512 \(fp32\)\n", captured.out)
+
+
+def test_a_gpu_line_names_the_gpu_and_the_precision(monkeypatch):
+    monkeypatch.setattr(device, "gpu_names", lambda: ["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3"])
+    assert device.device_record("fp16") == "GPU:0 (NVIDIA H100 80GB HBM3, fp16; 2 GPUs visible)"
+    monkeypatch.setattr(device, "gpu_names", lambda: ["NVIDIA L4"])
+    assert device.device_record("fp16") == "GPU:0 (NVIDIA L4, fp16)"
+    assert device.precision_warning("fp16", on_gpu=True) is None
+
+
+def test_slow_precisions_on_a_cpu_say_what_runs(cpuinfo, monkeypatch):
+    monkeypatch.setattr(device.tf.config, "list_physical_devices", lambda kind=None: [])
+    with_bf16, without = cpuinfo("avx512_bf16"), cpuinfo()
+    fp16 = device.precision_warning("fp16", on_gpu=False, cpuinfo_path=with_bf16)
+    assert "fp16 is for GPUs" in fp16 and "Running in fp16 as asked; --precision auto picks bf16" in fp16
+    assert "auto picks fp32" in device.precision_warning("fp16", on_gpu=False, cpuinfo_path=without)
+    assert "no bfloat16 instructions" in device.precision_warning("bf16", on_gpu=False, cpuinfo_path=without)
+    assert device.precision_warning("bf16", on_gpu=False, cpuinfo_path=with_bf16) is None
+    assert device.precision_warning("fp32", on_gpu=False, cpuinfo_path=without) is None
+    with pytest.raises(device.errors.PipelineError, match="train.precision must be one of bf16, fp16, fp32 or auto"):
+        device.resolve_precision("half", setting="train.precision")
+
+
+def test_requirements_gpu_adds_tensorflows_cuda_extra_in_the_same_range():
+    def tensorflow_range(path):
+        lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+        return [re.sub(r"^tensorflow(\[and-cuda\])?", "", line) for line in lines if re.match(r"tensorflow(\[|>|<|=)", line)]
+
+    gpu = ROOT / "requirements-gpu.txt"
+    assert "-r requirements.txt" in gpu.read_text().splitlines()
+    assert "tensorflow[and-cuda]" in gpu.read_text()
+    assert tensorflow_range(gpu) == tensorflow_range(ROOT / "requirements.txt")
