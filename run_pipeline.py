@@ -165,9 +165,9 @@ def run(args):
             evaluate.run_evaluate(args.out, _overrides(args, DECODE_FLAGS))
             export.run_export(args.out, _overrides(args, DECODE_FLAGS))
     elif command == "merge-features":
-        from pipeline.data import features
+        from pipeline.data import feature_writer
 
-        features.merge_shards(args.out)
+        feature_writer.merge_shards(args.out)
     elif command == "train":
         from pipeline import train
 

@@ -33,7 +33,7 @@ from models import encoder as encoder_module
 from models import image_decoding
 from pipeline.core import config as config_module
 from pipeline.core import device, encoder_loading, errors, io_utils, progress, tf_data
-from pipeline.data import features
+from pipeline.data import feature_writer, features
 
 ERRORS_FILE = "extract_errors.json"
 # Batches tf.data keeps decoded ahead of the encoder: one encoder batch outlasts the
@@ -193,9 +193,10 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
     encode.get_concrete_function()  # traces now (once per model), outside the timed loop
     if cache_exists and not overwrite:
         features.check_attrs(attrs, encoder_config, fingerprint=fingerprint, path=cache_path)
-        writer = features.FeatureWriter.append_to(cache_path, encoder_graph=graph)
+        writer = feature_writer.FeatureWriter.append_to(cache_path, encoder_graph=graph)
     else:
-        writer = features.FeatureWriter.create(cache_path, features.expected_attrs(encoder_config, fingerprint, graph))
+        new_attrs = features.expected_attrs(encoder_config, fingerprint, graph)
+        writer = feature_writer.FeatureWriter.create(cache_path, new_attrs)
     rows_before = writer.num_rows
     started = time.monotonic()
     with writer:
@@ -332,7 +333,7 @@ def _encode_files(batches, image_ids, writer, encode):
 
 
 class BackgroundWriter:
-    """Appends batches to a `features.FeatureWriter` on a thread, so the encoder never waits for the disk.
+    """Appends batches to a `feature_writer.FeatureWriter` on a thread, so the encoder never waits for the disk.
 
     `append(image_ids, vectors float32 [b, 2048])` queues a batch, blocking only while
     `max_batches` batches already wait. Batches are written in order, each by

@@ -273,10 +273,10 @@ import os, signal, sys
 from pathlib import Path
 from pipeline import extract
 from pipeline.core import config
-from pipeline.data import features
+from pipeline.data import feature_writer
 
 appends = []
-original_append = features.FeatureWriter.append
+original_append = feature_writer.FeatureWriter.append
 
 def append_then_die(self, image_ids, vectors):
     if len(appends) == 2:
@@ -291,7 +291,7 @@ def append_then_die(self, image_ids, vectors):
     appends.append(len(image_ids))
     original_append(self, image_ids, vectors)
 
-features.FeatureWriter.append = append_then_die
+feature_writer.FeatureWriter.append = append_then_die
 image_dir, cache = Path(sys.argv[1]), Path(sys.argv[2])
 ids = sorted(path.name for path in image_dir.glob("photo_*.jpg"))
 extract.extract_to_cache(image_dir, ids, cache, config.EncoderConfig(weights="random", image_size=64, batch_size=4))
@@ -380,7 +380,7 @@ def test_progress_reports_rate_and_eta():
 
 def test_sharded_extraction_merges_into_the_unsharded_cache(awkward_data, awkward_run, tmp_path):
     from pipeline import extract
-    from pipeline.data import features
+    from pipeline.data import feature_writer, features
 
     data_dir, usable, bad = awkward_data
     out = tmp_path / "sharded"
@@ -388,7 +388,7 @@ def test_sharded_extraction_merges_into_the_unsharded_cache(awkward_data, awkwar
               for index in (0, 1)]
     # Every image the dataset lists (all but the absent file) falls in exactly one shard.
     assert sum(counts) == len(usable) + len(bad) - 1 and min(counts) > 0
-    merged_path = features.merge_shards(out)
+    merged_path = feature_writer.merge_shards(out)
     merged = features.read_features(out)
     whole = features.read_features(awkward_run[0])
     assert merged_path == out / "features.h5" and sorted(merged.image_ids) == merged.image_ids

@@ -24,7 +24,7 @@ import pytest
 
 import run_pipeline
 from pipeline import train
-from pipeline.data import features
+from pipeline.data import feature_writer, features
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 from tests.conftest import SMALL_EXTRACT_FLAGS as EXTRACT_FLAGS  # noqa: E402
@@ -197,11 +197,11 @@ _APPEND_UNTIL_FULL = """
 import sys
 import numpy as np
 from pipeline.core import errors
-from pipeline.data import features
+from pipeline.data import feature_writer, features
 
 attrs = {"format": features.FEATURES_FORMAT, "version": features.FEATURES_VERSION, "feature_dim": 2048,
          "dtype": "float32"}
-with features.FeatureWriter.create(sys.argv[1], attrs) as writer:
+with feature_writer.FeatureWriter.create(sys.argv[1], attrs) as writer:
     try:
         for start in range(0, 1000, 10):
             rows = np.arange(start, start + 10, dtype=np.float32)
@@ -233,7 +233,7 @@ def test_feature_writer_stops_before_the_file_size_limit_and_keeps_every_counted
     assert partial.image_ids == expected_ids
     np.testing.assert_array_equal(partial.features, expected_features)
     # With room again, the same file takes the rest.
-    with features.FeatureWriter.append_to(path) as writer:
+    with feature_writer.FeatureWriter.append_to(path) as writer:
         assert writer.num_rows == 190
         writer.append(*_rows(190, 300))
     final = features.read_features(None, path=path)
@@ -246,9 +246,9 @@ _FAIL_INSIDE_HDF5 = """
 import resource, sys
 import h5py
 import numpy as np
-from pipeline.data import features
+from pipeline.data import feature_writer
 
-guarded = features._GuardedFile(sys.argv[1], "w+b")
+guarded = feature_writer._GuardedFile(sys.argv[1], "w+b")
 handle = h5py.File(guarded, "w")
 handle.create_dataset("features", shape=(64, 2048), dtype="float32", chunks=(64, 2048))
 handle.flush()

@@ -34,7 +34,7 @@ import pytest
 from hypothesis import strategies as st
 
 from pipeline.core import config, errors
-from pipeline.data import datasets, text
+from pipeline.data import dataset_layouts, datasets, text
 
 DATA_CONFIG = config.DataConfig()
 
@@ -513,7 +513,7 @@ def karpathy_folders(draw):
              else st.just("ok"))
     entries, entry_kinds, expected_images = [], [], {}
     for name in names:
-        split = draw(st.sampled_from(list(datasets.KARPATHY_SPLITS)))
+        split = draw(st.sampled_from(list(dataset_layouts.KARPATHY_SPLITS)))
         texts = draw(st.lists(caption_texts, min_size=1, max_size=3))
         kind = draw(kinds)
         entries.append(_karpathy_entry(kind, name, split, texts, draw))
@@ -522,7 +522,7 @@ def karpathy_folders(draw):
             entries.append(dict(entries[-1]))
             entry_kinds[-1] = "ok"
             entry_kinds.append("duplicate")
-        expected_images[name] = (datasets.KARPATHY_SPLITS[split], [raw.strip() for raw in texts])
+        expected_images[name] = (dataset_layouts.KARPATHY_SPLITS[split], [raw.strip() for raw in texts])
     document = {"images": entries, "dataset": "fuzz"}
     if corrupt and draw(st.integers(0, 9)) == 0:
         document = draw(st.sampled_from([entries, {"images": {}}, {"images": None}, {}, "images", None]))

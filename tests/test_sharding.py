@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.data import features
+from pipeline.data import feature_writer, features
 from tests.conftest import SMALL_EXTRACT_FLAGS
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -55,4 +55,4 @@ def test_merge_without_every_shard_names_the_missing_one(small_data, tmp_path):
     out = tmp_path / "half"
     extract.run_extract(small_data, out, dict(SMALL_EXTRACT_OVERRIDES), num_shards=3, shard_index=1)
     with pytest.raises(errors.ArtifactError, match=r"features\.shard-0-of-3\.h5, features\.shard-2-of-3\.h5"):
-        features.merge_shards(out)
+        feature_writer.merge_shards(out)
