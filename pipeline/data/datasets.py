@@ -110,6 +110,7 @@ class Dataset:
 
     @property
     def num_captions(self):
+        """Captions of the usable images (int)."""
         return sum(len(record.captions) for record in self.images)
 
     def summary(self):
@@ -291,6 +292,7 @@ def read_captions_json(out_dir):
 
 
 def _load_flickr8k(data_dir, token_file, config):
+    """The Dataset of a Flickr8k release whose token file is `token_file` (Path)."""
     captions = dataset_layouts.read_flickr8k_tokens(token_file)
     image_dir = _choose_image_dir(data_dir, FLICKR8K_IMAGE_FOLDERS, captions)
     if image_dir is None:
@@ -303,6 +305,7 @@ def _load_flickr8k(data_dir, token_file, config):
 
 
 def _load_kaggle(data_dir, captions_file, config):
+    """The Dataset of a Kaggle layout: `captions_file` (captions.txt) beside an Images/ folder."""
     captions = dataset_layouts.read_kaggle_csv(captions_file)
     image_dir = _choose_image_dir(data_dir, KAGGLE_IMAGE_FOLDERS, captions)
     if image_dir is None:
@@ -312,6 +315,7 @@ def _load_kaggle(data_dir, captions_file, config):
 
 
 def _load_karpathy(data_dir, json_file):
+    """The Dataset of a Karpathy split file `json_file` (dataset_NAME.json), named NAME."""
     captions, splits = dataset_layouts.read_karpathy_json(json_file)
     # KARPATHY_IMAGE_FOLDERS ends with ".", so a folder is always found
     image_dir = _choose_image_dir(data_dir, KARPATHY_IMAGE_FOLDERS, splits)

@@ -63,6 +63,11 @@ class FeatureWriter:
 
     @classmethod
     def create(cls, path, attrs):
+        """A writer of a new, empty cache at `path` (replacing any file there) with attributes `attrs` (dict).
+
+        `attrs` must hold `feature_dim` and `dtype` (the features dataset's width and type);
+        `num_rows` is the writer's own. ArtifactError when the disk has no room or the write fails.
+        """
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +129,11 @@ class FeatureWriter:
         return cls(handle, path, file, encoder_graph)
 
     def append(self, image_ids, features):
+        """Writes one batch: `image_ids` (list of str, b) and `features` (float array [b, feature_dim]).
+
+        The rows count (num_rows) only once both datasets are flushed; ArtifactError, before
+        anything is written, when the disk or the file size limit has no room for the batch.
+        """
         count = len(image_ids)
         assert features.shape == (count, self._features.shape[1]), (features.shape, count)
         if count == 0:
@@ -165,6 +175,7 @@ class FeatureWriter:
                 + id_bytes + WRITE_MARGIN_BYTES)
 
     def set_attr(self, name, value):
+        """Sets one attribute of the cache and flushes it."""
         self._handle.attrs[name] = value
         self._handle.flush()
 

@@ -162,10 +162,12 @@ def check_graph(attrs, encoder_graph, path=FEATURES_FILE):
 
 
 def _is_file(weights):
+    """Whether the `weights` setting (str) names a weights file rather than "imagenet" or "random"."""
     return weights not in ("imagenet", "random")
 
 
 def _mismatch(path, name, cached, requested, hint=""):
+    """Raises the ArtifactError for one attribute whose cached value differs from what the run asks for."""
     raise errors.ArtifactError(
         f"{path}: the feature cache was made with {name}={cached!r} but this run asks for "
         f"{name}={requested!r}; rerun with --overwrite to replace it{hint}, or choose another --out"
@@ -173,6 +175,7 @@ def _mismatch(path, name, cached, requested, hint=""):
 
 
 def _open_h5(path, mode):
+    """The h5py.File at `path`; ArtifactError when it is missing (mode "r") or not a readable HDF5 file."""
     path = Path(path)
     if mode == "r" and not path.is_file():
         raise errors.ArtifactError(f"{path}: the feature cache is missing (run the extract stage first)")
@@ -229,6 +232,7 @@ def validate(handle, path):
 
 
 def _check_expect(attrs, expect, path):
+    """Checks `attrs` against `expect`: None (nothing), a dict of exact values, or an EncoderConfig."""
     if expect is None:
         return
     if isinstance(expect, dict):
@@ -291,6 +295,7 @@ class FeatureReader:
         return np.asarray(block, dtype=np.float32)[inverse]
 
     def batches(self, batch_size):
+        """Yields (image ids list of str, features float32 [b, feature_dim]) in row order, b <= batch_size."""
         for start in range(0, self.num_rows, batch_size):
             stop = min(start + batch_size, self.num_rows)
             yield self.image_ids[start:stop], np.asarray(self._features[start:stop], dtype=np.float32)

@@ -185,6 +185,7 @@ class ExportedCaptioner:
         self.metadata = self._read_metadata()
 
     def _read_metadata(self):
+        """The export's assets.extra/captioner.json (dict); {} when it is absent or unreadable."""
         path = self.model_dir / METADATA_DIR / METADATA_FILE
         if not path.is_file():
             return {}

@@ -203,5 +203,6 @@ def _instance_features(item, index, field, unwrap):
 
 
 def _describe(value):
+    """A JSON value as an error message quotes it: at most 60 characters."""
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
