@@ -22,15 +22,30 @@ at least 0), a quirk kept so the figures agree to 1e-6 (tested). Fine-tuning app
 `<end>` to candidates and references alike, so "a dog runs on the" (no `<end>` after
 "the" in any reference) loses the n-grams "on the <end>", "the <end>" that a complete
 caption earns.
+
+Cost. Set-up counts document frequencies only: each image's distinct n-grams come from a
+sort of that image's own row (short rows, so linear in the images), and one sort per n
+of those distinct n-grams gives the counts. The references are kept as their token ids;
+`scores` builds the n-grams of the references of the images it scores, so a reward step
+costs what its batch holds, whatever the corpus' size. `state()` keeps the document
+frequencies (with a fingerprint of the corpus they came from) for `from_state`, so a
+resumed run does not count them again.
 """
+
+import hashlib
 
 import numpy as np
 
 NGRAM_ORDER = 4
 SIGMA = 6.0
 # n-grams are packed into one int64 as digits of base (vocabulary size + 1); four digits
-# must stay below 2**63.
+# must stay below 2**63. Token ids are stored as uint16, which this bound also fits.
 MAX_VOCABULARY = 55_000
+STATE_FORMAT = "cider-d-document-frequencies-1"
+# int64 cells per block of images whose rows are sorted at once (8 MiB): large enough
+# that NumPy's per-call overhead vanishes, small enough to stay in cache and in memory.
+BLOCK_CELLS = 1 << 20
+CONCATENATE_CAPTIONS = 1 << 16  # captions joined per np.concatenate when the ids are first read
 
 
 def _ngram_keys(token_ids, lengths, order, base):
@@ -43,7 +58,8 @@ def _ngram_keys(token_ids, lengths, order, base):
         base: int > every token id + 1.
     Returns:
         (rows int64 [G], keys int64 [G], orders int64 [G] in 1..order); a key encodes the
-        n-gram's tokens as digits (id + 1) of `base`, so n-grams of different n never collide.
+        n-gram's tokens as digits (id + 1) of `base`, so n-grams of different n never collide,
+        and every n-gram of order n lies in [base**(n-1), base**n).
     """
     token_ids = np.asarray(token_ids, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -79,14 +95,154 @@ def _count_ngrams(rows, keys, orders):
     return rows[first], keys[first], orders[first], counts
 
 
-def _pad_sequences(sequences):
-    """list of int sequences -> (int64 [M, T] padded with 0, int64 [M] lengths)."""
-    lengths = np.asarray([len(sequence) for sequence in sequences], dtype=np.int64)
-    width = int(lengths.max()) if len(lengths) else 0
-    padded = np.zeros((len(sequences), width), dtype=np.int64)
-    for index, sequence in enumerate(sequences):
-        padded[index, :len(sequence)] = sequence
-    return padded, lengths
+def _run_lengths(sorted_values):
+    """Sorted int64 [K] -> (distinct values int64 [D], how often each occurs int32 [D])."""
+    if len(sorted_values) == 0:
+        return sorted_values, np.zeros((0,), np.int32)
+    starts = np.empty(len(sorted_values), dtype=bool)
+    starts[0] = True
+    np.not_equal(sorted_values[1:], sorted_values[:-1], out=starts[1:])
+    first = np.flatnonzero(starts)
+    counts = np.diff(first, append=len(sorted_values)).astype(np.int32)
+    return sorted_values[first], counts
+
+
+class _Captions:
+    """Captions of several images as flat token ids.
+
+    Attributes:
+        tokens: uint16 [P], every caption's ids one after the other.
+        starts: int64 [M + 1], caption m is tokens[starts[m]:starts[m + 1]].
+        per_image: int64 [I], captions of each image (image i's come after image i-1's).
+        first_caption: int64 [I], index of each image's first caption.
+    """
+
+    def __init__(self, captions_per_image, vocabulary_size):
+        self.per_image = np.fromiter(map(len, captions_per_image), dtype=np.int64, count=len(captions_per_image))
+        sequences = [sequence for captions in captions_per_image for sequence in captions]
+        lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+        self.starts = np.zeros(len(sequences) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.starts[1:])
+        self.first_caption = np.cumsum(self.per_image) - self.per_image
+        # Copied a part at a time, so only the uint16 result is ever whole.
+        self.tokens = np.empty(self.starts[-1], dtype=np.uint16)
+        for first in range(0, len(sequences), CONCATENATE_CAPTIONS):
+            part = sequences[first:first + CONCATENATE_CAPTIONS]
+            ids = np.concatenate(part) if self.starts[first + len(part)] > self.starts[first] else np.zeros(0, np.int64)
+            if len(ids) and (ids.min() < 0 or ids.max() >= vocabulary_size):
+                raise ValueError(f"token ids must be in [0, {vocabulary_size}), got {ids.min()}..{ids.max()}")
+            self.tokens[self.starts[first]:self.starts[first + len(part)]] = ids
+
+    def fingerprint(self, vocabulary_size, order):
+        """str: SHA-256 of the ids, the caption and image boundaries, and the key settings."""
+        digest = hashlib.sha256(f"{STATE_FORMAT} {vocabulary_size} {order}".encode())
+        for array in (self.per_image, self.starts, self.tokens):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
+    def padded(self, captions):
+        """int64 [C] caption indices -> (int64 [C, T] ids padded with 0, int64 [C] lengths)."""
+        starts = self.starts[captions]
+        lengths = self.starts[captions + 1] - starts
+        width = int(lengths.max()) if len(lengths) else 0
+        columns = np.arange(width)
+        inside = columns[np.newaxis, :] < lengths[:, np.newaxis]
+        position = np.where(inside, starts[:, np.newaxis] + columns, 0)
+        tokens = self.tokens[position] if len(self.tokens) else np.zeros(position.shape, np.uint16)
+        return np.where(inside, tokens, 0).astype(np.int64), lengths
+
+    def document_frequencies(self, order, base):
+        """In how many images' caption sets each n-gram occurs.
+
+        Returns:
+            (keys int64 [D] sorted, counts int32 [D]): every distinct n-gram, n = 1..order.
+        """
+        total = len(self.tokens)
+        image_bounds = np.append(self.first_caption, len(self.starts) - 1)
+        segment_start = self.starts[image_bounds[:-1]]
+        segment_length = self.starts[image_bounds[1:]] - segment_start
+        if total == 0:
+            return np.zeros((0,), np.int64), np.zeros((0,), np.int32)
+        # Each image's captions, one after the other, as a row of a grid: all n share it.
+        grids = [self._grid(images, segment_start, segment_length, order) for images in self._blocks(segment_length)]
+        caption_lengths = np.diff(self.starts)
+        keys, counts = [], []
+        # One n at a time keeps the distinct n-grams of a single n in memory; keys of order n
+        # lie below those of order n + 1, so the concatenation is sorted.
+        for n in range(1, order + 1):
+            # Room for every n-gram; the pages past what the images' distinct ones fill are
+            # never touched, so they cost no memory.
+            values = np.empty(int(np.maximum(caption_lengths - n + 1, 0).sum()), dtype=np.int64)
+            filled = 0
+            for digits, left in grids:
+                distinct = _distinct_in_rows(digits, left, n, base)
+                values[filled:filled + len(distinct)] = distinct
+                filled += len(distinct)
+            values = values[:filled]
+            values.sort()
+            ngram_keys, ngram_counts = _run_lengths(values)
+            del values
+            keys.append(ngram_keys)
+            counts.append(ngram_counts)
+        return np.concatenate(keys), np.concatenate(counts)
+
+    @staticmethod
+    def _blocks(segment_length):
+        """Image index arrays of at most ~BLOCK_CELLS padded tokens, images of similar length together."""
+        by_length = np.argsort(segment_length, kind="stable")
+        sorted_length = np.maximum(segment_length[by_length], 1)
+        blocks, start = [], 0
+        while start < len(by_length):
+            stop = min(len(by_length), start + max(1, BLOCK_CELLS // int(sorted_length[start])))
+            # Lengths grow along the order: the block's widest image sets its budget.
+            stop = min(stop, start + max(1, BLOCK_CELLS // int(sorted_length[stop - 1])))
+            blocks.append(by_length[start:stop])
+            start = stop
+        return blocks
+
+    def _grid(self, images, segment_start, segment_length, order):
+        """Row j: the captions of images[j], one after the other.
+
+        Returns:
+            (digits uint16 [len(images), W]: id + 1, 0 past the row's end;
+             left uint8 [len(images), W]: tokens left in the cell's caption from it on, at
+             most `order`, 0 past the row's end).
+        """
+        lengths = segment_length[images]
+        width = int(lengths.max())
+        columns = np.arange(width)
+        inside = columns[np.newaxis, :] < lengths[:, np.newaxis]
+        position = np.where(inside, segment_start[images][:, np.newaxis] + columns, 0)
+        digits = self.tokens[position]
+        digits += 1
+        digits[~inside] = 0
+        # The grid's inside cells, row by row, are the block's captions in order.
+        per_image = self.per_image[images]
+        captions = np.repeat(self.first_caption[images] - (np.cumsum(per_image) - per_image), per_image)
+        captions += np.arange(len(captions))
+        caption_lengths = self.starts[captions + 1] - self.starts[captions]
+        left = np.zeros(inside.shape, dtype=np.uint8)
+        left[inside] = np.minimum(np.repeat(np.cumsum(caption_lengths), caption_lengths)
+                                  - np.arange(caption_lengths.sum()), order)
+        return digits, left
+
+
+def _distinct_in_rows(digits, left, n, base):
+    """int64 [K]: each row's distinct n-grams (the `_Captions._grid` of some images, n >= 1)."""
+    span = digits.shape[1] - n + 1
+    if span < 1:
+        return np.zeros((0,), np.int64)
+    key = digits[:, :span].astype(np.int64)
+    for offset in range(1, n):
+        key *= base
+        key += digits[:, offset:offset + span]
+    # An n-gram starting where fewer than n tokens are left would run into the next caption.
+    key[left[:, :span] < n] = 0
+    # Sorting each row puts its repeats side by side (0 marks no n-gram).
+    key.sort(axis=1)
+    first = key != 0
+    first[:, 1:] &= key[:, 1:] != key[:, :-1]
+    return key[first]
 
 
 class CiderD:
@@ -96,10 +252,15 @@ class CiderD:
 
         scorer = CiderD(references=[[[4, 5, 2], [4, 6, 2]], [[7, 8, 2]]], vocabulary_size=9)
         scorer.scores(np.array([[4, 5, 2], [7, 8, 2]]), np.array([3, 3]), np.array([0, 1]))
+
+    Keeping the document frequencies (e.g. with a checkpoint) and using them again:
+
+        np.savez(path, **scorer.state())
+        scorer = CiderD.from_state(dict(np.load(path)), references, vocabulary_size=9)
     """
 
     def __init__(self, references, vocabulary_size, document_frequency_references=None,
-                 order=NGRAM_ORDER, sigma=SIGMA):
+                 order=NGRAM_ORDER, sigma=SIGMA, state=None):
         """
         Args:
             references: list over images of list of int sequences (token ids, `<end>`
@@ -110,58 +271,92 @@ class CiderD:
                 corpus of document frequencies and of N; defaults to `references`.
             order: int, largest n-gram (4 for CIDEr-D).
             sigma: float, the length penalty's standard deviation (6 for CIDEr-D).
+            state: a `state()` of a scorer with the same corpus, order and vocabulary size
+                (prefer `from_state`): its document frequencies are used instead of counted.
+        Raises:
+            ValueError: a bad size, an image without references, an id out of range, or a
+                `state` that does not belong to this corpus.
         """
         if vocabulary_size >= MAX_VOCABULARY:
             raise ValueError(f"vocabulary_size must be below {MAX_VOCABULARY}, got {vocabulary_size}")
-        if any(len(captions) == 0 for captions in references):
-            raise ValueError("every image needs at least one reference caption")
         self.order = int(order)
         self.sigma = float(sigma)
-        self.base = int(vocabulary_size) + 1
-        corpus = references if document_frequency_references is None else document_frequency_references
-        self.corpus_size = len(corpus)
-        self.log_corpus_size = np.log(float(self.corpus_size))
+        self.vocabulary_size = int(vocabulary_size)
+        self.base = self.vocabulary_size + 1
+        self.references = _Captions(references, self.vocabulary_size)
+        if (self.references.per_image == 0).any():
+            raise ValueError("every image needs at least one reference caption")
+        corpus = self.references if document_frequency_references is None else _Captions(
+            document_frequency_references, self.vocabulary_size)
+        self.corpus_size = len(corpus.per_image)
+        self.log_corpus_size = np.log(float(self.corpus_size)) if self.corpus_size else -np.inf
+        self.fingerprint = corpus.fingerprint(self.vocabulary_size, self.order)
+        if state is None:
+            self.df_keys, self.df_counts = corpus.document_frequencies(self.order, self.base)
+        else:
+            self.df_keys, self.df_counts = self._checked_state(state)
 
-        # Document frequency: in how many images' reference sets an n-gram occurs.
-        corpus_rows, corpus_keys, _ = self._flatten(corpus)
-        self.df_keys, dense = np.unique(corpus_keys, return_inverse=True)
-        # One count per (image, n-gram): unique pairs, packed into one int64 each.
-        pairs = np.unique(corpus_rows * max(len(self.df_keys), 1) + dense.reshape(-1))
-        self.df_counts = np.bincount(pairs % max(len(self.df_keys), 1), minlength=len(self.df_keys))
+        self.num_references = self.references.per_image
+        self.reference_offsets = self.references.first_caption
+        self.max_references = int(self.num_references.max()) if len(self.num_references) else 0
 
-        # Per reference caption: its unique n-grams and tf-idf weights, norms, length.
-        sequences = [sequence for captions in references for sequence in captions]
-        self.num_references = np.asarray([len(captions) for captions in references], dtype=np.int64)
-        self.reference_offsets = np.concatenate([[0], np.cumsum(self.num_references)[:-1]]).astype(np.int64)
-        self.max_references = int(self.num_references.max()) if len(references) else 0
-        padded, lengths = _pad_sequences(sequences)
-        ref_rows, ref_keys, ref_orders, ref_counts = _count_ngrams(*_ngram_keys(padded, lengths, self.order, self.base))
-        ref_weights = ref_counts * self._idf(ref_keys)
-        self.reference_norms = self._norms(ref_rows, ref_orders, ref_weights, len(sequences))
-        self.reference_lengths = np.maximum(lengths - 1, 0).astype(np.float64)
-        # Candidates find their matches by searching (image, n-gram) in one sorted table.
-        image_of_reference = np.repeat(np.arange(len(references), dtype=np.int64), self.num_references)
-        self.ngram_keys, dense = np.unique(ref_keys, return_inverse=True)
-        table = image_of_reference[ref_rows] * len(self.ngram_keys) + dense
-        sort = np.argsort(table, kind="stable")
-        self.table = table[sort]
-        self.table_reference = ref_rows[sort]
-        self.table_weight = ref_weights[sort]
+    @classmethod
+    def from_state(cls, state, references, vocabulary_size, document_frequency_references=None):
+        """A scorer whose document frequencies come from `state` (a `state()`), not counted again.
 
-    def _flatten(self, captions_per_image):
-        """(image rows, n-gram keys, orders) of every n-gram of every caption of every image."""
-        sequences = [sequence for captions in captions_per_image for sequence in captions]
-        image = np.repeat(np.arange(len(captions_per_image)), [len(captions) for captions in captions_per_image])
-        padded, lengths = _pad_sequences(sequences)
-        rows, keys, orders = _ngram_keys(padded, lengths, self.order, self.base)
-        return image[rows] if len(rows) else rows, keys, orders
+        Raises ValueError when `state` was made from another corpus (its fingerprint differs),
+        another vocabulary size or n-gram order.
+        """
+        missing = sorted({"order", "sigma"} - set(state))
+        if missing:
+            raise ValueError(f"CIDEr-D state: no {', '.join(map(repr, missing))}")
+        return cls(references, vocabulary_size, document_frequency_references,
+                   order=int(np.asarray(state["order"])), sigma=float(np.asarray(state["sigma"])), state=state)
+
+    def state(self):
+        """The document frequencies and what they belong to, as NumPy arrays (`np.savez` keeps them).
+
+        Returns:
+            dict: format (str), fingerprint (str, SHA-256 of the corpus' ids and boundaries),
+            vocabulary_size, order, corpus_size (int64), sigma (float64), ngram_keys (int64 [D],
+            sorted, n-grams packed as digits id + 1 of base vocabulary_size + 1),
+            document_frequencies (int32 [D]).
+        """
+        return {
+            "format": np.asarray(STATE_FORMAT),
+            "fingerprint": np.asarray(self.fingerprint),
+            "vocabulary_size": np.asarray(self.vocabulary_size, dtype=np.int64),
+            "order": np.asarray(self.order, dtype=np.int64),
+            "corpus_size": np.asarray(self.corpus_size, dtype=np.int64),
+            "sigma": np.asarray(self.sigma, dtype=np.float64),
+            "ngram_keys": self.df_keys,
+            "document_frequencies": self.df_counts,
+        }
+
+    def _checked_state(self, state):
+        """(keys int64 [D], counts int32 [D]) of a `state()` that belongs to this corpus, else ValueError."""
+        expected = {"format": STATE_FORMAT, "fingerprint": self.fingerprint, "vocabulary_size": self.vocabulary_size,
+                    "order": self.order, "corpus_size": self.corpus_size}
+        for name, value in expected.items():
+            if name not in state:
+                raise ValueError(f"CIDEr-D state: no {name!r}")
+            found = np.asarray(state[name]).item()
+            if found != value:
+                raise ValueError(f"CIDEr-D state: {name} {found!r} does not match this corpus' {value!r} "
+                                 "(document frequencies of other captions or settings)")
+        keys = np.asarray(state["ngram_keys"], dtype=np.int64)
+        counts = np.asarray(state["document_frequencies"], dtype=np.int32)
+        if keys.ndim != 1 or keys.shape != counts.shape:
+            raise ValueError(f"CIDEr-D state: ngram_keys {keys.shape} and document_frequencies {counts.shape} "
+                             "must be one-dimensional and of one length")
+        return keys, counts
 
     def _idf(self, keys):
         """float64 [G]: log N - log max(1, df) of each n-gram key (df 0 for unseen n-grams)."""
-        position = np.searchsorted(self.df_keys, keys)
-        position = np.minimum(position, max(len(self.df_keys) - 1, 0))
-        found = (self.df_keys[position] == keys) if len(self.df_keys) else np.zeros(len(keys), bool)
-        df = np.where(found, self.df_counts[position] if len(self.df_keys) else 0, 0)
+        if len(self.df_keys) == 0:
+            return np.full(len(keys), self.log_corpus_size)
+        position = np.minimum(np.searchsorted(self.df_keys, keys), len(self.df_keys) - 1)
+        df = np.where(self.df_keys[position] == keys, self.df_counts[position], 0)
         return self.log_corpus_size - np.log(np.maximum(1.0, df))
 
     def _norms(self, rows, orders, weights, count):
@@ -183,43 +378,62 @@ class CiderD:
         lengths = np.asarray(lengths, dtype=np.int64)
         image_indices = np.asarray(image_indices, dtype=np.int64)
         count = len(lengths)
+        if count == 0:
+            return np.zeros((0,), np.float64)
         rows, keys, orders, counts = _count_ngrams(*_ngram_keys(token_ids, lengths, self.order, self.base))
-        weights = counts * self._idf(keys)
+
+        # The references of the batch's images, batch-local: image slot s holds references
+        # slot_first[s] .. slot_first[s] + slot_count[s] - 1.
+        images, slot = np.unique(image_indices, return_inverse=True)
+        slot = slot.reshape(-1)
+        slot_count = self.num_references[images]
+        slot_first = np.cumsum(slot_count) - slot_count
+        captions = np.repeat(self.reference_offsets[images] - slot_first, slot_count) + np.arange(slot_count.sum())
+        reference_tokens, reference_lengths = self.references.padded(captions)
+        ref_rows, ref_keys, ref_orders, ref_counts = _count_ngrams(
+            *_ngram_keys(reference_tokens, reference_lengths, self.order, self.base))
+
+        # Dense ids of the batch's n-grams: one sorted search of the document frequencies,
+        # and small integers to pair candidates with reference n-grams.
+        batch_keys, dense = np.unique(np.concatenate([keys, ref_keys]), return_inverse=True)
+        dense = dense.reshape(-1)
+        idf = self._idf(batch_keys)
+        candidate_dense, reference_dense = dense[:len(keys)], dense[len(keys):]
+        weights = counts * idf[candidate_dense]
+        ref_weights = ref_counts * idf[reference_dense]
         candidate_norms = self._norms(rows, orders, weights, count)
+        reference_norms_all = self._norms(ref_rows, ref_orders, ref_weights, len(captions))
 
         # Each candidate n-gram meets every reference of its image holding the same n-gram.
-        dense = np.searchsorted(self.ngram_keys, keys)
-        dense = np.minimum(dense, max(len(self.ngram_keys) - 1, 0))
-        known = self.ngram_keys[dense] == keys if len(self.ngram_keys) else np.zeros(len(keys), bool)
-        rows, orders, weights, dense = rows[known], orders[known], weights[known], dense[known]
-        lookup = image_indices[rows] * len(self.ngram_keys) + dense
-        first = np.searchsorted(self.table, lookup, side="left")
-        matches = np.searchsorted(self.table, lookup, side="right") - first
+        reference_slot = np.repeat(np.arange(len(images)), slot_count)
+        table = reference_slot[ref_rows] * len(batch_keys) + reference_dense
+        sort = np.argsort(table, kind="stable")
+        table, table_reference, table_weight = table[sort], ref_rows[sort], ref_weights[sort]
+        lookup = slot[rows] * len(batch_keys) + candidate_dense
+        first = np.searchsorted(table, lookup, side="left")
+        matches = np.searchsorted(table, lookup, side="right") - first
         total = int(matches.sum())
-        starts = np.repeat(first, matches)
-        within = np.arange(total) - np.repeat(np.cumsum(matches) - matches, matches)
-        entries = starts + within
-        reference = self.table_reference[entries]
-        reference_weight = self.table_weight[entries]
-        candidate_weight = np.repeat(weights, matches)
+        entries = np.repeat(first, matches) + (np.arange(total) - np.repeat(np.cumsum(matches) - matches, matches))
+        reference = table_reference[entries]
         candidate_row = np.repeat(rows, matches)
-        match_order = np.repeat(orders, matches)
-        slot = reference - self.reference_offsets[image_indices[candidate_row]]
-        flat = (candidate_row * self.max_references + slot) * self.order + (match_order - 1)
-        clipped = np.minimum(candidate_weight, reference_weight) * reference_weight
-        dots = np.bincount(flat, weights=clipped, minlength=count * self.max_references * self.order)
-        dots = dots.reshape(count, self.max_references, self.order)
+        width = int(slot_count.max())
+        position = reference - slot_first[slot[candidate_row]]
+        flat = (candidate_row * width + position) * self.order + (np.repeat(orders, matches) - 1)
+        clipped = np.minimum(np.repeat(weights, matches), table_weight[entries]) * table_weight[entries]
+        dots = np.bincount(flat, weights=clipped, minlength=count * width * self.order)
+        dots = dots.reshape(count, width, self.order)
 
-        # Per candidate and reference slot: norms, lengths, a mask for the padding slots.
-        slots = np.arange(self.max_references)
-        present = slots[np.newaxis, :] < self.num_references[image_indices][:, np.newaxis]
-        reference_index = np.where(present, self.reference_offsets[image_indices][:, np.newaxis] + slots, 0)
-        reference_norms = self.reference_norms[reference_index]  # [M, R, order]
+        # Per candidate and reference position: norms, lengths, a mask for the padding positions.
+        positions = np.arange(width)
+        present = positions[np.newaxis, :] < slot_count[slot][:, np.newaxis]
+        reference_index = np.where(present, slot_first[slot][:, np.newaxis] + positions, 0)
+        reference_norms = reference_norms_all[reference_index]  # [M, R, order]
         product = candidate_norms[:, np.newaxis, :] * reference_norms
         similarity = np.where(product != 0, dots / np.where(product != 0, product, 1.0), dots)
         candidate_length = np.maximum(lengths - 1, 0).astype(np.float64)
-        delta = candidate_length[:, np.newaxis] - self.reference_lengths[reference_index]
+        reference_length = np.maximum(reference_lengths - 1, 0).astype(np.float64)
+        delta = candidate_length[:, np.newaxis] - reference_length[reference_index]
         similarity = similarity * np.exp(-(delta ** 2) / (2 * self.sigma ** 2))[:, :, np.newaxis]
         similarity = np.where(present[:, :, np.newaxis], similarity, 0.0)
-        per_order = similarity.sum(axis=1) / self.num_references[image_indices][:, np.newaxis]
+        per_order = similarity.sum(axis=1) / slot_count[slot][:, np.newaxis]
         return 10.0 * per_order.mean(axis=1)
