@@ -337,13 +337,13 @@ def test_metrics_count_requests_latency_batches_and_images(live_server, demo_ima
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    assert change("captioner_requests_total", route="status", status="200") == 1
-    assert change("captioner_requests_total", route="predict", status="200") == 1
-    assert change("captioner_requests_total", route="predict", status="400") == 1
-    assert change("captioner_requests_total", route="metrics", status="200") == 1  # the `before` read
-    assert change("captioner_request_latency_seconds_count", route="predict") == 2
-    assert change("captioner_request_latency_seconds_sum", route="predict") > 0
-    assert change("captioner_request_latency_seconds_bucket", route="predict", le="+Inf") == 2
+    assert change("captioner_requests_total", api="rest", route="status", status="200") == 1
+    assert change("captioner_requests_total", api="rest", route="predict", status="200") == 1
+    assert change("captioner_requests_total", api="rest", route="predict", status="400") == 1
+    assert change("captioner_requests_total", api="rest", route="metrics", status="200") == 1  # the `before` read
+    assert change("captioner_request_latency_seconds_count", api="rest", route="predict") == 2
+    assert change("captioner_request_latency_seconds_sum", api="rest", route="predict") > 0
+    assert change("captioner_request_latency_seconds_bucket", api="rest", route="predict", le="+Inf") == 2
     assert change("captioner_images_captioned_total", signature="serving_default") == 2
     assert change("captioner_batch_size_count", signature="serving_default") == 1
     assert change("captioner_batch_size_sum", signature="serving_default") == 2

@@ -1,11 +1,13 @@
 """TensorFlow Serving's REST API, without the HTTP: request bodies in, checked calls and answer bodies out.
 
-    POST /v1/models/captioner[/versions/1]:predict
+    POST /v1/models/captioner[/versions/1 | /labels/stable]:predict
          {"instances": [{"b64": "<base64 image>"}, ...]}       (row format)
          {"inputs": {"images": [{"b64": "..."}, ...]}}          (columnar format)
          "signature_name": "caption_features" with 2048-number feature rows as instances
-    GET  /v1/models/captioner[/versions/1]            `status_body()`
-    GET  /v1/models/captioner[/versions/1]/metadata   `metadata_body()`: the SavedModel's signature defs
+    GET  /v1/models/captioner[/versions/1 | /labels/stable]            `status_body()`
+    GET  /v1/models/captioner[/versions/1 | /labels/stable]/metadata   `metadata_body()`: the signature defs
+
+(the model's name, version and labels are the served model's: `tf_serving_files.ServedModel`).
 
 `parse_predict` turns a predict body into a `PredictCall` or raises `RequestError` naming
 the field and instance at fault; `diagnose` names the instance the model refused. Nothing
@@ -18,6 +20,7 @@ import binascii
 import dataclasses
 import http
 import json
+import re
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -45,22 +48,24 @@ class RequestError(Exception):
         self.close = close
 
 
-def status_body():
-    """The model-status answer (dict), as TF Serving gives it for a loaded, servable model."""
+def status_body(version=int(MODEL_VERSION), state="AVAILABLE"):
+    """The model-status answer (dict), as TF Serving gives it: `state` "LOADING" while the
+    warm-up requests replay, then "AVAILABLE"."""
     return {"model_version_status": [{
-        "version": MODEL_VERSION, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""},
+        "version": str(version), "state": state, "status": {"error_code": "OK", "error_message": ""},
     }]}
 
 
-def metadata_body(signature_defs, metadata):
+def metadata_body(signature_defs, metadata, name=MODEL_NAME, version=int(MODEL_VERSION)):
     """The metadata answer (dict): TF Serving's, plus `metadata.captioner`.
 
     Args:
       signature_defs: `read_signature_defs(model_dir)` of the served model.
       metadata: the export's `assets.extra/captioner.json` (dict; {} when absent).
+      name, version: the served model's name (str) and version (int).
     """
     return {
-        "model_spec": {"name": MODEL_NAME, "signature_name": "", "version": MODEL_VERSION},
+        "model_spec": {"name": name, "signature_name": "", "version": str(version)},
         "metadata": {
             "signature_def": {"signature_def": signature_defs},
             # Ours, beside TF Serving's one key: what produced the export.
@@ -154,18 +159,22 @@ def read_signature_defs(model_dir):
             for name in sorted(signature_defs)}
 
 
-def model_path(path):
-    """The part of `path` after /v1/models/captioner[/versions/1], or None for other paths."""
-    prefix = f"/v1/models/{MODEL_NAME}"
-    if not path.startswith(prefix):
+def model_path(path, model):
+    """The part of `path` after /v1/models/NAME[/versions/N | /labels/LABEL] of the served model, or None.
+
+    `model`: the served `tf_serving_files.ServedModel`. None for other paths, models and
+    versions; a label the model does not have is TF Serving's 400 (an INVALID_ARGUMENT).
+    """
+    match = re.fullmatch(rf"/v1/models/{re.escape(model.name)}(?:/versions/([^/:]+)|/labels/([^/:]+))?"
+                         rf"(/metadata|:predict)?", path)
+    if match is None:
         return None
-    rest = path[len(prefix):]
-    version_prefix = f"/versions/{MODEL_VERSION}"
-    if rest.startswith(version_prefix):
-        rest = rest[len(version_prefix):]
-    if rest in ("", "/metadata", ":predict"):
-        return rest
-    return None
+    version, label, rest = match.groups()
+    if version is not None and version != str(model.version):
+        return None
+    if label is not None and label not in dict(model.labels):
+        raise RequestError(http.HTTPStatus.BAD_REQUEST, f"Unrecognized servable version label: {label}")
+    return rest or ""
 
 
 def _instance_image(item, index, field, unwrap):

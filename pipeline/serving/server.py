@@ -4,7 +4,9 @@
 background thread (tests, benchmarks), `run()` in this one until SIGTERM or Ctrl-C (the
 `serve` stage). Request and answer bodies are `pipeline.serving.rest_api`'s; this module
 owns the connection: routing, body limits and timeouts, the log line and metrics of each
-request, and the life cycle.
+request, and the life cycle. With `grpc_port` set, TF Serving's gRPC API (`grpc_api`)
+answers beside REST, through the same batcher and metrics. The export's warm-up requests
+(`warmup`) are replayed at start-up before the model is reported AVAILABLE, as TF Serving does.
 
 Model calls run in a `batching.Batcher`: the instances of concurrent predict requests are
 captioned in one SavedModel call, as TF Serving's batching does, and each request gets its
@@ -32,7 +34,7 @@ import tensorflow as tf
 from aiohttp import web
 
 from pipeline.core import errors, tf_data
-from pipeline.serving import batching, exported_model, rest_api
+from pipeline.serving import batching, exported_model, grpc_api, rest_api, tf_serving_files, warmup
 
 PAGE_FILE = Path(__file__).parent / "static" / "index.html"
 METRICS_PATH = "/monitoring/prometheus/metrics"
@@ -61,7 +63,9 @@ class ServeSettings:
     Batching follows TF Serving's knobs: `max_batch_size` instances per model call at most
     (1 turns batching off), `batch_timeout_ms` longest wait for a batch to fill after its
     first request arrived, `num_batch_threads` model calls that may run at once (default:
-    the CPU cores, `default_batch_threads()`).
+    the CPU cores, `default_batch_threads()`), `max_enqueued_batches` requests of each API
+    holding a body at once, so batches queued at most (None: `requests_in_flight`'s default;
+    later requests wait, where TF Serving refuses them). `grpc_port` None: no gRPC; 0: a free port.
     """
 
     host: str = "127.0.0.1"
@@ -72,6 +76,14 @@ class ServeSettings:
     batch_timeout_ms: float = DEFAULT_BATCH_TIMEOUT_MS
     num_batch_threads: int = dataclasses.field(default_factory=default_batch_threads)
     read_timeout_s: float = 60.0
+    max_enqueued_batches: int = None
+    grpc_port: int = None
+
+    @property
+    def requests_in_flight(self):
+        """Requests of one API that may hold their body at once (int), so the most batches ever queued."""
+        default = max(MIN_REQUESTS_IN_FLIGHT, 2 * self.max_batch_size)
+        return default if self.max_enqueued_batches is None else self.max_enqueued_batches
 
     def check(self):
         """Raises PipelineError naming the flag of the first bad setting."""
@@ -82,6 +94,8 @@ class ServeSettings:
             (self.batch_timeout_ms >= 0, f"--batch-timeout-ms must be 0 or more, got {self.batch_timeout_ms}"),
             (self.num_batch_threads >= 1, f"--num-batch-threads must be at least 1, got {self.num_batch_threads}"),
             (self.read_timeout_s > 0, f"--read-timeout-s must be positive, got {self.read_timeout_s}"),
+            (self.requests_in_flight >= 1, f"max_enqueued_batches must be at least 1, got {self.max_enqueued_batches}"),
+            (self.grpc_port is None or 0 <= self.grpc_port < 65536, f"--grpc-port must be 0-65535, got {self.grpc_port}"),
         ]
         for good, message in rules:
             if not good:
@@ -91,18 +105,18 @@ class ServeSettings:
 class ServeMetrics:
     """The server's Prometheus metrics, in a registry of their own (one per server).
 
-    requests by route and status, request latency, model-call (batch) sizes, and images
-    (or feature rows) captioned, by signature.
+    requests by API ("rest", "grpc"), route and status (HTTP code or gRPC code name), request
+    latency by API and route, model-call (batch) sizes, and images (or feature rows) captioned, by signature.
     """
 
     def __init__(self):
         self.registry = prometheus_client.CollectorRegistry()
         self.requests = prometheus_client.Counter(
-            "captioner_requests", "HTTP requests answered, by route and status code", ["route", "status"],
-            registry=self.registry)
+            "captioner_requests", "Requests answered, by API, route and status (HTTP code or gRPC code name)",
+            ["api", "route", "status"], registry=self.registry)
         self.latency = prometheus_client.Histogram(
-            "captioner_request_latency_seconds", "Time from a request's arrival to its answer sent, by route",
-            ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+            "captioner_request_latency_seconds", "Time from a request's arrival to its answer sent, by API and route",
+            ["api", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = prometheus_client.Histogram(
             "captioner_batch_size", "Instances per SavedModel call, by signature", ["signature"],
             buckets=BATCH_SIZE_BUCKETS, registry=self.registry)
@@ -117,23 +131,28 @@ class ServeMetrics:
 
 def make_server(model_dir, host="127.0.0.1", port=8501, max_body_mb=16.0, max_images=32, max_batch_size=16,
                 batch_timeout_ms=DEFAULT_BATCH_TIMEOUT_MS, num_batch_threads=None, read_timeout_s=60.0,
-                log_stream=None):
+                log_stream=None, grpc_port=None, model_config_file=None, batching_parameters_file=None):
     """Loads the SavedModel in `model_dir` into a CaptionServer; does not listen yet.
 
-    Port 0 picks a free port; `batch_timeout_ms` None is DEFAULT_BATCH_TIMEOUT_MS and
-    `num_batch_threads` None the CPU cores. `server.start()` serves in a background thread (tests),
-    `server.run()` in this one until SIGTERM or Ctrl-C. Bad settings or a missing model
-    raise PipelineError.
+    Port 0 picks a free port; `batch_timeout_ms` None is DEFAULT_BATCH_TIMEOUT_MS, `num_batch_threads`
+    None the CPU cores, `grpc_port` None no gRPC. TF Serving's files decide over the arguments:
+    `model_config_file` the model (folder, name, version, labels; `model_dir` unused) and
+    `batching_parameters_file` the batching fields it sets. `server.start()` serves in a background
+    thread (tests), `server.run()` in this one until SIGTERM or Ctrl-C. Bad settings, files or a
+    missing model raise PipelineError.
     """
     if batch_timeout_ms is None:
         batch_timeout_ms = DEFAULT_BATCH_TIMEOUT_MS
     if num_batch_threads is None:
         num_batch_threads = default_batch_threads()
     settings = ServeSettings(host, port, max_body_mb, max_images, max_batch_size, batch_timeout_ms,
-                             num_batch_threads, read_timeout_s)
+                             num_batch_threads, read_timeout_s, grpc_port=grpc_port)
+    if batching_parameters_file is not None:
+        settings = dataclasses.replace(settings, **tf_serving_files.batching_settings(batching_parameters_file))
     settings.check()
-    captioner = exported_model.ExportedCaptioner(model_dir)
-    return CaptionServer(captioner, settings, log_stream)
+    model = tf_serving_files.read_models_config(model_config_file) if model_config_file is not None else None
+    captioner = exported_model.ExportedCaptioner(model.model_dir if model else model_dir)
+    return CaptionServer(captioner, settings, log_stream, model)
 
 
 class CaptionServer:
@@ -142,14 +161,21 @@ class CaptionServer:
     Attributes:
       captioner: the loaded `exported_model.ExportedCaptioner`.
       settings: ServeSettings.
+      model: the served `tf_serving_files.ServedModel` (default: "captioner", version 1, no labels).
+      model_state: "LOADING", then "AVAILABLE" once the warm-up (`warmup_report`, or None) is done.
       metrics: ServeMetrics.
-      server_address: (host, port) once listening.
+      server_address: (host, port) once listening; grpc_address the same for gRPC (or None).
     """
 
-    def __init__(self, captioner, settings, log_stream=None):
+    def __init__(self, captioner, settings, log_stream=None, model=None):
         settings.check()
         self.captioner = captioner
         self.settings = settings
+        self.model = model or tf_serving_files.ServedModel(rest_api.MODEL_NAME, captioner.model_dir,
+                                                           int(rest_api.MODEL_VERSION))
+        self.model_state = "LOADING"
+        self.warmup_records = warmup.read_warmup_file(captioner.model_dir)
+        self.warmup_report = self.grpc_address = self._grpc = None
         self.page = PAGE_FILE.read_bytes()
         self.metrics = ServeMetrics()
         self.log_stream = log_stream if log_stream is not None else sys.stderr
@@ -222,7 +248,7 @@ class CaptionServer:
         self._no_request_in_flight = asyncio.Event()
         self._no_request_in_flight.set()
         settings = self.settings
-        self._body_slots = asyncio.Semaphore(max(MIN_REQUESTS_IN_FLIGHT, 2 * settings.max_batch_size))
+        self._body_slots = asyncio.Semaphore(settings.requests_in_flight)
         self._parsers = concurrent.futures.ThreadPoolExecutor(PARSER_THREADS, thread_name_prefix="parse")
         self._batcher = batching.Batcher(self._run_batch, settings.max_batch_size, settings.batch_timeout_ms / 1000.0,
                                          settings.num_batch_threads, on_call=self._observe_call)
@@ -241,9 +267,19 @@ class CaptionServer:
                 raise errors.PipelineError(
                     f"cannot listen on {settings.host}:{settings.port} ({error.strerror or error})") from None
             self.server_address = runner.addresses[0][:2]
+            if settings.grpc_port is not None:
+                backend = grpc_api.GrpcBackend(self.model, self.captioner.model_dir, self._batcher.submit,
+                                               lambda: self.model_state, self.metrics, self.log_stream,
+                                               settings.max_images)
+                self._grpc = grpc_api.GrpcServer(backend, settings.requests_in_flight, self.max_body_bytes)
+                self.grpc_address = (settings.host, self._grpc.start(settings.host, settings.grpc_port))
             if handle_signals:
                 for signal_number in (signal.SIGTERM, signal.SIGINT):
                     self._loop.add_signal_handler(signal_number, self._on_signal, signal_number)
+            # Listening: status says LOADING until the warm-up, through the requests' own `_run_batch`, is done.
+            self.warmup_report = await self._loop.run_in_executor(
+                None, warmup.warm_up, self.captioner.model_dir, self.warmup_records, self._run_batch, self.log_stream)
+            self.model_state = "AVAILABLE"
             on_listening()
             await self._stop_requested.wait()
         finally:
@@ -252,6 +288,8 @@ class CaptionServer:
             # graceful close stops reading at once, which would lose the rest of a body still
             # arriving, so the wait for requests in flight is ours.
             self._stopping = True
+            # gRPC drains beside REST: stops taking calls, lets those in flight finish.
+            grpc_stopped = self._grpc and self._loop.run_in_executor(None, self._grpc.stop, SHUTDOWN_GRACE_SECONDS)
             for site in list(runner.sites):
                 await site.stop()
             try:
@@ -259,6 +297,8 @@ class CaptionServer:
             except asyncio.TimeoutError:
                 pass  # the rest are cut off by the close below
             await runner.cleanup()
+            if grpc_stopped:
+                await grpc_stopped
             await self._loop.run_in_executor(None, self._batcher.close)
             self._parsers.shutdown()
         if handle_signals:
@@ -276,10 +316,15 @@ class CaptionServer:
                          f"timeout" if settings.max_batch_size > 1 else "batching off")
         # The threads count with batching off too: one-image calls run side by side.
         batching_text += f", {settings.num_batch_threads} batch thread(s)"
-        print(f"serving {self.captioner.model_dir} as model {rest_api.MODEL_NAME!r} ({batching_text})", flush=True)
+        labels = "".join(f", label {label!r}" for label, _ in self.model.labels)
+        print(f"serving {self.captioner.model_dir} as model {self.model.name!r} version {self.model.version}{labels} "
+              f"({batching_text})", flush=True)
         print(f"  upload page: {url}/", flush=True)
-        print(f"  predict:     POST {url}/v1/models/{rest_api.MODEL_NAME}:predict  "
+        print(f"  predict:     POST {url}/v1/models/{self.model.name}:predict  "
               f'{{"instances": [{{"b64": "..."}}]}}', flush=True)
+        if self.grpc_address is not None:
+            print(f"  grpc:        {self.url[7:].rsplit(':', 1)[0]}:{self.grpc_address[1]}  "
+                  f"tensorflow.serving.PredictionService, ModelService", flush=True)
         print(f"  metrics:     {url}{METRICS_PATH}", flush=True)
         print("SIGTERM or Ctrl-C stops it (requests in flight finish first)", flush=True)
 
@@ -324,8 +369,8 @@ class CaptionServer:
         except ConnectionError:
             pass  # the client left before its answer: still logged and counted below
         elapsed = time.perf_counter() - started
-        self.metrics.requests.labels(route, str(response.status)).inc()
-        self.metrics.latency.labels(route).observe(elapsed)
+        self.metrics.requests.labels("rest", route, str(response.status)).inc()
+        self.metrics.latency.labels("rest", route).observe(elapsed)
         images = f" images={facts['images']}" if facts["images"] else ""
         print(f'{request.remote} "{request.method} {request.raw_path}" {response.status} '
               f"{len(response.body or b'')}B {elapsed * 1000.0:.1f}ms{images}", file=self.log_stream, flush=True)
@@ -334,7 +379,10 @@ class CaptionServer:
     def _route(self, request):
         """(route label for metrics, handler coroutine function) of a request."""
         path = request.path
-        model_path = rest_api.model_path(path)
+        try:
+            model_path = rest_api.model_path(path, self.model)
+        except rest_api.RequestError as error:  # a label the model does not have
+            return "other", _refuse(error.status, error.message)
         method = request.method
         if method in ("GET", "HEAD"):
             if path in ("/", "/index.html"):
@@ -353,7 +401,7 @@ class CaptionServer:
             if model_path in ("", "/metadata") or path in ("/", "/index.html", METRICS_PATH):
                 return "other", _refuse(http.HTTPStatus.METHOD_NOT_ALLOWED, f"{path} answers GET, not POST")
             return "other", _refuse(http.HTTPStatus.NOT_FOUND, f"no such resource: {path} (predict is "
-                                                               f"POST /v1/models/{rest_api.MODEL_NAME}:predict)")
+                                                               f"POST /v1/models/{self.model.name}:predict)")
         else:
             return "other", _refuse(http.HTTPStatus.METHOD_NOT_ALLOWED, f"method {method} is not supported")
         return "other", _refuse(http.HTTPStatus.NOT_FOUND, f"no such resource: {path}")
@@ -365,10 +413,11 @@ class CaptionServer:
         return web.Response(body=self.metrics.text(), headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
     async def _status(self, request, facts):
-        return _json_response(rest_api.status_body())
+        return _json_response(rest_api.status_body(self.model.version, self.model_state))
 
     async def _metadata(self, request, facts):
-        return _json_response(rest_api.metadata_body(self.signature_defs, self.captioner.metadata))
+        return _json_response(rest_api.metadata_body(self.signature_defs, self.captioner.metadata, self.model.name,
+                                                     self.model.version))
 
     async def _predict(self, request, facts):
         length = self._body_length(request)
