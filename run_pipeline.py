@@ -119,10 +119,16 @@ def build_parser():
     sub.add_argument("--model", default=os.path.join(DEMO_OUT, "saved_model"), help="exported SavedModel folder")
     sub.add_argument("--batch-size", type=int, default=16)
 
-    sub = commands.add_parser("serve", help="HTTP server in TF Serving's REST shape, with an upload page")
-    sub.add_argument("--model", default=os.path.join(DEMO_OUT, "saved_model"), help="exported SavedModel folder")
+    sub = commands.add_parser("serve", help="server in TF Serving's REST and gRPC shapes, with an upload page")
+    sub.add_argument("--model", default=os.path.join(DEMO_OUT, "saved_model"),
+                     help="exported SavedModel folder (not used with --model-config-file)")
     sub.add_argument("--host", default="127.0.0.1")
-    sub.add_argument("--port", type=int, default=8501)
+    sub.add_argument("--port", type=int, default=8501, help="REST port (0: a free one)")
+    sub.add_argument("--grpc-port", type=int, default=8500, help="gRPC port (0: a free one)")
+    sub.add_argument("--model-config-file", default=None,
+                     help="TF Serving's models.config (OUT/serving/models.config): the model, version and labels")
+    sub.add_argument("--batching-parameters-file", default=None,
+                     help="TF Serving's batching parameters (OUT/serving/batching_parameters.txt): over the flags")
     sub.add_argument("--max-body-mb", type=float, default=16.0)
     sub.add_argument("--max-images", type=int, default=32, help="images per request at most")
     sub.add_argument("--max-batch-size", type=int, default=16,
@@ -198,7 +204,9 @@ def run(args):
         serve.run_serve(args.model, host=args.host, port=args.port, max_body_mb=args.max_body_mb,
                         max_images=args.max_images, max_batch_size=args.max_batch_size,
                         batch_timeout_ms=args.batch_timeout_ms, num_batch_threads=args.num_batch_threads,
-                        read_timeout_s=args.read_timeout_s)
+                        read_timeout_s=args.read_timeout_s, grpc_port=args.grpc_port,
+                        model_config_file=args.model_config_file,
+                        batching_parameters_file=args.batching_parameters_file)
     return 0
 
 

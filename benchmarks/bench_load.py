@@ -99,16 +99,19 @@ class ServerProcess:
     """`run_pipeline.py serve` on a free port, in a subprocess; a context manager.
 
     `host` None leaves the command's default (loopback), which the tests check; `extra_args`
-    (list of str) are more `serve` flags. `output` collects the server's stdout lines.
+    (list of str) are more `serve` flags. `output` collects the server's stdout lines. gRPC
+    listens on a free port too (`grpc_port`), so servers side by side do not compete for 8500.
     """
 
     def __init__(self, model_dir, max_body_mb=16.0, max_images=32, host=None, extra_args=()):
         command = [sys.executable, str(REPOSITORY / "run_pipeline.py"), "serve", "--model", str(model_dir),
-                   "--port", "0", "--max-body-mb", str(max_body_mb), "--max-images", str(max_images),
+                   "--port", "0", "--grpc-port", "0", "--max-body-mb", str(max_body_mb),
+                   "--max-images", str(max_images),
                    *extra_args]
         if host is not None:
             command += ["--host", host]
         self.output = []
+        self.grpc_port = None
         environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
         # The server logs a line per request on stderr: to a file, so a full pipe never blocks it.
         self._log = tempfile.TemporaryFile()
@@ -123,6 +126,8 @@ class ServerProcess:
         try:
             for line in self.process.stdout:
                 self.output.append(line)
+                if line.startswith("  grpc:"):  # "  grpc:        127.0.0.1:PORT  ...", before the page's line
+                    self.grpc_port = int(line.split()[1].rsplit(":", 1)[1])
                 if "upload page:" in line:
                     address = line.split("http://", 1)[1].strip().rstrip("/")
                     host, port = address.rsplit(":", 1)

@@ -319,12 +319,12 @@ class CaptionServer:
         labels = "".join(f", label {label!r}" for label, _ in self.model.labels)
         print(f"serving {self.captioner.model_dir} as model {self.model.name!r} version {self.model.version}{labels} "
               f"({batching_text})", flush=True)
+        if self.grpc_address is not None:  # first: a launcher waiting for "upload page:" has read it then
+            print(f"  grpc:        {self.url[7:].rsplit(':', 1)[0]}:{self.grpc_address[1]}  "
+                  f"tensorflow.serving.PredictionService, ModelService", flush=True)
         print(f"  upload page: {url}/", flush=True)
         print(f"  predict:     POST {url}/v1/models/{self.model.name}:predict  "
               f'{{"instances": [{{"b64": "..."}}]}}', flush=True)
-        if self.grpc_address is not None:
-            print(f"  grpc:        {self.url[7:].rsplit(':', 1)[0]}:{self.grpc_address[1]}  "
-                  f"tensorflow.serving.PredictionService, ModelService", flush=True)
         print(f"  metrics:     {url}{METRICS_PATH}", flush=True)
         print("SIGTERM or Ctrl-C stops it (requests in flight finish first)", flush=True)
 
