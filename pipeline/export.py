@@ -38,6 +38,7 @@ from models import encoder as encoder_module
 from pipeline.core import config as config_module
 from pipeline.core import encoder_loading, errors, io_utils
 from pipeline.data import features, text
+from pipeline.serving import server, tf_serving_files, warmup
 from pipeline.serving.exported_model import FEATURES_SIGNATURE, METADATA_DIR, METADATA_FILE, SERVING_SIGNATURE
 
 DECODER_FILE = "decoder.keras"
@@ -98,9 +99,14 @@ def run_export(out_dir, overrides):
         signature_table = read_signatures(temporary)
         _check_signatures(signature_table)
         _write_metadata(temporary, config, vocabulary, cache_attrs, signature_table, model_graph)
+        warmup.write_warmup_file(temporary, MODEL_NAME)
     serving_dir = out_dir / SERVING_DIR
     with _write_errors(serving_dir), io_utils.atomic_path(serving_dir) as temporary:
         shutil.copytree(saved_model_dir, temporary)
+    # TF Serving's model config and batching file beside the versioned folder; `serve` runs from them too.
+    tf_serving_files.write_models_config(serving_dir.parent.parent, MODEL_NAME, MODEL_VERSION)
+    tf_serving_files.write_batching_parameters(
+        serving_dir.parent.parent / tf_serving_files.BATCHING_PARAMETERS_FILE, server.ServeSettings())
     config.save(out_dir)
 
     _log(started, f"exported {saved_model_dir}")

@@ -30,7 +30,7 @@ from pathlib import Path
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from pipeline.core import errors
+from pipeline.core import errors, io_utils
 
 MODELS_CONFIG_FILE = "models.config"
 BATCHING_PARAMETERS_FILE = "batching_parameters.txt"
@@ -145,12 +145,12 @@ def model_server_config(name, version, labels=None):
 
 
 def write_models_config(serving_dir, name, version):
-    """Writes `serving_dir`/models.config for the model `name` at `version`; returns its Path."""
+    """Writes `serving_dir`/models.config for the model `name` at `version` (atomically); returns its Path."""
     path = Path(serving_dir) / MODELS_CONFIG_FILE
     header = (f"# TF Serving model config (tensorflow_model_server --model_config_file=...), written by export.\n"
               f"# base_path: the tensorflow/serving image's {DOCKER_MODELS_ROOT}, where this folder is mounted\n"
               f"# (-v OUT/serving:{DOCKER_MODELS_ROOT}); `serve --model-config-file` reads it as this file's folder.\n")
-    path.write_text(header + text_format.MessageToString(model_server_config(name, version)), encoding="utf-8")
+    io_utils.write_text(path, header + text_format.MessageToString(model_server_config(name, version)))
     return path
 
 
@@ -236,7 +236,7 @@ def write_batching_parameters(path, settings):
               "# num_batch_threads is the CPU count of the machine that exported: set it to the serving machine's.\n")
     text = batching_parameters_text(settings.max_batch_size, round(settings.batch_timeout_ms * 1000),
                                     settings.requests_in_flight, settings.num_batch_threads)
-    path.write_text(header + text, encoding="utf-8")
+    io_utils.write_text(path, header + text)
     return path
 
 
