@@ -47,7 +47,8 @@ PARSER_THREADS = 2  # JSON and base64 of large bodies run off the event loop
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # TF Serving's batching guide for CPU-only servers: as many batch threads as CPU cores, and a
-# timeout of 0 to a few ms. Measured here (README): 2 ms beat 0, 5 and 10 ms.
+# timeout of 0 to a few ms. Measured here (docs/SERVING.md, "How the defaults were chosen"):
+# 2 ms beat 0, 5 and 10 ms.
 DEFAULT_BATCH_TIMEOUT_MS = 2.0
 
 
