@@ -11,8 +11,8 @@ import typing
 from pathlib import Path
 
 from pipeline.core import errors, io_utils
+from pipeline.core.run_files import CONFIG_FILE
 
-CONFIG_FILE = "config.json"
 CONFIG_VERSION = 1
 
 

@@ -23,10 +23,10 @@ import random
 from pathlib import Path, PurePosixPath
 
 from pipeline.core import errors, io_utils
+from pipeline.core.run_files import CAPTIONS_FILE
 from pipeline.data import dataset_layouts
 
 SPLITS = ("train", "val", "test")
-CAPTIONS_FILE = "captions.json"
 CAPTIONS_FORMAT = "captioner.captions"
 CAPTIONS_VERSION = 1
 

@@ -30,14 +30,14 @@ import h5py
 import numpy as np
 
 from pipeline.core import errors
+from pipeline.core.run_files import FEATURES_FILE
+from pipeline.core.run_files import FEATURES_SHARD_PATTERN as SHARD_PATTERN
 
-FEATURES_FILE = "features.h5"
 FEATURES_FORMAT = "captioner.features"
 FEATURES_VERSION = 2
 # Versions this code reads; version 1 is version 2 without `encoder_graph` ("keras").
 READABLE_VERSIONS = (1, 2)
 ENCODER_GRAPH_OF_VERSION_1 = "keras"
-SHARD_PATTERN = "features.shard-{index}-of-{count}.h5"
 # Attributes that must agree between a cache and the encoder settings asking for it.
 CHECKED_ATTRIBUTES = ("encoder", "weights", "image_size", "pooling", "dtype", "feature_dim", "precision")
 # `encoder_graph` values, as messages name them.

@@ -18,6 +18,7 @@ import unicodedata
 from pathlib import Path
 
 from pipeline.core import errors, io_utils
+from pipeline.core.run_files import VOCAB_FILE  # noqa: F401  (callers name OUT/vocab.json by it)
 
 PAD_ID = 0
 START_ID = 1
@@ -29,7 +30,6 @@ END_TOKEN = "<end>"
 UNK_TOKEN = "<unk>"
 SPECIAL_TOKENS = (PAD_TOKEN, START_TOKEN, END_TOKEN, UNK_TOKEN)  # index = id
 
-VOCAB_FILE = "vocab.json"
 VOCAB_FORMAT = "captioner.vocab"
 VOCAB_VERSION = 1
 

@@ -13,8 +13,8 @@ import io
 from pathlib import Path, PurePosixPath
 
 from pipeline.core import io_utils
+from pipeline.core.run_files import REPORT_FILE
 
-REPORT_FILE = "report.html"
 THUMBNAIL_SIZE = 160  # pixels, longest side
 GALLERY_LIMIT = 48
 # Metrics in the order the table shows them, with the label a reader knows them by.
