@@ -22,6 +22,10 @@ tenth of them malformed, and reports for each:
     caption, both servers), `serve_wrong_bad` (bad ones without a 4xx and a JSON error),
   - `serve_rss_growth`: mean server RSS over the last quarter of a round / first quarter - 1,
     the largest over rounds and servers.
+The batching server also takes each round's load over gRPC (`grpc_load`: TF Serving's client,
+the same plan with gRPC's malformed requests), in the rotation: `serve_grpc_images_per_s`,
+`serve_grpc_p50_ms`, ... beside REST's, and `serve_grpc_vs_rest_images_per_s`; its failures and
+RSS count in `serve_failed_good`, `serve_wrong_bad` and `serve_rss_growth`.
 Then, with the servers stopped, `serve_model_batching_gain`: the same SavedModel called
 directly in the best groupings 8 one-image clients can form (their 8 images spread over
 the batch threads, or all 8 in one call on one thread) against one image a call on every
@@ -355,13 +359,21 @@ def measure(model_dir, images, total_requests, rounds=2, max_images=4, max_body_
         connection.close()
         bad = malformed_requests(images[0], max_images, int(max_body_mb * 2**20))
         requests = plan(good, bad, total_requests)
+        from benchmarks import grpc_load
+
+        grpc_good = [grpc_load.good_request(image, request.captions[0]) for image, request in zip(images, good)]
+        grpc_bad = grpc_load.malformed_requests(images[0], max_images, int(max_body_mb * 2**20))
+        grpc_requests = plan(grpc_good, grpc_bad, total_requests)
+        loads = {name: (lambda server=server: run_load(server, requests)) for name, server in servers.items()}
+        loads["grpc"] = lambda: grpc_load.run_grpc_load(batched, grpc_requests)  # the batching server's gRPC port
         for server in servers.values():  # every batch size the load will make, before it is timed
             run_load(server, requests[:8 * CLIENTS])
-        results_by_server = {name: [] for name in servers}
+        grpc_load.run_grpc_load(batched, grpc_requests[:8 * CLIENTS])
+        results_by_server = {name: [] for name in loads}
         for round_index in range(rounds):
-            shift = round_index % len(servers)
-            for name in list(servers)[shift:] + list(servers)[:shift]:
-                results_by_server[name].append(run_load(servers[name], requests))
+            shift = round_index % len(loads)
+            for name in list(loads)[shift:] + list(loads)[:shift]:
+                results_by_server[name].append(loads[name]())
         calls, instances = model_calls(batched)
         exit_codes = {name: server.stop() for name, server in servers.items()}
     results = _compare(results_by_server, requests)
@@ -455,6 +467,7 @@ def _compare(results_by_server, requests):
         "serve_vs_one_at_a_time_speedup": round(
             figures["serve_images_per_s"] / figures["serve_one_at_a_time_images_per_s"], 3),
         "serve_vs_one_at_a_time_p50_ratio": round(figures["serve_p50_ms"] / figures["serve_one_at_a_time_p50_ms"], 3),
+        "serve_grpc_vs_rest_images_per_s": round(figures["serve_grpc_images_per_s"] / figures["serve_images_per_s"], 3),
         "serve_requests": len(requests) * len(all_results),
         "serve_good_requests": sum(request.captions is not None for request in requests) * len(all_results),
         "serve_failed_good": sum(len(result.failed_good) for result in all_results),
@@ -488,9 +501,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     results = run(quick=args.quick, out_dir=args.out, total_requests=args.requests, rounds=args.rounds)
     print(f"{results['serve_requests']} requests ({results['serve_good_requests']} good) from {CLIENTS} clients, "
-          f"{args.rounds} rounds over {len(SERVERS)} servers, in {results['serve_seconds']:.1f} s on {results['cpu_count']} CPUs")
-    for label, prefix in (("batching", "serve_"), ("--max-batch-size 1", "serve_unbatched_"),
-                          ("one call at a time", "serve_one_at_a_time_")):
+          f"{args.rounds} rounds over {len(SERVERS)} servers (and gRPC to the first), in {results['serve_seconds']:.1f} s on {results['cpu_count']} CPUs")
+    for label, prefix in (("batching", "serve_"), ("batching, gRPC", "serve_grpc_"),
+                          ("--max-batch-size 1", "serve_unbatched_"), ("one call at a time", "serve_one_at_a_time_")):
         print(f"  {label:<20} {results[prefix + 'images_per_s']:6.2f} images/s (rounds "
               f"{results[prefix + 'round_images_per_s']}), p50 {results[prefix + 'p50_ms']:.1f} ms, "
               f"p99 {results[prefix + 'p99_ms']:.1f} ms")
