@@ -6,7 +6,7 @@ On the synthetic cache of `benchmarks.bench_train` (6,000 random 2048-d vectors,
 Zipf-like captions of ~12 words per image over a ~3,000-word vocabulary) with the default
 decoder (embedding 256, LSTM 512) and the default fine-tuning settings (32 images x 5
 samples per step, mean baseline), times `--steps` steps of the stage's own step
-(`pipeline.finetune.Stepper.train_step`: sampling, CIDEr-D, update) after a warm-up, and
+(`pipeline.training.scst.Stepper.train_step`: sampling, CIDEr-D, update) after a warm-up, and
 extrapolates to one epoch (6,000 images = 188 steps); the output says it is extrapolated.
 Validation (greedy captions of the validation split once per epoch) is not included.
 The decoder is untrained, so its samples run to the length limit more often than a trained
@@ -48,7 +48,7 @@ def measure(timed_steps):
     from benchmarks import bench_train
     from models import decoder
     from pipeline.core import config as config_module
-    from pipeline import finetune
+    from pipeline.training import scst
     from pipeline.training.cider_reward import CiderD
 
     features, rows, token_rows = bench_train.synthetic_cache()
@@ -65,10 +65,10 @@ def measure(timed_steps):
     model = decoder.build_decoder(config.decoder, bench_train.VOCAB_SIZE, bench_train.FEATURE_DIM)
     optimizer = keras.optimizers.Adam(learning_rate=settings.learning_rate, clipnorm=settings.clipnorm)
     optimizer.build(model.trainable_variables)
-    stepper = finetune.Stepper(model, optimizer, tf.distribute.get_strategy(), settings,
-                                config.decode.max_length, reward)
+    stepper = scst.Stepper(model, optimizer, tf.distribute.get_strategy(), settings,
+                           config.decode.max_length, reward)
     steps_per_epoch = -(-bench_train.NUM_IMAGES // settings.batch_size)
-    order = finetune.epoch_image_order(bench_train.NUM_IMAGES, 0, 0)
+    order = scst.epoch_image_order(bench_train.NUM_IMAGES, 0, 0)
     all_features = tf.constant(features)
 
     def run(step):

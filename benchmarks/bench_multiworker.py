@@ -92,15 +92,15 @@ def _run_stage(outs, stage="train", flags=FLAGS):
 
 
 def _steady_epoch_seconds(out):
-    from pipeline import train
+    from pipeline.data import run_folder
 
-    return statistics.median(entry["seconds"] for entry in train.read_history(out)[1:])
+    return statistics.median(entry["seconds"] for entry in run_folder.read_training_history(out)[1:])
 
 
 def _finetune_epoch_seconds(out):
-    from pipeline import finetune
+    from pipeline.data import run_folder
 
-    return finetune.read_history(out)["epochs"][-1]["seconds"]
+    return run_folder.read_finetune_history(out)["epochs"][-1]["seconds"]
 
 
 def _trained_scenes(folder):
@@ -121,10 +121,10 @@ def _finetuned_weights(out):
     import keras
     import tensorflow as tf
 
-    from pipeline import finetune
+    from pipeline.data import run_folder
 
-    model = keras.saving.load_model(Path(out) / finetune.XE_DECODER_FILE, compile=False)
-    latest = tf.train.latest_checkpoint(str(Path(out) / finetune.CHECKPOINT_DIR))
+    model = keras.saving.load_model(Path(out) / run_folder.XE_DECODER_FILE, compile=False)
+    latest = tf.train.latest_checkpoint(str(Path(out) / run_folder.FINETUNE_CHECKPOINT_DIR))
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     return model.get_weights()
 

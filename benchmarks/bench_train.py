@@ -7,7 +7,7 @@ captions of ~12 words drawn Zipf-like from a ~3,000-word vocabulary) with the sa
 embedding and LSTM sizes:
 
 * **teacher forcing** (ours): one sample per caption, the real tf.data pipeline of
-  `pipeline.train.make_training_dataset` and the model of `models.decoder.build_decoder`,
+  `pipeline.training.inputs.make_training_dataset` and the model of `models.decoder.build_decoder`,
   a masked loss over every position, batches padded to their own longest caption.
 * **merge model** (tutorials): a Python generator yields one sample per word position,
   (image vector, caption prefix pre-padded to the longest caption) -> next word; the model
@@ -69,16 +69,16 @@ def _timed_fit(model, dataset, batches, captions_per_batch):
 
 def bench_teacher_forcing(features, rows, token_rows, args):
     from pipeline.core import config as config_module
-    from pipeline import train
+    from pipeline.training import inputs, objective
 
-    split = train.CaptionSplit(rows, token_rows, images=NUM_IMAGES)
-    dataset = train.make_training_dataset(
-        split, train.InMemoryFeatures(features), args.batch_size, shuffle_seed=0,
+    split = inputs.CaptionSplit(rows, token_rows, images=NUM_IMAGES)
+    dataset = inputs.make_training_dataset(
+        split, inputs.InMemoryFeatures(features), args.batch_size, shuffle_seed=0,
         sort_window_batches=args.sort_window_batches,
     )
     config = config_module.PipelineConfig()
     config.decoder = config_module.DecoderConfig(embedding_dim=args.embedding_dim, units=args.units, dropout=0.5)
-    model = train.build_model(config, VOCAB_SIZE, FEATURE_DIM, steps_per_execution=args.steps_per_execution)
+    model = objective.build_model(config, VOCAB_SIZE, FEATURE_DIM, steps_per_execution=args.steps_per_execution)
     epoch_batches = -(-NUM_CAPTIONS // args.batch_size)
     batches = min(args.quick_batches, epoch_batches) if args.quick else epoch_batches
     seconds, captions = _timed_fit(model, dataset, batches, NUM_CAPTIONS / epoch_batches)
@@ -153,9 +153,9 @@ def _parser():
     parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size,
                         help="captions per batch (teacher forcing)")
     parser.add_argument("--sort-window-batches", type=int, default=None,
-                        help="length-sorting window of the training batches (default: train.SORT_WINDOW_BATCHES)")
+                        help="length-sorting window of the training batches (default: inputs.SORT_WINDOW_BATCHES)")
     parser.add_argument("--steps-per-execution", type=int, default=None,
-                        help="training steps per tf.function call (default: train.STEPS_PER_EXECUTION)")
+                        help="training steps per tf.function call (default: objective.STEPS_PER_EXECUTION)")
     parser.add_argument("--merge-batch-size", type=int, default=64,
                         help="samples per batch of the merge model (the tutorials' one-photo batches hold ~60)")
     parser.add_argument("--embedding-dim", type=int, default=256)
@@ -171,14 +171,14 @@ def run(quick, args=None):
     args: an argparse.Namespace of this module's options (see `--help`); None takes the defaults.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from pipeline import train
+    from pipeline.training import inputs, objective
 
     args = argparse.Namespace(**vars(args if args is not None else _parser().parse_args([])))
     args.quick = bool(quick)
     if args.sort_window_batches is None:
-        args.sort_window_batches = train.SORT_WINDOW_BATCHES
+        args.sort_window_batches = inputs.SORT_WINDOW_BATCHES
     if args.steps_per_execution is None:
-        args.steps_per_execution = train.STEPS_PER_EXECUTION
+        args.steps_per_execution = objective.STEPS_PER_EXECUTION
     import keras
 
     keras.utils.set_random_seed(0)

@@ -89,13 +89,15 @@ def run(quick, args=None):
     from pathlib import Path
 
     from pipeline import train
+    from pipeline.core.config import TrainConfig
+    from pipeline.data import run_folder
 
     args = args if args is not None else _parser().parse_args([])
     periods = 2 if quick else 3
     with tempfile.TemporaryDirectory(prefix="captioner_bench_validation_") as folder:
         out_dir = Path(folder)
         build_run_folder(out_dir)
-        steps_per_epoch = -(-TRAIN_IMAGES * CAPTIONS_PER_IMAGE // train.config_module.TrainConfig().batch_size)
+        steps_per_epoch = -(-TRAIN_IMAGES * CAPTIONS_PER_IMAGE // TrainConfig().batch_size)
         overrides = {
             "train.validate_every_steps": args.validate_every_steps,
             "train.validation_images": args.validation_images,
@@ -105,7 +107,7 @@ def run(quick, args=None):
             "train.patience_steps": 10 * periods * args.validate_every_steps,
         }
         summary = train.run_train(out_dir, overrides)
-        history = train.read_history(out_dir)
+        history = run_folder.read_training_history(out_dir)
     later = history[1:]
 
     def share(entries):

@@ -27,18 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core import config as config_module
-from pipeline import train
 from pipeline.core import errors, io_utils, progress
-from pipeline.data import datasets, features, text
+from pipeline.data import run_folder, text
 from pipeline.evaluation import metrics, report
 
-METRICS_FILE = "metrics.json"
-XE_METRICS_FILE = "metrics_xe.json"  # the cross-entropy decoder's, after `finetune`
 # Copied from metrics_xe.json into metrics.json's "xe", so one file holds both sides.
 XE_SUMMARY_KEYS = ("bleu_4", "cider", "shuffled_bleu_4", "bad_endings", "immediate_repeats", "mean_length",
                    "vocabulary_used")
-TEST_CAPTIONS_FILE = "captions_test.json"
 TEST_CAPTIONS_FORMAT = "captioner.test_captions"
 CAPTION_BATCH_SIZE = 64
 # The derangement of the grounding control is fixed per run: seeded from config.seed plus
@@ -46,29 +41,22 @@ CAPTION_BATCH_SIZE = 64
 SHUFFLE_SEED_OFFSET = 1
 
 
-def load_feature_captioner(out_dir, config, vocabulary, decoder_file=train.DECODER_FILE):
+def load_feature_captioner(out_dir, config, vocabulary, decoder_file=run_folder.DECODER_FILE):
     """The trained decoder of OUT (`decoder_file`) wrapped in a FeatureCaptioner with `config.decode`.
 
     Raises ArtifactError if the decoder is missing, unreadable, or from another vocabulary.
     """
-    import keras
+    from models import captioner
 
-    from models import captioner, decoder  # noqa: F401  (decoder registers the loss and metric)
-
-    path = Path(out_dir) / decoder_file
-    if not path.is_file():
-        raise errors.ArtifactError(f"{path}: no trained decoder; run `train` first")
-    try:
-        model = keras.saving.load_model(path, compile=False)
-    except (OSError, ValueError) as error:
-        raise errors.ArtifactError(f"{path}: cannot load the decoder ({error}); run `train` again") from None
+    model = run_folder.load_decoder(out_dir, decoder_file, vocabulary_size=len(vocabulary))
     try:
         return captioner.FeatureCaptioner(
             model, vocabulary.words, config.decode,
             start_id=text.START_ID, end_id=text.END_ID, unk_id=text.UNK_ID, pad_id=text.PAD_ID,
         )
     except ValueError as error:
-        raise errors.ArtifactError(f"{path}: {error}; run `train` again after `extract`") from None
+        raise errors.ArtifactError(
+            f"{Path(out_dir) / decoder_file}: {error}; run `train` again after `extract`") from None
 
 
 def caption_rows(feature_captioner, image_features, batch_size=CAPTION_BATCH_SIZE, label="caption"):
@@ -92,47 +80,16 @@ def caption_rows(feature_captioner, image_features, batch_size=CAPTION_BATCH_SIZ
     return captions, np.concatenate(scores).astype(np.float32) if scores else np.zeros((0,), np.float32)
 
 
-def _check_decode_settings(decode):
-    for valid, message, value in (
-        (decode.beam_size >= 1, "decode.beam_size (--beam-size) must be at least 1", decode.beam_size),
-        (decode.max_length >= 1, "decode.max_length (--max-length) must be at least 1", decode.max_length),
-        (decode.length_penalty >= 0, "decode.length_penalty (--length-penalty) must be >= 0", decode.length_penalty),
-        (decode.no_repeat_ngram_size >= 0, "decode.no_repeat_ngram_size must be >= 0", decode.no_repeat_ngram_size),
-    ):
-        if not valid:
-            raise errors.PipelineError(f"{message}, got {value!r}")
-
-
 def _test_images(out_dir, config):
-    """(test ImageRecords with a feature row, float32 [N, D] their vectors, number skipped)."""
-    out_dir = Path(out_dir)
-    dataset = datasets.read_captions_json(out_dir)
-    cache = features.read_features(out_dir)
-    cache_path = out_dir / features.FEATURES_FILE
-    train.check_feature_cache(cache.attrs, config.encoder, cache_path)
-    failed = train.failed_image_ids(out_dir)
-    row_of_image = cache.index()
-    records, skipped = [], 0
-    for record in dataset.split_images("test"):
-        if record.image_id in failed:
-            skipped += 1
-            continue
-        if record.image_id not in row_of_image:
-            raise errors.ArtifactError(
-                f"{cache_path}: test image {record.image_id!r} has no feature row and is not listed in "
-                f"{train.EXTRACT_ERRORS_FILE}; rerun `extract` to complete the cache"
+    """The usable test images (`run_folder.UsableImages`) and float32 [N, D] their vectors."""
+    with run_folder.open_feature_cache(out_dir, config.encoder) as reader:
+        images = run_folder.usable_images(out_dir, "test", reader.image_ids)
+        if len(images) < 2:
+            raise errors.PipelineError(
+                f"{Path(out_dir) / run_folder.CAPTIONS_FILE}: the test split has {len(images)} usable image(s); "
+                "evaluation needs at least 2 (the grounding control swaps images)"
             )
-        if not any(text.normalize_caption(caption) for caption in record.captions):
-            skipped += 1  # nothing to score against
-            continue
-        records.append(record)
-    if len(records) < 2:
-        raise errors.PipelineError(
-            f"{out_dir / datasets.CAPTIONS_FILE}: the test split has {len(records)} usable image(s); "
-            "evaluation needs at least 2 (the grounding control swaps images)"
-        )
-    rows = np.asarray([row_of_image[record.image_id] for record in records], dtype=np.int64)
-    return records, cache.features[rows], skipped
+        return images, reader.read(images.rows)
 
 
 def _score_decoder(out_dir, config, vocabulary, decoder_file, image_features, references, label="evaluate"):
@@ -171,32 +128,27 @@ def run_evaluate(out_dir, overrides):
     """
     started = time.monotonic()
     out_dir = Path(out_dir)
-    config = config_module.load_run_config(out_dir, overrides, "`extract` and `train`")
-    _check_decode_settings(config.decode)
-    vocabulary = text.Vocabulary.load(out_dir / text.VOCAB_FILE)
-    records, image_features, skipped = _test_images(out_dir, config)
-    references = [
-        [words for words in (text.normalize_caption(caption) for caption in record.captions) if words]
-        for record in records
-    ]
-    from pipeline import finetune  # the objective that produced decoder.keras
-
-    objective = finetune.decoder_objective(out_dir)
+    config = run_folder.read_config(out_dir, requires="`extract` and `train`").replace(overrides)
+    config.check("decode")
+    vocabulary = run_folder.read_vocabulary(out_dir)
+    images, image_features = _test_images(out_dir, config)
+    records, references = images.records, images.references
+    objective = run_folder.decoder_objective(out_dir)
     result, generated, scores, notes = _score_decoder(
-        out_dir, config, vocabulary, train.DECODER_FILE, image_features, references)
+        out_dir, config, vocabulary, run_folder.DECODER_FILE, image_features, references)
     result["objective"] = objective
     compared = None
     if objective == "scst":
         # The cross-entropy decoder fine-tuning started from, scored the same way beside it.
         xe_result, xe_generated, _, _ = _score_decoder(
-            out_dir, config, vocabulary, finetune.XE_DECODER_FILE, image_features, references, label="evaluate (xe)")
+            out_dir, config, vocabulary, run_folder.XE_DECODER_FILE, image_features, references, label="evaluate (xe)")
         xe_result["objective"] = "xe"
-        io_utils.write_json(out_dir / XE_METRICS_FILE, xe_result)
+        io_utils.write_json(out_dir / run_folder.XE_METRICS_FILE, xe_result)
         compared = {"label": "cross-entropy decoder", "metrics": xe_result, "captions": xe_generated}
         result["xe"] = {key: xe_result[key] for key in XE_SUMMARY_KEYS if key in xe_result}
     else:
-        (out_dir / XE_METRICS_FILE).unlink(missing_ok=True)
-    io_utils.write_json(out_dir / METRICS_FILE, result)
+        (out_dir / run_folder.XE_METRICS_FILE).unlink(missing_ok=True)
+    io_utils.write_json(out_dir / run_folder.METRICS_FILE, result)
 
     caption_entries = [
         {"image_id": record.image_id, "caption": caption, "score": float(score), "references": list(record.captions)}
@@ -205,14 +157,15 @@ def run_evaluate(out_dir, overrides):
     if compared:
         for entry, caption in zip(caption_entries, compared["captions"]):
             entry["caption_xe"] = caption
-    io_utils.write_json(out_dir / TEST_CAPTIONS_FILE, {
+    io_utils.write_json(out_dir / run_folder.TEST_CAPTIONS_FILE, {
         "format": TEST_CAPTIONS_FORMAT, "version": 1, "decode": vars(config.decode).copy(),
         "captions": caption_entries,
     })
     title = f"Captioner report: {out_dir.name} (beam size {config.decode.beam_size})"
-    finetune_history = finetune.read_history(out_dir)
+    finetune_history = run_folder.read_finetune_history(out_dir)
     report_path = report.write_report(
-        out_dir, title, result, caption_entries, train.read_history(out_dir), config.data.image_dir, notes=notes,
+        out_dir, title, result, caption_entries, run_folder.read_training_history(out_dir), config.data.image_dir,
+        notes=notes,
         compared_metrics=compared["metrics"] if compared else None,
         finetune_history=finetune_history["epochs"] if finetune_history else None,
     )
@@ -220,6 +173,7 @@ def run_evaluate(out_dir, overrides):
 
     for note in notes:
         print(f"evaluate: {note}", file=sys.stderr)
+    skipped = images.failed + images.wordless
     meteor = f", METEOR {result['meteor']:.3f}" if "meteor" in result else ""
     print(
         f"evaluate: {len(records)} test images"
@@ -230,7 +184,7 @@ def run_evaluate(out_dir, overrides):
         + (f"; XE: CIDEr-D {compared['metrics']['cider']:.3f}, bad endings {compared['metrics']['bad_endings']:.2f}, "
            f"repeats {compared['metrics']['immediate_repeats']:.2f}" if compared else "")
         + "), "
-        f"{time.monotonic() - started:.1f} s -> {out_dir / METRICS_FILE}, {report_path}",
+        f"{time.monotonic() - started:.1f} s -> {out_dir / run_folder.METRICS_FILE}, {report_path}",
         file=sys.stderr,
     )
     return result

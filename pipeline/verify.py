@@ -21,8 +21,8 @@ Exit code 0 when everything present is consistent, 2 otherwise. Nothing is writt
 import sys
 from pathlib import Path
 
-from pipeline.core import config as config_module
 from pipeline.core import errors
+from pipeline.data import run_folder
 
 
 class _Report:
@@ -67,38 +67,36 @@ def run_verify(out_dir, stream=None):
     Returns the exit code: 0 when the artifacts present are consistent, 2 otherwise.
     Raises PipelineError if `out_dir` is not a folder.
     """
-    from pipeline.data import datasets, features, text
-
     stream = stream or sys.stdout
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise errors.PipelineError(f"{out_dir}: no such folder")
     report = _Report(stream)
 
-    config = _check(report, config_module.CONFIG_FILE, lambda: config_module.PipelineConfig.load(out_dir))
+    config = _check(report, run_folder.CONFIG_FILE, lambda: run_folder.read_config(out_dir, requires="`extract`"))
     if config is not None:
-        report.ok(f"{config_module.CONFIG_FILE} loads")
+        report.ok(f"{run_folder.CONFIG_FILE} loads")
 
-    dataset = _check(report, datasets.CAPTIONS_FILE, lambda: datasets.read_captions_json(out_dir))
+    dataset = _check(report, run_folder.CAPTIONS_FILE, lambda: run_folder.read_captions(out_dir))
     if dataset is not None:
-        report.ok(f"{datasets.CAPTIONS_FILE}: {len(dataset.images)} images")
+        report.ok(f"{run_folder.CAPTIONS_FILE}: {len(dataset.images)} images")
 
-    vocabulary = _check(report, text.VOCAB_FILE, lambda: text.Vocabulary.load(out_dir / text.VOCAB_FILE))
+    vocabulary = _check(report, run_folder.VOCAB_FILE, lambda: run_folder.read_vocabulary(out_dir))
     if vocabulary is not None:
-        report.ok(f"{text.VOCAB_FILE}: {len(vocabulary)} words")
+        report.ok(f"{run_folder.VOCAB_FILE}: {len(vocabulary)} words")
 
-    cache = _check(report, features.FEATURES_FILE, lambda: features.read_features(out_dir))
+    # Unchecked here: _check_features reports a mismatch with config.json as its own problem.
+    cache = _check(report, run_folder.FEATURES_FILE, lambda: run_folder.read_feature_cache(out_dir))
     if cache is not None:
-        report.ok(f"{features.FEATURES_FILE}: {len(cache.image_ids)} rows of {cache.features.shape[1]} values")
+        report.ok(f"{run_folder.FEATURES_FILE}: {len(cache.image_ids)} rows of {cache.features.shape[1]} values")
         _check_features(report, out_dir, config, dataset, cache)
 
-    decoder_path = out_dir / "decoder.keras"
-    if decoder_path.exists():
-        _check(report, decoder_path.name, lambda: _check_decoder(report, decoder_path, config, vocabulary, cache))
+    if (out_dir / run_folder.DECODER_FILE).exists():
+        _check(report, run_folder.DECODER_FILE, lambda: _check_decoder(report, out_dir, config, vocabulary, cache))
     else:
-        report.skip(f"{decoder_path.name} is not there yet (run `train`)")
+        report.skip(f"{run_folder.DECODER_FILE} is not there yet (run `train`)")
 
-    saved_model = out_dir / "saved_model"
+    saved_model = out_dir / run_folder.SAVED_MODEL_DIR
     if saved_model.exists():
         _check(report, saved_model.name, lambda: _check_saved_model(report, saved_model, cache, vocabulary))
     else:
@@ -114,13 +112,11 @@ def run_verify(out_dir, stream=None):
 def _check_features(report, out_dir, config, dataset, cache):
     import numpy
 
-    from pipeline import train
-
-    name = "features.h5"
+    name = run_folder.FEATURES_FILE
     if config is not None:
         attributes_match = _check(
-            report, f"{name} against config.json",
-            lambda: train.check_feature_cache(cache.attrs, config.encoder, name) or True,
+            report, f"{name} against {run_folder.CONFIG_FILE}",
+            lambda: run_folder.check_feature_cache(cache.attrs, config.encoder, name) or True,
         )
         if attributes_match:
             report.ok(f"{name} attributes match config.json's encoder settings")
@@ -132,7 +128,7 @@ def _check_features(report, out_dir, config, dataset, cache):
         report.problem(f"{name}: image_ids holds duplicates")
     if dataset is None:
         return
-    failed = _check(report, train.EXTRACT_ERRORS_FILE, lambda: train.failed_image_ids(out_dir))
+    failed = _check(report, run_folder.EXTRACT_ERRORS_FILE, lambda: run_folder.failed_image_ids(out_dir))
     listed = {record.image_id for record in dataset.images}
     expected = listed - (failed or set())
     cached = set(cache.image_ids)
@@ -140,7 +136,7 @@ def _check_features(report, out_dir, config, dataset, cache):
     foreign = sorted(cached - listed)
     if missing:
         report.problem(f"{name} lacks {len(missing)} image(s) of captions.json not listed in "
-                       f"{train.EXTRACT_ERRORS_FILE}, e.g. {missing[0]!r} (rerun `extract`)")
+                       f"{run_folder.EXTRACT_ERRORS_FILE}, e.g. {missing[0]!r} (rerun `extract`)")
     if foreign:
         report.problem(f"{name} holds {len(foreign)} image(s) not in captions.json, e.g. {foreign[0]!r}: "
                        "a cache of another dataset?")
@@ -148,12 +144,12 @@ def _check_features(report, out_dir, config, dataset, cache):
         report.ok(f"every usable image of captions.json has a row in {name}")
 
 
-def _check_decoder(report, decoder_path, config, vocabulary, cache):
-    import keras
+def _check_decoder(report, out_dir, config, vocabulary, cache):
+    from models import decoder
 
-    from models import decoder  # noqa: F401  (registers the custom loss and metric)
-
-    model = keras.saving.load_model(decoder_path, compile=False)
+    decoder_path = out_dir / run_folder.DECODER_FILE
+    # Loaded without the vocabulary check: a mismatch is a problem line here, not an error.
+    model = run_folder.load_decoder(out_dir)
     output_size = int(model.outputs[0].shape[-1])
     if vocabulary is not None and output_size != len(vocabulary):
         report.problem(

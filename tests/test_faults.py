@@ -24,7 +24,8 @@ import pytest
 
 import run_pipeline
 from pipeline import train
-from pipeline.data import feature_writer, features
+from pipeline.data import feature_writer, features, run_folder
+from pipeline.training import periods
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 from tests.conftest import SMALL_EXTRACT_FLAGS as EXTRACT_FLAGS  # noqa: E402
@@ -94,12 +95,12 @@ def test_extract_killed_at_random_moments_resumes_to_the_uninterrupted_cache(sma
 
 
 def _history(out):
-    return train.read_history(out)
+    return run_folder.read_training_history(out)
 
 
 def _checkpoint_epoch(out):
     try:
-        return json.loads((out / train.CHECKPOINT_DIR / "training_metadata.json").read_text())["epoch"]
+        return json.loads((out / run_folder.CHECKPOINT_DIR / "training_metadata.json").read_text())["epoch"]
     except (OSError, ValueError, KeyError):
         return 0  # absent, or caught mid-write
 
@@ -119,7 +120,7 @@ def test_train_killed_mid_epoch_resumes_with_the_stopping_state_to_the_uninterru
     process = _start(["train", "--out", str(killed), *flags])
     _wait_for(process, lambda: _checkpoint_epoch(killed) >= 1, "the first checkpoint")
     _kill(process, random.Random(99).uniform(0.0, 0.3))
-    finished = train._checkpoint_epoch(killed / train.CHECKPOINT_DIR)
+    finished = periods.checkpoint_epoch(killed / run_folder.CHECKPOINT_DIR)
     assert finished >= 1
 
     resumed = train.run_train(killed, {}, resume=True)
@@ -146,7 +147,7 @@ def test_train_killed_mid_epoch_resumes_with_the_stopping_state_to_the_uninterru
 
 
 def _stopping_state(out):
-    return json.loads((out / train.CHECKPOINT_DIR / train.STOPPING_FILE).read_text())["periods"]
+    return json.loads((out / run_folder.CHECKPOINT_DIR / run_folder.STOPPING_FILE).read_text())["periods"]
 
 
 def _run_with_file_size_limit(arguments, limit_bytes):
@@ -285,10 +286,10 @@ def _file_size_limit(limit_bytes):
 
 
 def test_full_disk_during_export_keeps_the_previous_saved_model(trained_out, copy_run, capsys):
-    from pipeline import export
+    from pipeline import export  # noqa: F401  (TensorFlow and the stage imported before the file size limit)
 
     out = copy_run(trained_out)
-    previous = out / export.SAVED_MODEL_DIR
+    previous = out / run_folder.SAVED_MODEL_DIR
     (previous / "variables").mkdir(parents=True)
     (previous / "saved_model.pb").write_bytes(b"the previous export")
     # 1 MiB: the SavedModel's variables (ResNet50's 90 MB) do not fit. In-process (no second
@@ -306,7 +307,7 @@ def test_full_disk_during_export_keeps_the_previous_saved_model(trained_out, cop
 
 def test_full_disk_during_train_keeps_the_previous_decoder_whole(trained_out, copy_run):
     out = copy_run(trained_out)
-    decoder_bytes = (out / train.DECODER_FILE).read_bytes()
+    decoder_bytes = (out / run_folder.DECODER_FILE).read_bytes()
     # 256 KiB: the JSON files fit, the checkpoint weights and the decoder do not.
     completed = _run_with_file_size_limit(["train", "--out", str(out), "--epochs", "1"], 256 * 1024)
     assert completed.returncode == 2, completed.stderr[-3000:]
@@ -314,7 +315,7 @@ def test_full_disk_during_train_keeps_the_previous_decoder_whole(trained_out, co
     assert line == f"error: {out}: cannot write the training checkpoints (File too large); " \
                    "`train --resume` continues from the last complete checkpoint", line
     # decoder.keras is written to a temporary name and renamed: never half a file.
-    assert (out / train.DECODER_FILE).read_bytes() == decoder_bytes
+    assert (out / run_folder.DECODER_FILE).read_bytes() == decoder_bytes
     assert not list(out.glob(".decoder.keras*"))
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.core import config as config_module
+from pipeline.data import run_folder
 from tests.conftest import FINETUNE_SETTINGS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,8 +33,6 @@ def _weights(path):
 
 
 def test_finetune_keeps_the_xe_decoder_and_writes_history_logs_and_metrics_of_both(finetuned):
-    from pipeline import finetune
-
     out, summary, original = finetuned
     assert (out / "decoder_xe.keras").read_bytes() == original
     history = json.loads((out / "finetune_history.json").read_text())
@@ -43,7 +42,7 @@ def test_finetune_keeps_the_xe_decoder_and_writes_history_logs_and_metrics_of_bo
     assert all(entry["mean_reward"] >= 0 and entry["val_cider"] >= 0 for entry in history["epochs"])
     # On these 48 images the fine-tuning raises validation CIDEr-D, so the fine-tuned decoder is kept.
     assert summary["best_val_cider"] > summary["initial_val_cider"]
-    assert history["best_step"] > 0 and finetune.decoder_objective(out) == "scst"
+    assert history["best_step"] > 0 and run_folder.decoder_objective(out) == "scst"
     assert list((out / "logs" / "finetune").glob("events.out.tfevents.*"))
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -71,7 +70,7 @@ def test_a_second_finetune_starts_again_from_the_xe_decoder_and_a_new_train_repl
     # A later `train` writes a new XE decoder.keras: it becomes the new decoder_xe.keras.
     retrained = original + b"retrained"
     (out / "decoder.keras").write_bytes(retrained)
-    assert finetune.decoder_objective(out) == "xe"
+    assert run_folder.decoder_objective(out) == "xe"
     finetune._source_decoder(out, resume=False)
     assert (out / "decoder_xe.keras").read_bytes() == retrained
 
@@ -148,7 +147,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras
 from models import decoder
 from pipeline.core import config as config_module
-from pipeline import finetune, train
+from pipeline.training import distribution, scst
 from pipeline.training.cider_reward import CiderD
 
 rng = np.random.default_rng(0)
@@ -158,14 +157,14 @@ reward = CiderD(references, 30)
 settings = config_module.FinetuneConfig(samples=3, batch_size=6)
 config = config_module.DecoderConfig(embedding_dim=8, units=16, dropout=0.0)
 report = {}
-strategies = {name: train.make_strategy(name) for name in ("default", "mirrored")}
+strategies = {name: distribution.make_strategy(name) for name in ("default", "mirrored")}
 for name, strategy in strategies.items():
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model = decoder.build_decoder(config, 30, feature_dim=16)
         optimizer = keras.optimizers.SGD(0.5)
         optimizer.build(model.trainable_variables)
-    stepper = finetune.Stepper(model, optimizer, strategy, settings, 6, reward)
+    stepper = scst.Stepper(model, optimizer, strategy, settings, 6, reward)
     losses, rewards = [], []
     for step in range(4):
         members = np.arange(6) + 6 * (step % 2)

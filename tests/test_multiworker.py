@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 
 from benchmarks import bench_multiworker
+from pipeline import train
 from pipeline.core import config as config_module
-from pipeline import finetune, train
+from pipeline.data import run_folder
+from pipeline.training import inputs as training_inputs
 from tests.conftest import FINETUNE_SETTINGS
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -83,7 +85,7 @@ def _finish(workers):
 
 
 def _checkpoint_epoch(out):
-    metadata = out / train.CHECKPOINT_DIR / "training_metadata.json"
+    metadata = out / run_folder.CHECKPOINT_DIR / "training_metadata.json"
     try:
         return json.loads(metadata.read_text())["epoch"]
     except (OSError, ValueError, KeyError):
@@ -92,7 +94,7 @@ def _checkpoint_epoch(out):
 
 def _history_epochs(out):
     """The validation periods (here one an epoch) in OUT/history.json, written atomically: whole or absent."""
-    return [entry["period"] for entry in train.read_history(out)]
+    return [entry["period"] for entry in run_folder.read_training_history(out)]
 
 
 def _listing(folder):
@@ -133,21 +135,21 @@ def test_two_workers_killed_and_resumed_train_like_one_process(extracted_out, tm
 
     # Run 2: both restarted with --resume; without shared storage the chief's checkpoint
     # is copied to the other machine first (README, "Beyond one machine").
-    shutil.copytree(chief_out / train.CHECKPOINT_DIR, worker_out / train.CHECKPOINT_DIR)
-    copied = {path: path.read_bytes() for path in (worker_out / train.CHECKPOINT_DIR).iterdir()}
+    shutil.copytree(chief_out / run_folder.CHECKPOINT_DIR, worker_out / run_folder.CHECKPOINT_DIR)
+    copied = {path: path.read_bytes() for path in (worker_out / run_folder.CHECKPOINT_DIR).iterdir()}
     results = _finish(_start_workers([chief_out, worker_out], tmp_path, ["--resume"]))
     for code, stderr in results:
         assert code == 0, "\n\n".join(stderr[-3000:] for _, stderr in results)
         assert "resuming after period 1 of 2" in stderr and "1 periods run, now step 12" in stderr
     assert _history_epochs(chief_out) == [1, 2] and _checkpoint_epoch(chief_out) == 2
     # Worker 1 left its OUT as the cache plus the copied checkpoint, byte for byte, and removed its scratch folder.
-    assert _listing(worker_out) == sorted(cache_listing + [train.CHECKPOINT_DIR] + [
-        f"{train.CHECKPOINT_DIR}/{path.name}" for path in copied])
+    assert _listing(worker_out) == sorted(cache_listing + [run_folder.CHECKPOINT_DIR] + [
+        f"{run_folder.CHECKPOINT_DIR}/{path.name}" for path in copied])
     assert all(path.read_bytes() == content for path, content in copied.items())
     # Nothing half-written in the chief's OUT: no temporary left, every artifact loads.
     assert not [path for path in chief_out.rglob("*") if ".tmp" in path.name]
-    json.loads((chief_out / train.HISTORY_FILE).read_text())
-    for weights in (chief_out / train.CHECKPOINT_DIR).glob("*.h5*"):
+    json.loads((chief_out / run_folder.HISTORY_FILE).read_text())
+    for weights in (chief_out / run_folder.CHECKPOINT_DIR).glob("*.h5*"):
         h5py.File(weights, "r").close()
 
     # One process, same global batch and seed, two uninterrupted epochs: the same weights.
@@ -159,7 +161,8 @@ def test_two_workers_killed_and_resumed_train_like_one_process(extracted_out, tm
     print(f"largest weight difference from one process: {difference:.2e}")
     assert difference < 1e-5
     for name in ("loss", "val_loss", "val_cider"):
-        values = [[entry[name] for entry in train.read_history(out)] for out in (reference_out, chief_out)]
+        values = [[entry[name] for entry in run_folder.read_training_history(out)]
+                  for out in (reference_out, chief_out)]
         np.testing.assert_allclose(values[1], values[0], rtol=1e-5, atol=1e-7, err_msg=name)
 
 
@@ -176,7 +179,7 @@ def test_two_workers_stop_early_together(extracted_out, tmp_path):
         assert code == 0, "\n\n".join(stderr[-3000:] for _, stderr in results)
         assert "train: early stopping at step 12" in stderr and "stopped by early stopping" in stderr, stderr[-3000:]
     assert _history_epochs(outs[0]) == [1, 2]
-    assert not (outs[1] / train.HISTORY_FILE).exists() and not (outs[1] / ".worker-worker-1.tmp").exists()
+    assert not (outs[1] / run_folder.HISTORY_FILE).exists() and not (outs[1] / ".worker-worker-1.tmp").exists()
 
 
 def _fine_tuning_outs(trained_out, tmp_path, settings):
@@ -190,7 +193,7 @@ def _fine_tuning_outs(trained_out, tmp_path, settings):
 
 def _finetune_history(out):
     """(epochs, best_step) of OUT/finetune_history.json, written atomically: ([], None) while absent."""
-    history = finetune.read_history(out)
+    history = run_folder.read_finetune_history(out)
     return ([entry["epoch"] for entry in history["epochs"]], history["best_step"]) if history else ([], None)
 
 
@@ -206,9 +209,9 @@ def test_two_workers_fine_tune_killed_and_resumed_like_one_process(trained_out, 
 
     # Run 1: SIGKILL worker 1 once the chief has checkpointed step `kill_after`.
     workers = _start_workers([chief_out, worker_out], tmp_path, command=command)
-    state = chief_out / finetune.CHECKPOINT_DIR / f"state-{kill_after}.json"
+    state = chief_out / run_folder.FINETUNE_CHECKPOINT_DIR / f"state-{kill_after}.json"
     _wait_for(state.exists, workers, f"the chief's checkpoint of step {kill_after}")
-    assert (worker_out / ".worker-worker-1.tmp" / finetune.CHECKPOINT_DIR).is_dir()
+    assert (worker_out / ".worker-worker-1.tmp" / run_folder.FINETUNE_CHECKPOINT_DIR).is_dir()
     workers[1][0].send_signal(signal.SIGKILL)
     (chief_code, chief_stderr), (worker_code, _) = _finish(workers)
     assert worker_code == -signal.SIGKILL
@@ -218,15 +221,15 @@ def test_two_workers_fine_tune_killed_and_resumed_like_one_process(trained_out, 
     assert _finetune_history(chief_out)[0] == [1]  # killed inside epoch 2
 
     # Run 2: both with --resume, from the chief's checkpoints copied to the other machine.
-    shutil.copytree(chief_out / finetune.CHECKPOINT_DIR, worker_out / finetune.CHECKPOINT_DIR)
-    copied = {path: path.read_bytes() for path in (worker_out / finetune.CHECKPOINT_DIR).iterdir()}
+    shutil.copytree(chief_out / run_folder.FINETUNE_CHECKPOINT_DIR, worker_out / run_folder.FINETUNE_CHECKPOINT_DIR)
+    copied = {path: path.read_bytes() for path in (worker_out / run_folder.FINETUNE_CHECKPOINT_DIR).iterdir()}
     results = _finish(_start_workers([chief_out, worker_out], tmp_path, ["--resume"], command=command))
     for code, stderr in results:
         assert code == 0, "\n\n".join(stderr[-3000:] for _, stderr in results)
         assert "finetune: resuming at step" in stderr and "finetune: 2 epochs" in stderr, stderr[-3000:]
     assert "(the chief writes decoder.keras)" in results[1][1]
     # The chief's run equals the uninterrupted one-process run of the `finetuned` fixture.
-    expected, history = finetune.read_history(reference_out), finetune.read_history(chief_out)
+    expected, history = run_folder.read_finetune_history(reference_out), run_folder.read_finetune_history(chief_out)
     for got, want in zip(history["epochs"], expected["epochs"], strict=True):
         for key in ("step", "mean_reward", "loss", "val_cider", "best"):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
@@ -236,10 +239,10 @@ def test_two_workers_fine_tune_killed_and_resumed_like_one_process(trained_out, 
                                                       bench_multiworker.decoder_weights(reference_out))
     print(f"largest weight difference from one process: {difference:.2e}")
     assert difference < 1e-5
-    assert finetune.decoder_objective(chief_out) == finetune.decoder_objective(reference_out)
+    assert run_folder.decoder_objective(chief_out) == run_folder.decoder_objective(reference_out)
     # Worker 1 wrote nothing to its OUT: the run as it was plus the copied checkpoints, byte for byte.
-    assert _listing(worker_out) == sorted(worker_listing + [finetune.CHECKPOINT_DIR] + [
-        f"{finetune.CHECKPOINT_DIR}/{path.name}" for path in copied])
+    assert _listing(worker_out) == sorted(worker_listing + [run_folder.FINETUNE_CHECKPOINT_DIR] + [
+        f"{run_folder.FINETUNE_CHECKPOINT_DIR}/{path.name}" for path in copied])
     assert all(path.read_bytes() == content for path, content in copied.items())
     assert not [path for path in chief_out.rglob("*") if ".tmp" in path.name]
 
@@ -258,15 +261,15 @@ def test_two_fine_tuning_workers_stop_early_together(trained_out, tmp_path):
     kept_weights = bench_multiworker.decoder_weights(outs[0])
     for kept, trained in zip(kept_weights, bench_multiworker.decoder_weights(trained_out), strict=True):
         np.testing.assert_array_equal(kept, trained)
-    assert not (outs[1] / finetune.HISTORY_FILE).exists() and not (outs[1] / finetune.XE_DECODER_FILE).exists()
+    assert not (outs[1] / run_folder.FINETUNE_HISTORY_FILE).exists()
+    assert not (outs[1] / run_folder.XE_DECODER_FILE).exists()
     assert not (outs[1] / ".worker-worker-1.tmp").exists()
 
 
 CHIEF_SCORES_SCRIPT = r"""
 import json, math, os
-from pipeline import train
-from pipeline.training import validation
-strategy = train.make_strategy("multiworker")
+from pipeline.training import distribution, validation
+strategy = distribution.make_strategy("multiworker")
 task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
 # Each worker's own scores differ; worker 1 has a NaN where the chief has a number.
 scores = {"val_cider": 1.25 + task, "val_bleu_4": math.nan if task else 0.5, "val_seconds": 3.0 * (task + 1)}
@@ -293,13 +296,13 @@ def test_every_worker_takes_the_chief_validation_scores(tmp_path):
 def test_each_replica_takes_its_padded_slice_of_every_global_batch():
     import tensorflow as tf
 
-    split = train.CaptionSplit(np.arange(13, dtype=np.int32), [np.asarray([1, 4 + index % 5, 2], np.int32)
+    split = training_inputs.CaptionSplit(np.arange(13, dtype=np.int32), [np.asarray([1, 4 + index % 5, 2], np.int32)
                                                                for index in range(13)], images=13)
-    rows = train.InMemoryFeatures(np.arange(13, dtype=np.float32)[:, None])
+    rows = training_inputs.InMemoryFeatures(np.arange(13, dtype=np.float32)[:, None])
 
     def batches(**options):
         return [(inputs["image_features"][:, 0].astype(int).tolist(), targets.tolist())
-                for inputs, targets in train.make_caption_dataset(
+                for inputs, targets in training_inputs.make_caption_dataset(
                     split, rows, 5, shuffle_seed=3, epoch=1, sort_window_batches=2, **options).as_numpy_iterator()]
 
     whole = batches()

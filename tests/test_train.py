@@ -7,29 +7,31 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.core import config as config_module
 from pipeline import train
+from pipeline.core import config as config_module
 from pipeline.core import errors
-from pipeline.data import text
+from pipeline.data import run_folder, text
+from pipeline.training import distribution, objective
+from pipeline.training import inputs as training_inputs
 from tests.conftest import TRAIN_OVERRIDES
 
 
 def _split(rows, token_lists):
     token_ids = [np.asarray(tokens, dtype=np.int32) for tokens in token_lists]
-    return train.CaptionSplit(np.asarray(rows, dtype=np.int32), token_ids, images=len(set(rows)))
+    return training_inputs.CaptionSplit(np.asarray(rows, dtype=np.int32), token_ids, images=len(set(rows)))
 
 
 def test_encode_caption_wraps_truncates_and_maps_unknown_words():
     vocabulary = text.Vocabulary.build([["a", "dog", "runs"]], min_count=1)
     a, dog, runs = vocabulary.encode(["a", "dog", "runs"])
-    encoded = train.encode_caption("A dog, runs FAST!", vocabulary, max_caption_length=30)
+    encoded = training_inputs.encode_caption("A dog, runs FAST!", vocabulary, max_caption_length=30)
     assert encoded.dtype == np.int32
     assert encoded.tolist() == [text.START_ID, a, dog, runs, text.UNK_ID, text.END_ID]
     # Truncation keeps the first words and still ends the caption.
-    assert train.encode_caption("a dog runs", vocabulary, max_caption_length=2).tolist() == [
+    assert training_inputs.encode_caption("a dog runs", vocabulary, max_caption_length=2).tolist() == [
         text.START_ID, a, dog, text.END_ID,
     ]
-    assert train.encode_caption("42 !!", vocabulary, max_caption_length=30) is None
+    assert training_inputs.encode_caption("42 !!", vocabulary, max_caption_length=30) is None
 
 
 def test_dataset_pads_per_batch_shifts_targets_and_gathers_rows():
@@ -39,7 +41,8 @@ def test_dataset_pads_per_batch_shifts_targets_and_gathers_rows():
         rows=[2, 0, 3, 1, 1],
         token_lists=[[1, 5, 6, 2], [1, 7, 2], [1, 4, 5, 6, 7, 8, 2], [1, 9, 2], [1, 5, 2]],
     )
-    dataset = train.make_caption_dataset(split, train.InMemoryFeatures(image_features), batch_size=2)
+    rows = training_inputs.InMemoryFeatures(image_features)
+    dataset = training_inputs.make_caption_dataset(split, rows, batch_size=2)
     assert dataset.options().autotune.enabled is False  # see pipeline/core/tf_data.py
     batches = list(dataset.as_numpy_iterator())
     assert len(batches) == 3
@@ -66,8 +69,8 @@ def test_dataset_shuffle_is_seeded_and_keeps_every_caption():
     split = _split(rows=list(range(10)), token_lists=[[1, 4 + index, 2] for index in range(10)])
 
     def first_words(seed):
-        dataset = train.make_caption_dataset(
-            split, train.InMemoryFeatures(image_features), batch_size=4, shuffle_seed=seed
+        dataset = training_inputs.make_caption_dataset(
+            split, training_inputs.InMemoryFeatures(image_features), batch_size=4, shuffle_seed=seed
         )
         words, pairs_match = [], True
         for inputs, targets in dataset.as_numpy_iterator():
@@ -98,7 +101,7 @@ def test_training_writes_decoder_history_checkpoints_and_logs(trained_out):
     model = keras.saving.load_model(trained_out / "decoder.keras")
     assert model.output_shape == (None, None, len(vocabulary))
 
-    history = train.read_history(trained_out)
+    history = run_folder.read_training_history(trained_out)
     assert [entry["period"] for entry in history] == [1, 2, 3]
     assert [entry["step"] for entry in history] == [6, 12, 18]
     for entry in history:
@@ -158,7 +161,7 @@ class _ScriptedScorer:
 def _decoder_weights(out):
     import keras
 
-    return keras.saving.load_model(out / train.DECODER_FILE, compile=False).get_weights()
+    return keras.saving.load_model(out / run_folder.DECODER_FILE, compile=False).get_weights()
 
 
 def _assert_same_weights(actual, expected, tolerance=0.0):
@@ -181,7 +184,7 @@ def test_stopping_selection_and_learning_rate_cuts_follow_the_score_and_resume_w
     # Best at step 10; no better score by step 20 = 10 steps later: stop there, before the 0.9.
     assert (summary["stopped_by"], summary["steps"], summary["best_step"], summary["best_score"]) == (
         "early_stopping", 20, 10, 0.5)
-    history = train.read_history(out)
+    history = run_folder.read_training_history(out)
     assert [entry["step"] for entry in history] == [5, 10, 15, 20]
     assert [entry["best"] for entry in history] == [True, True, False, False]
     assert [entry["lr_reduced"] for entry in history] == [False, False, True, True]
@@ -198,12 +201,12 @@ def test_stopping_selection_and_learning_rate_cuts_follow_the_score_and_resume_w
     resumed_out = Path(shutil.copytree(extracted_out, tmp_path / "resumed"))
     first = train.run_train(resumed_out, dict(settings, **{"train.epochs": 2}), validation_scorer=_ScriptedScorer(scores))
     assert (first["stopped_by"], first["steps"], first["periods_total"]) == ("cap", 15, 3)
-    history_before = train.read_history(resumed_out)
+    history_before = run_folder.read_training_history(resumed_out)
     resumed = train.run_train(resumed_out, {"train.epochs": 10}, resume=True,
                               validation_scorer=_ScriptedScorer(scores[3:]))
     assert (resumed["initial_period"], resumed["periods_run"], resumed["steps"]) == (3, 1, 20)
     assert (resumed["stopped_by"], resumed["best_step"]) == ("early_stopping", 10)
-    resumed_history = train.read_history(resumed_out)
+    resumed_history = run_folder.read_training_history(resumed_out)
     assert resumed_history[:3] == history_before  # earlier periods are kept as they were
     for name in ("step", "best", "lr_reduced", "learning_rate", "val_cider"):
         assert [entry[name] for entry in resumed_history] == [entry[name] for entry in history], name
@@ -220,7 +223,7 @@ def test_stopping_selection_and_learning_rate_cuts_follow_the_score_and_resume_w
     fresh = train.run_train(resumed_out, {"train.epochs": 2, "train.select_on": "loss", "train.patience_steps": 100},
                             validation_scorer=loss_scorer)
     assert (fresh["initial_period"], fresh["steps"], fresh["select_on"]) == (0, 15, "loss")
-    fresh_history = train.read_history(resumed_out)
+    fresh_history = run_folder.read_training_history(resumed_out)
     assert [entry["period"] for entry in fresh_history] == [1, 2, 3] and _optimizer_iterations(resumed_out) == 15
     lowest = min(range(3), key=lambda index: fresh_history[index]["val_loss"])
     assert fresh["best_val_loss"] == fresh_history[lowest]["val_loss"] and fresh_history[lowest]["best"]
@@ -261,7 +264,7 @@ def test_missing_feature_rows_are_named(extracted_out, copy_run):
     (out / "extract_errors.json").write_text(json.dumps(
         [{"image_id": "never_extracted.jpg", "path": "x", "reason": "unreadable"}]
     ))
-    data = train.load_training_data(out, config_module.PipelineConfig.load(out))
+    data = training_inputs.load_training_data(out, config_module.PipelineConfig.load(out))
     assert data.skipped_images == 1
 
 
@@ -299,12 +302,13 @@ def test_decoder_overfits_four_captions_and_greedy_decoding_reproduces_them():
     vocabulary = text.Vocabulary.build(token_lists, min_count=1)
     feature_dim = 64
     image_features = np.random.default_rng(0).normal(size=(4, feature_dim)).astype(np.float32)
-    split = train.CaptionSplit(
+    split = training_inputs.CaptionSplit(
         np.arange(4, dtype=np.int32),
-        [train.encode_caption(caption, vocabulary, max_caption_length=10) for caption in captions],
+        [training_inputs.encode_caption(caption, vocabulary, max_caption_length=10) for caption in captions],
         images=4,
     )
-    dataset = train.make_caption_dataset(split, train.InMemoryFeatures(image_features), batch_size=4)
+    rows = training_inputs.InMemoryFeatures(image_features)
+    dataset = training_inputs.make_caption_dataset(split, rows, batch_size=4)
 
     decoder_config = config_module.DecoderConfig(embedding_dim=32, units=64, dropout=0.0)
     model = decoder.build_decoder(decoder_config, len(vocabulary), feature_dim)
@@ -334,37 +338,39 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras
 from models import decoder
 from pipeline.core import config as config_module
-from pipeline import train
+from pipeline.training import distribution, objective
+from pipeline.training import inputs as training_inputs
 
 rng = np.random.default_rng(0)
 features = rng.normal(size=(32, 16)).astype(np.float32)
 # Captions of 1 to 12 words, batches not sorted by length: the two replicas' halves of a
 # global batch hold different numbers of tokens.
 token_ids = [np.asarray([1, *rng.integers(4, 30, size=rng.integers(1, 13)), 2], np.int32) for _ in range(64)]
-split = train.CaptionSplit(np.arange(64, dtype=np.int32) % 32, token_ids, images=32)
+split = training_inputs.CaptionSplit(np.arange(64, dtype=np.int32) % 32, token_ids, images=32)
 config = config_module.PipelineConfig()
 config.decoder = config_module.DecoderConfig(embedding_dim=8, units=16, dropout=0.0)
 batch_size, epochs, steps = 16, 3, 4
 
 def dataset():
-    return train.make_training_dataset(split, train.InMemoryFeatures(features), batch_size, shuffle_seed=0,
+    return training_inputs.make_training_dataset(split, training_inputs.InMemoryFeatures(features), batch_size,
+                                                 shuffle_seed=0,
                                        sort_window_batches=1)
 
 half_tokens = [[int(np.count_nonzero(targets[:8])), int(np.count_nonzero(targets[8:]))]
                for _, targets in dataset().take(epochs * steps).as_numpy_iterator()]
 report = {"half_tokens": half_tokens}
 # One strategy object per kind: two MirroredStrategy objects in a process reuse collective keys.
-strategies = {name: train.make_strategy(name) for name in ("default", "mirrored")}
+strategies = {name: distribution.make_strategy(name) for name in ("default", "mirrored")}
 for optimizer, strategy_name, loss in (("sgd", "default", "global"), ("sgd", "mirrored", "global"),
                                        ("sgd", "mirrored", "replica_mean"),
                                        ("adam", "default", "global"), ("adam", "mirrored", "global")):
     keras.utils.set_random_seed(0)
     strategy = strategies[strategy_name]
     with strategy.scope():
-        model = train.build_model(config, 30, 16)  # Adam, clipnorm, the global-token loss
+        model = objective.build_model(config, 30, 16)  # Adam, clipnorm, the global-token loss
         if optimizer == "sgd" or loss != "global":
             model.compile(optimizer=keras.optimizers.SGD(0.5) if optimizer == "sgd" else model.optimizer,
-                          loss=train.global_token_mean_loss_function() if loss == "global" else decoder.masked_loss,
+                          loss=objective.global_token_mean_loss if loss == "global" else decoder.masked_loss,
                           steps_per_execution=1)
     history = model.fit(dataset(), steps_per_epoch=steps, epochs=epochs, verbose=0, shuffle=False)
     report[f"{optimizer}/{strategy_name}/{loss}"] = {
@@ -410,7 +416,7 @@ def test_mirrored_strategy_on_two_cpu_devices_matches_single_device_training():
 def test_training_stream_is_the_epochs_back_to_back_whatever_the_first_epoch():
     image_features = np.arange(40, dtype=np.float32).reshape(20, 2)
     split = _split(rows=list(range(20)), token_lists=[[1, *range(4, 5 + index % 7), 2] for index in range(20)])
-    rows = train.InMemoryFeatures(image_features)
+    rows = training_inputs.InMemoryFeatures(image_features)
 
     def batches(dataset, count=None):
         """[(feature rows of the batch, targets)] as lists; feature row r is the vector [2r, 2r + 1]."""
@@ -418,7 +424,8 @@ def test_training_stream_is_the_epochs_back_to_back_whatever_the_first_epoch():
         return [((inputs["image_features"][:, 0] // 2).astype(int).tolist(), targets.tolist())
                 for inputs, targets in items]
 
-    epochs = [batches(train.make_caption_dataset(split, rows, 3, shuffle_seed=7, epoch=epoch, sort_window_batches=2))
+    epochs = [batches(training_inputs.make_caption_dataset(split, rows, 3, shuffle_seed=7, epoch=epoch,
+                                                           sort_window_batches=2))
               for epoch in range(3)]
     for epoch in epochs:
         assert len(epoch) == 7
@@ -426,14 +433,15 @@ def test_training_stream_is_the_epochs_back_to_back_whatever_the_first_epoch():
     assert epochs[0] != epochs[1] != epochs[2]
     # A stream starting at epoch 1 (a run resumed after one epoch) gives epochs 1 and 2 as
     # they are: the order depends on the epoch number only, not on iterators opened before.
-    stream = train.make_training_dataset(split, rows, 3, shuffle_seed=7, initial_epoch=1, sort_window_batches=2)
+    stream = training_inputs.make_training_dataset(split, rows, 3, shuffle_seed=7, initial_epoch=1,
+                                                   sort_window_batches=2)
     assert batches(stream, 14) == epochs[1] + epochs[2]
     assert batches(stream, 7) == epochs[1]  # a new iterator starts over
 
 
 @pytest.mark.parametrize(("steps_per_epoch", "expected"), [(12, 4), (9, 3), (10, 2), (7, 1), (2, 2), (1, 1)])
 def test_steps_per_execution_divides_the_epoch(steps_per_epoch, expected):
-    assert train.steps_per_execution_for(steps_per_epoch) == expected
+    assert objective.steps_per_execution_for(steps_per_epoch) == expected
 
 
 @pytest.mark.parametrize(("tf_config", "message"), [
@@ -453,25 +461,26 @@ def test_multiworker_without_a_usable_tf_config_is_a_clear_error(extracted_out, 
     else:
         monkeypatch.setenv("TF_CONFIG", tf_config)
     with pytest.raises(errors.PipelineError, match=message):
-        train.check_tf_config(tf_config)
+        distribution.check_tf_config(tf_config)
     if tf_config is None:
         out = copy_run(extracted_out)
         with pytest.raises(errors.PipelineError, match=message):
             train.run_train(out, dict(TRAIN_OVERRIDES, **{"train.strategy": "multiworker"}))
         assert not (out / "decoder.keras").exists()
-    train.check_tf_config('{"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker", "index": 1}}')
+    distribution.check_tf_config('{"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker", "index": 1}}')
 
 
 def test_cache_above_the_memory_limit_streams_from_hdf5_with_the_same_batches_and_losses(
         trained_out, extracted_out, copy_run):
     config = config_module.PipelineConfig.load(extracted_out).replace(TRAIN_OVERRIDES)
-    in_memory = train.load_training_data(extracted_out, config)
-    streamed = train.load_training_data(extracted_out, config.replace({"train.max_cache_memory_gb": 1e-6}))
-    assert in_memory.in_memory and isinstance(in_memory.feature_rows, train.InMemoryFeatures)
-    assert not streamed.in_memory and isinstance(streamed.feature_rows, train.StreamedFeatures)
+    in_memory = training_inputs.load_training_data(extracted_out, config)
+    streamed = training_inputs.load_training_data(extracted_out, config.replace({"train.max_cache_memory_gb": 1e-6}))
+    assert in_memory.in_memory and isinstance(in_memory.feature_rows, training_inputs.InMemoryFeatures)
+    assert not streamed.in_memory and isinstance(streamed.feature_rows, training_inputs.StreamedFeatures)
 
     def batches(data):
-        dataset = train.make_caption_dataset(data.train, data.feature_rows, 8, shuffle_seed=5, sort_window_batches=2)
+        dataset = training_inputs.make_caption_dataset(data.train, data.feature_rows, 8, shuffle_seed=5,
+                                                       sort_window_batches=2)
         return list(dataset.as_numpy_iterator())
 
     expected, actual = batches(in_memory), batches(streamed)
@@ -486,8 +495,8 @@ def test_cache_above_the_memory_limit_streams_from_hdf5_with_the_same_batches_an
     out = copy_run(extracted_out)
     summary = train.run_train(out, dict(TRAIN_OVERRIDES, **{"train.max_cache_memory_gb": 1e-6}))
     assert summary["features_in_memory"] is False
-    history = train.read_history(out)
-    reference = train.read_history(trained_out)
+    history = run_folder.read_training_history(out)
+    reference = run_folder.read_training_history(trained_out)
     for name in ("loss", "val_loss"):
         np.testing.assert_allclose([entry[name] for entry in history], [entry[name] for entry in reference],
                                    rtol=1e-4)

@@ -6,10 +6,10 @@ import keras
 import numpy as np
 import pytest
 
+from pipeline import evaluate
 from pipeline.core import config as config_module
-from pipeline import evaluate, train
 from pipeline.core import errors, io_utils
-from pipeline.data import text
+from pipeline.data import run_folder, text
 from pipeline.evaluation import metrics
 from pipeline.training import validation
 
@@ -62,7 +62,7 @@ def test_stopper_state_resumes_with_its_counters():
 def _load_decoder(out):
     from models import decoder  # noqa: F401  (registers the loss and metric)
 
-    return keras.saving.load_model(out / train.DECODER_FILE, compile=False)
+    return keras.saving.load_model(out / run_folder.DECODER_FILE, compile=False)
 
 
 def test_scorer_on_a_trained_run_matches_the_test_metrics_code_and_is_deterministic(trained_out):
@@ -76,7 +76,7 @@ def test_scorer_on_a_trained_run_matches_the_test_metrics_code_and_is_determinis
     assert first["val_seconds"] >= 0
 
     # The same numbers as evaluation's code path, beam 1, on the val images in captions.json order.
-    val_records = [record for record in train.datasets.read_captions_json(trained_out).split_images("val")]
+    val_records = [record for record in run_folder.read_captions(trained_out).split_images("val")]
     assert len(scorer) == len(val_records) > 0
     greedy = config.replace({"decode.beam_size": 1})
     captioner = evaluate.load_feature_captioner(trained_out, greedy, text.Vocabulary.load(trained_out / text.VOCAB_FILE))
@@ -101,7 +101,8 @@ def test_scorer_of_a_split_without_usable_images_is_a_clear_error(trained_out, c
     config = config_module.PipelineConfig.load(out)
     with pytest.raises(errors.PipelineError, match="max_images"):
         validation.build_validation_scorer(out, config, max_images=0)
-    val_ids = [record.image_id for record in train.datasets.read_captions_json(out).split_images("val")]
-    io_utils.write_json(out / train.EXTRACT_ERRORS_FILE, [{"image_id": image_id, "error": "x"} for image_id in val_ids])
+    val_ids = [record.image_id for record in run_folder.read_captions(out).split_images("val")]
+    io_utils.write_json(out / run_folder.EXTRACT_ERRORS_FILE,
+                        [{"image_id": image_id, "error": "x"} for image_id in val_ids])
     with pytest.raises(errors.PipelineError, match="the val split has no image with features"):
         validation.build_validation_scorer(out, config)

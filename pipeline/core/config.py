@@ -14,10 +14,25 @@ from pipeline.core import errors, io_utils
 from pipeline.core.run_files import CONFIG_FILE
 
 CONFIG_VERSION = 1
+# The choices of settings that name one of several ways.
+FEATURE_DTYPES = ("float32", "float16")
+STRATEGIES = ("default", "mirrored", "multiworker")  # train.strategy, finetune.strategy
+LR_SCHEDULES = ("plateau", "cosine")
+SELECT_ON = ("cider", "loss")
+BASELINES = ("mean", "greedy")
+
+
+def _check(checks):
+    """Raises PipelineError "<message>, got <value>" for the first (valid, message, value) that is not valid."""
+    for valid, message, value in checks:
+        if not valid:
+            raise errors.PipelineError(f"{message}, got {value!r}")
 
 
 @dataclasses.dataclass
 class DataConfig:
+    """Where the dataset is; its split sizes are checked against the data (`datasets.deterministic_split`)."""
+
     data_dir: str = ""  # as given on the command line, made absolute
     layout: str = ""  # detected: "flickr8k", "kaggle" or "karpathy"
     image_dir: str = ""  # absolute folder the image ids are relative to
@@ -31,6 +46,11 @@ class TextConfig:
     min_word_count: int = 5  # words seen fewer times in the training split become <unk>
     max_caption_length: int = 30  # words per caption kept for training (without <start>/<end>)
 
+    def check(self):
+        """Raises PipelineError for a setting `train` cannot use."""
+        _check([(self.max_caption_length >= 1, "text.max_caption_length (--max-caption-length) must be at least 1",
+                 self.max_caption_length)])
+
 
 @dataclasses.dataclass
 class EncoderConfig:
@@ -43,6 +63,25 @@ class EncoderConfig:
     precision: str = "fp32"  # "fp32", "bf16", "fp16" or "auto" (fp16 on a GPU, bf16 on CPUs with AMX or AVX512-BF16, else fp32)
     feature_dtype: str = "float32"  # storage dtype in features.h5: "float32" or "float16"
 
+    def check(self):
+        """Raises PipelineError for a setting `extract` cannot use (an unknown precision included)."""
+        from models import encoder
+        from pipeline.core import device
+
+        if self.name != encoder.ENCODER_NAME:
+            raise errors.PipelineError(f"encoder.name must be {encoder.ENCODER_NAME!r}, got {self.name!r}")
+        if self.pooling != "avg":
+            raise errors.PipelineError(f"encoder.pooling must be 'avg', got {self.pooling!r}")
+        if self.feature_dim != encoder.FEATURE_DIM:
+            raise errors.PipelineError(
+                f"encoder.feature_dim must be {encoder.FEATURE_DIM} for ResNet50, got {self.feature_dim}")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise errors.PipelineError(
+                f"encoder.feature_dtype must be {' or '.join(FEATURE_DTYPES)}, got {self.feature_dtype!r}")
+        if self.batch_size < 1:
+            raise errors.PipelineError(f"encoder.batch_size must be positive, got {self.batch_size}")
+        device.resolve_precision(self.precision)
+
 
 @dataclasses.dataclass
 class DecoderConfig:
@@ -51,6 +90,18 @@ class DecoderConfig:
     dropout: float = 0.5
     image_input: str = "init_state"  # "init_state" (h0, c0 from the image) or "first_step" (measured: README)
     vocab_size: int = 0  # set by training from vocab.json
+
+    def check(self):
+        """Raises PipelineError for a shape `train` cannot build (the image inputs are `models.decoder`'s)."""
+        from models import decoder
+
+        _check([
+            (0.0 <= self.dropout < 1.0, "decoder.dropout (--dropout) must be in [0, 1)", self.dropout),
+            (self.units >= 1, "decoder.units (--units) must be at least 1", self.units),
+            (self.embedding_dim >= 1, "decoder.embedding_dim (--embedding-dim) must be at least 1", self.embedding_dim),
+            (self.image_input in decoder.IMAGE_INPUT_MODES,
+             f"decoder.image_input (--image-input) must be {' or '.join(decoder.IMAGE_INPUT_MODES)}", self.image_input),
+        ])
 
 
 @dataclasses.dataclass
@@ -75,6 +126,34 @@ class TrainConfig:
     strategy: str = "default"  # "default", "mirrored" or "multiworker"
     max_cache_memory_gb: float = 4.0  # larger caches stream from HDF5 instead of loading whole
 
+    def check(self):
+        """Raises PipelineError for a setting `train` cannot use."""
+        _check([
+            (self.epochs >= 1, "train.epochs (--epochs) must be at least 1", self.epochs),
+            (self.batch_size >= 1, "train.batch_size (--batch-size) must be at least 1", self.batch_size),
+            (self.learning_rate > 0, "train.learning_rate (--learning-rate) must be positive", self.learning_rate),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"train.lr_schedule (--lr-schedule) must be one of {', '.join(LR_SCHEDULES)}", self.lr_schedule),
+            (self.warmup_steps >= 0, "train.warmup_steps (--warmup-steps) must be >= 0", self.warmup_steps),
+            (self.validate_every_steps >= 1, "train.validate_every_steps (--validate-every-steps) must be at least 1",
+             self.validate_every_steps),
+            (self.patience_steps >= 1, "train.patience_steps (--patience-steps) must be at least 1",
+             self.patience_steps),
+            (self.reduce_lr_patience_steps >= 1, "train.reduce_lr_patience_steps must be at least 1",
+             self.reduce_lr_patience_steps),
+            (0.0 < self.reduce_lr_factor < 1.0, "train.reduce_lr_factor must be in (0, 1)", self.reduce_lr_factor),
+            (self.select_on in SELECT_ON, f"train.select_on (--select-on) must be one of {', '.join(SELECT_ON)}",
+             self.select_on),
+            (self.validation_beam_size >= 1, "train.validation_beam_size must be at least 1",
+             self.validation_beam_size),
+            (self.validation_images >= 0, "train.validation_images (--validation-images) must be >= 0 (0: all)",
+             self.validation_images),
+            (self.clipnorm > 0, "train.clipnorm must be positive", self.clipnorm),
+            (self.max_cache_memory_gb > 0, "train.max_cache_memory_gb must be positive", self.max_cache_memory_gb),
+            (self.strategy in STRATEGIES, f"train.strategy (--strategy) must be one of {', '.join(STRATEGIES)}",
+             self.strategy),
+        ])
+
 
 @dataclasses.dataclass
 class FinetuneConfig:
@@ -94,6 +173,25 @@ class FinetuneConfig:
     validation_images: int = 0  # validation images scored each epoch; 0 = all
     strategy: str = "default"  # "default", "mirrored" or "multiworker"
 
+    def check(self):
+        """Raises PipelineError for a setting `finetune` cannot use."""
+        _check([
+            (self.epochs >= 1, "finetune.epochs (--epochs) must be at least 1", self.epochs),
+            (self.learning_rate > 0, "finetune.learning_rate (--learning-rate) must be positive", self.learning_rate),
+            (self.baseline in BASELINES, f"finetune.baseline (--baseline) must be one of {', '.join(BASELINES)}",
+             self.baseline),
+            (self.samples >= (2 if self.baseline == "mean" else 1),
+             "finetune.samples (--samples) must be at least 2 with the mean baseline (1 with greedy)", self.samples),
+            (self.batch_size >= 1, "finetune.batch_size (--batch-size) must be at least 1", self.batch_size),
+            (self.clipnorm > 0, "finetune.clipnorm must be positive", self.clipnorm),
+            (self.early_stopping_patience >= 1, "finetune.early_stopping_patience must be at least 1",
+             self.early_stopping_patience),
+            (self.checkpoint_steps >= 1, "finetune.checkpoint_steps must be at least 1", self.checkpoint_steps),
+            (self.validation_images >= 0, "finetune.validation_images must be >= 0", self.validation_images),
+            (self.strategy in STRATEGIES, f"finetune.strategy (--strategy) must be one of {', '.join(STRATEGIES)}",
+             self.strategy),
+        ])
+
 
 @dataclasses.dataclass
 class DecodeConfig:
@@ -101,6 +199,15 @@ class DecodeConfig:
     max_length: int = 20  # generated words, without <start>/<end>
     length_penalty: float = 0.7  # score = log p / length ** length_penalty; 0 turns it off
     no_repeat_ngram_size: int = 0  # > 0 forbids repeating any n-gram of this size
+
+    def check(self):
+        """Raises PipelineError for a setting `evaluate` and `export` cannot decode with."""
+        _check([
+            (self.beam_size >= 1, "decode.beam_size (--beam-size) must be at least 1", self.beam_size),
+            (self.max_length >= 1, "decode.max_length (--max-length) must be at least 1", self.max_length),
+            (self.length_penalty >= 0, "decode.length_penalty (--length-penalty) must be >= 0", self.length_penalty),
+            (self.no_repeat_ngram_size >= 0, "decode.no_repeat_ngram_size must be >= 0", self.no_repeat_ngram_size),
+        ])
 
 
 @dataclasses.dataclass
@@ -113,6 +220,14 @@ class PipelineConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
+
+    def check(self, *sections):
+        """Raises PipelineError for the first setting a stage cannot use, in the named sections.
+
+        sections: names of the sections the stage uses, e.g. "train", "text", "decoder".
+        """
+        for section in sections:
+            getattr(self, section).check()
 
     def to_dict(self):
         return {"version": CONFIG_VERSION, **dataclasses.asdict(self)}
@@ -157,22 +272,6 @@ class PipelineConfig:
 # Settings that no longer exist, dropped when an older config.json is read: training's
 # epoch-counted patiences became step-counted ones (train.patience_steps, ...).
 RETIRED_FIELDS = {"TrainConfig": ("early_stopping_patience", "reduce_lr_patience")}
-
-
-def load_run_config(out_dir, overrides, earlier_stages):
-    """OUT/config.json with `overrides` applied, for a stage that needs `earlier_stages` run first.
-
-    Args:
-        out_dir: Path of the run folder.
-        overrides: {"section.field": value} (None values ignored).
-        earlier_stages: str naming what must have run, e.g. "`extract` and `train`" (for the message).
-    Raises:
-        ArtifactError: no OUT/config.json.
-    """
-    path = Path(out_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise errors.ArtifactError(f"{path}: no run configuration; run {earlier_stages} into {out_dir} first")
-    return PipelineConfig.load(out_dir).replace(overrides)
 
 
 def _from_dict(cls, data, source):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core import errors
-from pipeline.data import datasets, features, text
+from pipeline.data import run_folder, text
 from pipeline.evaluation import metrics
 
 DEFAULT_BATCH_SIZE = 256
@@ -120,51 +120,29 @@ def build_validation_scorer(out_dir, config, split="val", max_images=None, batch
     """The ValidationScorer of one split of OUT: reads captions.json, vocab.json and the
     split's rows of features.h5.
 
-    Images listed in extract_errors.json and images without any word in their captions are
-    left out. `max_images` (int or None) keeps the split's first images in captions.json
-    order, so the subset is the same in every run and every process. `config` supplies
-    `decode.max_length` (and `decode.length_penalty` for `beam_size` > 1) and the encoder
-    settings the cache is checked against.
+    The images are the split's usable ones (`run_folder.usable_images`: extraction did not
+    fail on them, they have a feature row and a caption with a word). `max_images` (int or
+    None) keeps the first of them in captions.json order, so the subset is the same in every
+    run and every process. `config` supplies `decode.max_length` (and `decode.length_penalty`
+    for `beam_size` > 1) and the encoder settings the cache is checked against.
     Raises ArtifactError (damaged or foreign cache, missing rows) or PipelineError (no
     usable image in the split).
     """
-    from pipeline import train  # the cache checks training applies
-
     out_dir = Path(out_dir)
     if max_images is not None and max_images < 1:
         raise errors.PipelineError(f"validation max_images must be at least 1, got {max_images!r}")
-    dataset = datasets.read_captions_json(out_dir)
-    vocabulary = text.Vocabulary.load(out_dir / text.VOCAB_FILE)
-    failed = train.failed_image_ids(out_dir)
-    records, references = [], []
-    for record in dataset.split_images(split):
-        if record.image_id in failed:
-            continue
-        captions = [words for words in (text.normalize_caption(caption) for caption in record.captions) if words]
-        if not captions:
-            continue
-        records.append(record)
-        references.append(captions)
-        if max_images is not None and len(records) >= max_images:
-            break
-    if not records:
-        raise errors.PipelineError(
-            f"{out_dir / datasets.CAPTIONS_FILE}: the {split} split has no image with features and a caption "
-            "to validate on"
-        )
-    cache_path = out_dir / features.FEATURES_FILE
-    with features.open_features(out_dir) as reader:
-        train.check_feature_cache(dict(reader.attrs), config.encoder, cache_path)
-        row_of_image = {image_id: row for row, image_id in enumerate(reader.image_ids)}
-        lacking = [record.image_id for record in records if record.image_id not in row_of_image]
-        if lacking:
-            raise errors.ArtifactError(
-                f"{cache_path}: {len(lacking)} {split} image(s) have no feature row and are not listed in "
-                f"{train.EXTRACT_ERRORS_FILE} (e.g. {lacking[0]!r}); rerun `extract` to complete the cache"
+    vocabulary = run_folder.read_vocabulary(out_dir)
+    with run_folder.open_feature_cache(out_dir, config.encoder) as reader:
+        images = run_folder.usable_images(out_dir, split, reader.image_ids)
+        if not len(images):
+            raise errors.PipelineError(
+                f"{out_dir / run_folder.CAPTIONS_FILE}: the {split} split has no image with features and a caption "
+                "to validate on"
             )
-        image_features = reader.read([row_of_image[record.image_id] for record in records])
-    return ValidationScorer(image_features, references, vocabulary.words, config.decode.max_length, batch_size,
-                            beam_size=beam_size, length_penalty=config.decode.length_penalty)
+        image_features = reader.read(images.rows[:max_images])
+    return ValidationScorer(image_features, images.references[:max_images], vocabulary.words,
+                            config.decode.max_length, batch_size, beam_size=beam_size,
+                            length_penalty=config.decode.length_penalty)
 
 
 class EarlyStopper:

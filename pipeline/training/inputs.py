@@ -1,0 +1,341 @@
+"""The training inputs: captions of OUT encoded once, and tf.data pipelines that batch them.
+
+Captions become `<start> w1 .. wn <end>` id rows, kept as one ragged tensor next to an
+int32 vector of feature-row indices (`CaptionSplit`). Each epoch permutes the caption
+indices with stateless random ops keyed by (seed, epoch), sorts windows of 16 batches by
+length (so batches carry almost no padding), cuts batches, puts each window's batches in
+random order, pads each batch to its own longest caption, and only then gathers the
+batch's image vectors: with `tf.gather` from one in-memory tensor (`InMemoryFeatures`),
+or, for a cache larger than `train.max_cache_memory_gb`, from the HDF5 file batch by batch
+(`StreamedFeatures`), giving the same batches. A 2048-d vector is never copied per caption
+into Python lists. Training reads one endless stream of epochs (`make_training_dataset`),
+so epoch e is the same batches whatever the distribution strategy and whether or not the
+run was resumed.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from models import decoder
+from pipeline.core import errors, tf_data
+from pipeline.data import run_folder, text
+
+# Training batches are formed within windows of this many batches sorted by caption length.
+SORT_WINDOW_BATCHES = 16
+# Batches tf.data prepares ahead of the training step (a gather and a pad: far faster than the step).
+PREFETCH_BATCHES = 2
+
+
+@dataclasses.dataclass
+class CaptionSplit:
+    """The encoded captions of one split.
+
+    rows: np.ndarray int32 [C], the feature-cache row of each caption's image.
+    token_ids: list of C np.ndarray int32 [L_i], `<start> w1 .. wn <end>`, n <= max_caption_length.
+    images: int, how many images the captions come from.
+    """
+
+    rows: np.ndarray
+    token_ids: list
+    images: int
+
+    def __len__(self):
+        return len(self.rows)
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """Everything training reads from OUT, checked.
+
+    feature_rows: InMemoryFeatures or StreamedFeatures (rows int32 [B] -> float32 [B, feature_dim]).
+    feature_dim: int; vocabulary: text.Vocabulary; train, val: CaptionSplit.
+    skipped_images: int, train/val images left out because extraction failed on them.
+    empty_captions: int, captions left out because no word survived normalization.
+    in_memory: bool, False when features are read from the HDF5 file batch by batch.
+    """
+
+    feature_rows: object
+    feature_dim: int
+    vocabulary: text.Vocabulary
+    train: CaptionSplit
+    val: CaptionSplit
+    skipped_images: int
+    empty_captions: int
+    in_memory: bool
+
+
+class InMemoryFeatures:
+    """The whole feature cache held as one tensor; batches are gathered with TF ops.
+
+    array: float32 [N, feature_dim] (NumPy or TF). The gather runs inside the tf.data
+    graph (`tf.gather`), with no Python call and no GIL per batch.
+    """
+
+    def __init__(self, array):
+        self.tensor = tf.convert_to_tensor(array, dtype=tf.float32)
+        self.feature_dim = int(self.tensor.shape[1])
+
+    def gather(self, rows):
+        """rows int32 [B] -> float32 [B, feature_dim] (graph-safe)."""
+        return tf.gather(self.tensor, rows)
+
+
+class StreamedFeatures:
+    """Feature rows read from features.h5 batch by batch, for caches above the memory limit.
+
+    Only the rows of the current batches are in memory (plus HDF5's chunk cache). The
+    reader is opened lazily in the process that iterates the dataset; h5py serializes
+    access internally, so tf.data's threads may call it concurrently.
+    """
+
+    def __init__(self, out_dir, feature_dim):
+        self.out_dir = out_dir
+        self.feature_dim = int(feature_dim)
+        self._reader = None
+
+    def read(self, rows):
+        """rows int [B] (NumPy) -> float32 [B, feature_dim] (NumPy)."""
+        if self._reader is None:
+            self._reader = run_folder.open_feature_cache(self.out_dir)
+        return self._reader.read(rows)
+
+    def gather(self, rows):
+        """rows int32 [B] tensor -> float32 [B, feature_dim] tensor, through `tf.numpy_function`."""
+        image_features = tf.numpy_function(self.read, [rows], tf.float32, stateful=False)
+        return tf.ensure_shape(image_features, [None, self.feature_dim])
+
+    def close(self):
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+def encode_caption(raw_caption, vocabulary, max_caption_length):
+    """One raw caption -> np.ndarray int32 [n + 2] `<start> w1 .. wn <end>`, or None if it has no word.
+
+    Words come from `text.normalize_caption`; only the first `max_caption_length` are kept.
+    """
+    words = text.normalize_caption(raw_caption)
+    return encode_words(words, vocabulary, max_caption_length) if words else None
+
+
+def encode_words(words, vocabulary, max_caption_length):
+    """Normalized words (list[str], at least one) -> np.ndarray int32 [n + 2] `<start> w1 .. wn <end>`,
+    n = min(len(words), max_caption_length)."""
+    return np.asarray([text.START_ID, *vocabulary.encode(words[:max_caption_length]), text.END_ID], dtype=np.int32)
+
+
+def encode_split(images, vocabulary, max_caption_length):
+    """Every caption with a word of a split's usable images (`run_folder.UsableImages`) -> CaptionSplit."""
+    rows, token_ids = [], []
+    for row, references in zip(images.rows, images.references):
+        for words in references:
+            rows.append(row)
+            token_ids.append(encode_words(words, vocabulary, max_caption_length))
+    return CaptionSplit(np.asarray(rows, dtype=np.int32), token_ids, len(images))
+
+
+def _caption_batches(split, batch_size, shuffle_seed, sort_window_batches):
+    """The batching of one split as a function of the epoch number.
+
+    Returns (epoch_batches, num_batches): `epoch_batches(epoch)` (epoch: int64 scalar,
+    Python or tensor) -> tf.data.Dataset of `(rows int32 [b], token_ids int32 [b, L])`, L the
+    batch's longest caption, padded with PAD_ID; num_batches = ceil(len(split) / batch_size).
+
+    Epoch `e` is a pure function of (shuffle_seed, e), computed with stateless random ops.
+    A `reshuffle_each_iteration` shuffle would instead key the order to how many iterators
+    the dataset has seen, and Keras 3 opens an extra iterator (a peek to build the model)
+    under a distribution strategy, so a mirrored run and a single-device run with one seed
+    would train on differently ordered batches; a resumed run would repeat epoch 1's order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if sort_window_batches < 1:
+        raise ValueError(f"sort_window_batches must be at least 1, got {sort_window_batches}")
+    num_captions = len(split)
+    num_batches = -(-num_captions // batch_size)
+    lengths = np.asarray([len(tokens) for tokens in split.token_ids], dtype=np.int64)
+    flat = np.concatenate(split.token_ids).astype(np.int32) if split.token_ids else np.zeros((0,), np.int32)
+    captions = tf.RaggedTensor.from_row_lengths(flat, lengths)
+    rows = tf.constant(np.asarray(split.rows, dtype=np.int32))
+    caption_lengths = tf.constant(lengths)
+    longest = int(lengths.max()) if num_captions else 0
+    window_captions = sort_window_batches * batch_size
+
+    def epoch_batches(epoch):
+        order = tf.range(num_captions, dtype=tf.int64)
+        batch_order = tf.range(num_batches, dtype=tf.int64)
+        if shuffle_seed is not None:
+            seed = tf.stack([tf.constant(shuffle_seed, tf.int64), tf.cast(epoch, tf.int64)])
+            order = tf.random.experimental.stateless_shuffle(order, seed=seed)
+            if sort_window_batches > 1:
+                # Sort each window of `sort_window_batches` batches by caption length
+                # (stable, so equal lengths keep their random order), cut it into
+                # batches, then put the window's batches in a random order.
+                window = tf.range(num_captions, dtype=tf.int64) // window_captions
+                key = window * (longest + 1) + tf.gather(caption_lengths, order)
+                order = tf.gather(order, tf.argsort(key, stable=True))
+                jitter = tf.random.stateless_uniform(
+                    [num_batches], seed=tf.random.experimental.stateless_fold_in(seed, 1), dtype=tf.float64)
+                batch_window = tf.cast(batch_order // sort_window_batches, tf.float64)
+                batch_order = tf.cast(tf.argsort(batch_window + jitter, stable=True), tf.int64)
+
+        def batch(index):
+            start = index * batch_size
+            members = order[start:tf.minimum(start + batch_size, num_captions)]
+            token_ids = tf.gather(captions, members).to_tensor(default_value=np.int32(text.PAD_ID))
+            return tf.gather(rows, members), token_ids
+
+        return tf.data.Dataset.from_tensor_slices(batch_order).map(batch)
+
+    return epoch_batches, num_batches
+
+
+def _replica_slices(dataset, input_context):
+    """Global batches -> this input pipeline's per-replica slices of each (multi-worker input).
+
+    dataset: tf.data.Dataset of global batches `(rows int32 [b], token_ids int32 [b, L])`.
+    input_context: tf.distribute.InputContext of this worker (R replicas in all, r of them
+    local, this pipeline's first replica index p * r).
+    Returns a tf.data.Dataset of `(rows int32 [s], token_ids int32 [s, L])`, s = ceil(b / R):
+    for each global batch, in order, the slices of replicas p * r .. p * r + r - 1, which
+    `distribute_datasets_from_function` hands to the local replicas in turn. Replica k takes
+    captions k * s .. (k + 1) * s - 1 of the batch, so every caption of an epoch goes to
+    exactly one replica once. The last replicas' slices are filled up to s with rows whose
+    tokens are all PAD_ID (feature row 0): they hold no target, so they add nothing to the
+    loss, its token count or the gradient, and every replica's slice has one shape, as the
+    cross-worker collectives on a batch (Keras' first-batch peek) require.
+    """
+    num_replicas = input_context.num_replicas_in_sync
+    local_replicas = num_replicas // input_context.num_input_pipelines
+    first = input_context.input_pipeline_id * local_replicas
+
+    def slices(rows, token_ids):
+        per_replica = -(-tf.shape(rows)[0] // num_replicas)
+        padding = per_replica * num_replicas - tf.shape(rows)[0]
+        rows = tf.pad(rows, [[0, padding]])
+        token_ids = tf.pad(token_ids, [[0, padding], [0, 0]], constant_values=np.int32(text.PAD_ID))
+        rows = tf.reshape(rows, [num_replicas, per_replica])[first:first + local_replicas]
+        token_ids = tf.reshape(token_ids, [num_replicas, per_replica, -1])[first:first + local_replicas]
+        return tf.data.Dataset.from_tensor_slices((rows, token_ids))
+
+    return dataset.flat_map(slices)
+
+
+def _to_model_batches(dataset, feature_rows):
+    """(rows, token_ids) batches -> the model's (inputs, targets) batches, prefetched."""
+    def to_model_inputs(rows, token_ids):
+        image_features = feature_rows.gather(rows)
+        caption_tokens, targets = decoder.make_training_pair(token_ids)
+        inputs = {decoder.IMAGE_FEATURES_INPUT: image_features, decoder.CAPTION_TOKENS_INPUT: caption_tokens}
+        return inputs, targets
+
+    dataset = dataset.map(to_model_inputs, num_parallel_calls=tf_data.cpu_count())
+    options = tf_data.untuned_options()
+    # Each worker takes its slice of every global batch itself (`_replica_slices`); tf.data's
+    # auto-sharding would instead hand whole global batches to alternate workers.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return dataset.with_options(options).prefetch(PREFETCH_BATCHES)
+
+
+def make_caption_dataset(split, feature_rows, batch_size, *, shuffle_seed=None, epoch=0,
+                         sort_window_batches=SORT_WINDOW_BATCHES, sort_by_length=False, input_context=None):
+    """One epoch of one split as a tf.data pipeline (validation, tests, benchmarks).
+
+    Args:
+        split: CaptionSplit.
+        feature_rows: InMemoryFeatures or StreamedFeatures: `.gather(rows int32 [B]) -> float32 [B, D]`
+            and `.feature_dim`.
+        batch_size: int, captions per batch (the global batch under a distribution strategy);
+            an epoch has ceil(len(split) / batch_size) batches, the last one may be smaller.
+        shuffle_seed: int to shuffle; None keeps the captions in order (validation).
+        epoch: int (or int64 scalar tensor), which epoch's order to give: with one seed,
+            every epoch has its own order, and epoch `e` is the same batches in every
+            process, under every distribution strategy, resumed or not.
+        sort_window_batches: int, when shuffling: the shuffled captions are cut into windows
+            of this many batches, each window is sorted by caption length and cut into
+            batches, and the window's batches are put in random order. Batches then hold
+            captions of nearly one length, so padding (which the LSTM and the vocabulary-wide
+            softmax compute on like on real words) almost vanishes, while which captions meet
+            in a batch stays random. 1 turns it off.
+        sort_by_length: bool, without shuffling: the captions in order of length (stable),
+            so batches carry almost no padding (validation: the same order every time).
+        input_context: None, or the tf.distribute.InputContext a multi-worker strategy passes
+            to `distribute_datasets_from_function`: the dataset then gives this worker's
+            per-replica slices of each global batch (`_replica_slices`).
+    Returns:
+        tf.data.Dataset of `({"image_features": float32 [B, D], "caption_tokens": int32 [B, T]},
+        targets int32 [B, T])`, T = the batch's longest caption + 1, padded with 0; targets are
+        the tokens shifted left by one (`models.decoder.make_training_pair`).
+    """
+    if sort_by_length and shuffle_seed is None:
+        order = sorted(range(len(split)), key=lambda index: len(split.token_ids[index]))
+        split = CaptionSplit(split.rows[order], [split.token_ids[index] for index in order], split.images)
+    epoch_batches, num_batches = _caption_batches(split, batch_size, shuffle_seed, sort_window_batches)
+    dataset = epoch_batches(tf.constant(epoch, tf.int64))
+    if input_context is not None:
+        dataset = _replica_slices(dataset, input_context)
+        num_batches *= input_context.num_replicas_in_sync // input_context.num_input_pipelines
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_batches))
+    return _to_model_batches(dataset, feature_rows)
+
+
+def make_training_dataset(split, feature_rows, batch_size, *, shuffle_seed, initial_epoch=0, skip_batches=0,
+                          sort_window_batches=SORT_WINDOW_BATCHES, input_context=None):
+    """The endless training stream: epochs `initial_epoch`, `initial_epoch + 1`, ... back to back.
+
+    Epoch `e` holds exactly the batches of `make_caption_dataset(..., shuffle_seed, epoch=e)`;
+    the stream starts `skip_batches` batches into epoch `initial_epoch`, so optimizer step s
+    of a run (resumed or not) always trains on batch s % B of epoch s // B, B =
+    ceil(len(split) / batch_size). Train on it with `model.fit(..., steps_per_epoch=P)` for a
+    validation period of P steps and a `steps_per_execution` dividing P
+    (`steps_per_execution_for`). Element spec and `input_context` as `make_caption_dataset`.
+    """
+    epoch_batches, _ = _caption_batches(split, batch_size, shuffle_seed, sort_window_batches)
+    dataset = tf.data.Dataset.counter(start=initial_epoch, dtype=tf.int64).flat_map(epoch_batches)
+    if skip_batches:
+        # Before the gather of image vectors: skipped batches cost an index slice each.
+        dataset = dataset.skip(skip_batches)
+    if input_context is not None:
+        # After the skip, which counts global batches.
+        dataset = _replica_slices(dataset, input_context)
+    return _to_model_batches(dataset, feature_rows)
+
+
+def load_training_data(out_dir, config):
+    """Reads and cross-checks what training needs from OUT (the artifacts of `extract`); nothing is written.
+
+    The train and val captions are those of `run_folder.usable_images`; the feature cache
+    is held in memory up to `train.max_cache_memory_gb`, else streamed batch by batch.
+    Returns a TrainingData. Raises ArtifactError (mismatched encoder, missing feature rows,
+    damaged files) or PipelineError (an empty split) with one message naming the file and the fix.
+    """
+    out_dir = Path(out_dir)
+    dataset = run_folder.read_captions(out_dir)
+    vocabulary = run_folder.read_vocabulary(out_dir)
+    with run_folder.open_feature_cache(out_dir, config.encoder) as reader:
+        image_ids, num_rows, feature_dim = reader.image_ids, len(reader), int(reader.attrs["feature_dim"])
+    splits = {split: run_folder.usable_images(out_dir, split, image_ids, dataset) for split in ("train", "val")}
+    encoded = {}
+    for split, images in splits.items():
+        encoded[split] = encode_split(images, vocabulary, config.text.max_caption_length)
+        if not len(encoded[split]):
+            raise errors.PipelineError(
+                f"{out_dir / run_folder.CAPTIONS_FILE}: the {split} split has no usable caption "
+                f"({len(images) + images.wordless} images with features); training needs both train and val captions"
+            )
+
+    in_memory = num_rows * feature_dim * 4 <= config.train.max_cache_memory_gb * 2**30
+    if in_memory:
+        feature_rows = InMemoryFeatures(run_folder.read_feature_cache(out_dir).features)
+    else:
+        feature_rows = StreamedFeatures(out_dir, feature_dim)
+    return TrainingData(
+        feature_rows=feature_rows, feature_dim=feature_dim, vocabulary=vocabulary,
+        train=encoded["train"], val=encoded["val"],
+        skipped_images=sum(images.failed for images in splits.values()),
+        empty_captions=sum(images.wordless_captions for images in splits.values()), in_memory=in_memory,
+    )
