@@ -51,6 +51,8 @@ once this module is imported. The model itself uses only built-in layers, so
 `load_model(path, compile=False)` needs no project code at all.
 """
 
+import types
+
 import keras
 import tensorflow as tf
 
@@ -146,21 +148,26 @@ def dtype_policy_of(model):
     return model.get_layer(LOGITS).dtype_policy.name
 
 
-def with_dtype_policy(model, config, dtype_policy):
+def with_dtype_policy(model, dtype_policy):
     """The decoder `model` computing under `dtype_policy`, with the same weights.
 
     Variables are float32 under every policy, so the copy's weights equal the model's
-    exactly; `model` itself is returned when it already computes so.
+    exactly; `model` itself is returned when it already computes so. The shape (sizes,
+    dropout, image input) is read from the model's layers.
 
     Args:
         model: a decoder built by `build_decoder` (or loaded from `.keras`).
-        config: the `DecoderConfig` it was built from.
         dtype_policy: one of `DTYPE_POLICIES`.
     """
     if dtype_policy_of(model) == dtype_policy:
         return model
-    copy = build_decoder(config, model.get_layer(LOGITS).units,
-                         model.get_layer(IMAGE_FEATURES_INPUT).output.shape[-1], dtype_policy)
+    names = {layer.name for layer in model.layers}
+    shape = types.SimpleNamespace(
+        embedding_dim=model.get_layer(EMBEDDING).output_dim, units=model.get_layer(LSTM).units,
+        dropout=model.get_layer(IMAGE_DROPOUT).rate,
+        image_input="init_state" if IMAGE_TO_HIDDEN in names else "first_step")
+    copy = build_decoder(shape, model.get_layer(LOGITS).units, model.get_layer(IMAGE_FEATURES_INPUT).output.shape[-1],
+                         dtype_policy)
     # The float32 cast layer holds no weights: both forms list the same weights in the same order.
     copy.set_weights(model.get_weights())
     return copy

@@ -36,17 +36,20 @@ def test_mixed_decoder_computes_in_16_bits_and_returns_float32_logits(policy, tm
     np.testing.assert_array_equal(loaded(batch()), logits)
 
 
-@pytest.mark.parametrize("policy", MIXED)
-def test_float32_copy_has_the_same_weights_and_close_logits(policy):
+@pytest.mark.parametrize("policy, image_input", [("mixed_bfloat16", "init_state"), ("mixed_float16", "first_step")])
+def test_float32_copy_has_the_same_weights_and_close_logits(policy, image_input):
     keras.utils.set_random_seed(0)
-    model = decoder.build_decoder(CONFIG, len(WORDS), FEATURE_DIM, dtype_policy=policy)
-    copy = decoder.with_dtype_policy(model, CONFIG, "float32")
+    config = DecoderConfig(embedding_dim=16, units=32, dropout=0.25, image_input=image_input)
+    model = decoder.build_decoder(config, len(WORDS), FEATURE_DIM, dtype_policy=policy)
+    copy = decoder.with_dtype_policy(model, "float32")
     assert decoder.dtype_policy_of(copy) == "float32" and decoder.LOGITS_FLOAT32 not in {l.name for l in copy.layers}
+    assert copy.get_config()["name"] == model.get_config()["name"]  # the same image input, sizes from the layers
+    assert copy.get_layer(decoder.IMAGE_DROPOUT).rate == 0.25
     for ours, theirs in zip(model.get_weights(), copy.get_weights(), strict=True):
         np.testing.assert_array_equal(ours, theirs)
     # bfloat16 keeps 8 bits of mantissa: ~0.4% of each logit; float16 11 bits.
     np.testing.assert_allclose(model(batch()), copy(batch()), atol=0.05 if policy == "mixed_bfloat16" else 0.005)
-    assert decoder.with_dtype_policy(copy, CONFIG, "float32") is copy
+    assert decoder.with_dtype_policy(copy, "float32") is copy
     with pytest.raises(ValueError, match="dtype_policy must be one of float32, mixed_bfloat16, mixed_float16"):
         decoder.build_decoder(CONFIG, len(WORDS), FEATURE_DIM, dtype_policy="bfloat16")
 
@@ -71,7 +74,7 @@ def test_beam_search_of_the_float32_copy_gives_the_mixed_decoders_captions(beam_
     decode = DecodeConfig(beam_size=beam_size, max_length=6, length_penalty=0.0)
     results = [
         captioner.FeatureCaptioner(form, WORDS, decode, start_id=1, end_id=2, unk_id=3, pad_id=0)
-        .caption_features(features) for form in (model, decoder.with_dtype_policy(model, CONFIG, "float32"))
+        .caption_features(features) for form in (model, decoder.with_dtype_policy(model, "float32"))
     ]
     for result in results:
         assert [caption.decode() for caption in result["captions"].numpy()] == expected
