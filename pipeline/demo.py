@@ -14,11 +14,10 @@ Nothing here is a substitute for ImageNet weights on real photographs.
 import time
 from pathlib import Path
 
-from pipeline.data import demo_data
+from pipeline.data import demo_data, run_folder
 
 DEMO_SEED = 0
 DEMO_NUM_IMAGES = demo_data.DEFAULT_NUM_IMAGES
-DATA_SUBDIR = "data"
 
 # Stage 1: no download, and a vocabulary that keeps every word of the small caption set.
 DEMO_EXTRACT_OVERRIDES = {
@@ -83,10 +82,9 @@ def run_demo(out_dir="artifacts/demo"):
     """
     # Stage modules import TensorFlow; imported here so that importing the demo is cheap.
     from pipeline import evaluate, export, extract, finetune, train
-    from pipeline.data import features
 
     out_dir = Path(out_dir)
-    data_dir = out_dir / DATA_SUBDIR
+    data_dir = out_dir / run_folder.DEMO_DATA_DIR
     started = time.monotonic()
 
     _banner(1, f"demo dataset: {DEMO_NUM_IMAGES} synthetic scenes, 5 captions each")
@@ -98,7 +96,7 @@ def run_demo(out_dir="artifacts/demo"):
         print(f"generated {data_dir} in {time.monotonic() - stage_started:.1f} s", flush=True)
         # The cache is keyed by image file name, and new images reuse the old names: features
         # of the previous images must not pass for the new ones.
-        stale_features = out_dir / features.FEATURES_FILE
+        stale_features = out_dir / run_folder.FEATURES_FILE
         if stale_features.exists():
             stale_features.unlink()
             print(f"removed {stale_features}: it held features of the previous demo images", flush=True)
@@ -129,7 +127,7 @@ def run_demo(out_dir="artifacts/demo"):
     saved_model = Path(export.run_export(out_dir, dict(DEMO_DECODE_OVERRIDES)))
     _elapsed(stage_started)
 
-    report = out_dir / "report.html"
+    report = out_dir / run_folder.REPORT_FILE
     example_image = data_dir / demo_data.IMAGE_DIR / "demo_0000.jpg"
     print(
         f"\ndone in {time.monotonic() - started:.0f} s\n"

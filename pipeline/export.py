@@ -35,18 +35,15 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from models import captioner as captioner_module
 from models import encoder as encoder_module
-from pipeline.core import config as config_module
 from pipeline.core import encoder_loading, errors, io_utils
-from pipeline.data import features, text
+from pipeline.data import features, run_folder, text
 from pipeline.serving import server, tf_serving_files, warmup
 from pipeline.serving.exported_model import FEATURES_SIGNATURE, METADATA_DIR, METADATA_FILE, SERVING_SIGNATURE
 
-DECODER_FILE = "decoder.keras"
-SAVED_MODEL_DIR = "saved_model"
 MODEL_NAME = "captioner"
 MODEL_VERSION = 1
 # TF Serving watches OUT/serving/<model name>/ and loads the highest numbered version.
-SERVING_DIR = Path("serving") / MODEL_NAME / str(MODEL_VERSION)
+SERVING_VERSION_DIR = Path(run_folder.SERVING_DIR) / MODEL_NAME / str(MODEL_VERSION)
 METADATA_FORMAT = "captioner.export"
 METADATA_VERSION = 1
 
@@ -67,12 +64,12 @@ def run_export(out_dir, overrides):
     """
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    config = config_module.PipelineConfig.load(out_dir).replace(overrides)
-    _check_decode_config(config.decode)
-    vocabulary = text.Vocabulary.load(out_dir / text.VOCAB_FILE)
-    decoder_model = _load_decoder(out_dir / DECODER_FILE, len(vocabulary))
-    cache_path = features.features_path(out_dir)
-    cache_attrs = features.read_attrs(cache_path)
+    config = run_folder.read_config(out_dir, requires="`extract` and `train`").replace(overrides)
+    config.check("decode")
+    vocabulary = run_folder.read_vocabulary(out_dir)
+    decoder_model = run_folder.load_decoder(out_dir, vocabulary_size=len(vocabulary))
+    cache_path = out_dir / run_folder.FEATURES_FILE
+    cache_attrs = run_folder.read_feature_attrs(out_dir)
     _log(started, f"building the encoder ({config.encoder.weights} weights, {config.encoder.image_size} px)")
     encoder_model = _build_matching_encoder(config, cache_attrs, cache_path)
     cache_graph, model_graph = features.cached_encoder_graph(cache_attrs), encoder_module.encoder_graph(encoder_model)
@@ -89,7 +86,7 @@ def run_export(out_dir, overrides):
     image_captioner = captioner_module.ImageCaptioner(encoder_model, feature_captioner, config.encoder.image_size)
     signatures = serving_signatures(image_captioner)
 
-    saved_model_dir = out_dir / SAVED_MODEL_DIR
+    saved_model_dir = out_dir / run_folder.SAVED_MODEL_DIR
     _log(started, f"tracing and saving (beam size {config.decode.beam_size}, "
                   f"at most {config.decode.max_length} words)")
     # Each folder is written under a temporary name and renamed into place: a failed
@@ -100,7 +97,7 @@ def run_export(out_dir, overrides):
         _check_signatures(signature_table)
         _write_metadata(temporary, config, vocabulary, cache_attrs, signature_table, model_graph)
         warmup.write_warmup_file(temporary, MODEL_NAME)
-    serving_dir = out_dir / SERVING_DIR
+    serving_dir = out_dir / SERVING_VERSION_DIR
     with _write_errors(serving_dir), io_utils.atomic_path(serving_dir) as temporary:
         shutil.copytree(saved_model_dir, temporary)
     # TF Serving's model config and batching file beside the versioned folder; `serve` runs from them too.
@@ -185,34 +182,6 @@ def _check_signatures(signature_table):
     assert signature_table == expected, f"exported signatures {signature_table} differ from the contract {expected}"
 
 
-def _check_decode_config(decode_config):
-    if decode_config.beam_size < 1:
-        raise errors.PipelineError(f"--beam-size must be at least 1, got {decode_config.beam_size}")
-    if decode_config.max_length < 1:
-        raise errors.PipelineError(f"--max-length must be at least 1, got {decode_config.max_length}")
-    if decode_config.no_repeat_ngram_size < 0:
-        raise errors.PipelineError(
-            f"--no-repeat-ngram-size must be 0 (off) or positive, got {decode_config.no_repeat_ngram_size}")
-
-
-def _load_decoder(path, vocabulary_size):
-    """The trained decoder (keras.Model) from `path`, checked against the vocabulary."""
-    if not path.is_file():
-        raise errors.ArtifactError(f"{path}: the trained decoder is missing; run `python run_pipeline.py train "
-                                   f"--out {path.parent}` first")
-    try:
-        # compile=False: the SavedModel needs the layers and weights, not the loss or optimizer.
-        model = keras.saving.load_model(path, compile=False)
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        raise errors.ArtifactError(f"{path}: cannot load the trained decoder ({error})") from None
-    output_size = model.outputs[0].shape[-1]
-    if output_size != vocabulary_size:
-        raise errors.ArtifactError(
-            f"{path}: the decoder predicts {output_size} words but {text.VOCAB_FILE} has {vocabulary_size}; "
-            f"the two come from different runs: retrain with `python run_pipeline.py train --out {path.parent}`")
-    return model
-
-
 def _build_matching_encoder(config, cache_attrs, cache_path):
     """Rebuilds the encoder that made `features.h5`; ArtifactError if its weights differ."""
     # The cache records the precision it was extracted with; only weights and sizes matter
@@ -242,7 +211,7 @@ def _write_metadata(saved_model_dir, config, vocabulary, cache_attrs, signature_
     """Writes assets.extra/ so a served model describes itself (vocabulary, settings, encoder)."""
     metadata_dir = Path(saved_model_dir) / METADATA_DIR
     metadata_dir.mkdir(parents=True, exist_ok=True)
-    vocabulary.save(metadata_dir / text.VOCAB_FILE)
+    vocabulary.save(metadata_dir / run_folder.VOCAB_FILE)
     encoder_keys = ("encoder", "weights", "image_size", "pooling", "feature_dim", "encoder_fingerprint")
     io_utils.write_json(metadata_dir / METADATA_FILE, {
         "format": METADATA_FORMAT,
@@ -255,7 +224,7 @@ def _write_metadata(saved_model_dir, config, vocabulary, cache_attrs, signature_
             for name, (inputs, outputs) in signature_table.items()
         },
         "vocabulary_size": len(vocabulary),
-        "vocabulary_file": f"{METADATA_DIR}/{text.VOCAB_FILE}",
+        "vocabulary_file": f"{METADATA_DIR}/{run_folder.VOCAB_FILE}",
         # encoder_graph: the form of ResNet50 inside this SavedModel ("folded"), which
         # may differ from the one that wrote the cache (features.cached_encoder_graph).
         "encoder": {**{key: cache_attrs[key] for key in encoder_keys if key in cache_attrs},

@@ -31,11 +31,9 @@ import tensorflow as tf
 
 from models import encoder as encoder_module
 from models import image_decoding
-from pipeline.core import config as config_module
 from pipeline.core import device, encoder_loading, errors, io_utils, progress, tf_data
-from pipeline.data import feature_writer, features
+from pipeline.data import feature_writer, features, run_folder
 
-ERRORS_FILE = "extract_errors.json"
 # Batches tf.data keeps decoded ahead of the encoder: one encoder batch outlasts the
 # decoding of the next by far (ResNet50 costs ~20x the decode+resize of a photo).
 PREFETCH_BATCHES = 2
@@ -71,8 +69,8 @@ def run_extract(data_dir, out_dir, overrides, overwrite=False, num_shards=1, sha
         raise errors.PipelineError(f"--num-shards must be a positive integer, got {num_shards!r}")
     if not isinstance(shard_index, int) or not 0 <= shard_index < num_shards:
         raise errors.PipelineError(f"--shard-index must be in 0..{num_shards - 1}, got {shard_index!r}")
-    config = config_module.PipelineConfig.load(out_dir, required=False).replace(overrides)
-    _check_encoder_config(config.encoder)
+    config = run_folder.read_config(out_dir, requires=None).replace(overrides)
+    config.check("encoder")
     # Recorded resolved ("auto" -> "bf16" here, "fp16" on a GPU machine), in config.json as in
     # the cache's attributes: the artifacts say what was computed, not what was asked.
     config.encoder.precision = device.resolve_precision(config.encoder.precision)
@@ -88,7 +86,7 @@ def run_extract(data_dir, out_dir, overrides, overwrite=False, num_shards=1, sha
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save(out_dir)  # a killed run still leaves the settings of its artifacts
     datasets.write_captions_json(out_dir, dataset)
-    text.Vocabulary.from_dataset(dataset, config.text.min_word_count).save(out_dir / text.VOCAB_FILE)
+    text.Vocabulary.from_dataset(dataset, config.text.min_word_count).save(out_dir / run_folder.VOCAB_FILE)
 
     image_ids = sorted(record.image_id for record in dataset.images)
     if num_shards > 1:
@@ -103,7 +101,8 @@ def run_extract(data_dir, out_dir, overrides, overwrite=False, num_shards=1, sha
         if image_id not in listed and (num_shards == 1 or shard_of(image_id, num_shards) == shard_index)
     ]
     failures = missing + result["failures"]
-    errors_path = out_dir / (ERRORS_FILE if num_shards == 1 else f"extract_errors.shard-{shard_index}-of-{num_shards}.json")
+    errors_path = out_dir / (run_folder.EXTRACT_ERRORS_FILE if num_shards == 1 else
+                             run_folder.EXTRACT_ERRORS_SHARD_PATTERN.format(index=shard_index, count=num_shards))
     io_utils.write_json(errors_path, failures)
     config.save(out_dir)
     seconds = time.monotonic() - started
@@ -130,20 +129,6 @@ def shard_of(image_id, num_shards):
     """The shard (0..num_shards-1) of an image id: a stable hash, the same in every process."""
     digest = hashlib.sha1(image_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % num_shards
-
-
-def _check_encoder_config(encoder_config):
-    if encoder_config.name != encoder_module.ENCODER_NAME:
-        raise errors.PipelineError(f"encoder.name must be {encoder_module.ENCODER_NAME!r}, got {encoder_config.name!r}")
-    if encoder_config.pooling != "avg":
-        raise errors.PipelineError(f"encoder.pooling must be 'avg', got {encoder_config.pooling!r}")
-    if encoder_config.feature_dim != encoder_module.FEATURE_DIM:
-        raise errors.PipelineError(f"encoder.feature_dim must be {encoder_module.FEATURE_DIM} for ResNet50, got {encoder_config.feature_dim}")
-    if encoder_config.feature_dtype not in ("float32", "float16"):
-        raise errors.PipelineError(f"encoder.feature_dtype must be float32 or float16, got {encoder_config.feature_dtype!r}")
-    if encoder_config.batch_size < 1:
-        raise errors.PipelineError(f"encoder.batch_size must be positive, got {encoder_config.batch_size}")
-    device.resolve_precision(encoder_config.precision)
 
 
 def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, overwrite=False, encoder_model=None):

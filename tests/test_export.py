@@ -15,7 +15,7 @@ from models import captioner as captioner_module
 from pipeline.core import config as config_module
 from pipeline import export
 from pipeline.core import errors
-from pipeline.data import datasets, features, text
+from pipeline.data import datasets, features, run_folder, text
 from tests.conftest import as_version_1
 
 NUM_CHECKED_IMAGES = 6
@@ -47,7 +47,7 @@ def _python_captions(out_dir, feature_rows, beam_size=None):
     if beam_size is not None:
         config = config.replace({"decode.beam_size": beam_size})
     vocabulary = text.Vocabulary.load(out_dir / text.VOCAB_FILE)
-    decoder_model = keras.saving.load_model(out_dir / export.DECODER_FILE, compile=False)
+    decoder_model = keras.saving.load_model(out_dir / run_folder.DECODER_FILE, compile=False)
     captioner = captioner_module.FeatureCaptioner(
         decoder_model, vocabulary.words, config.decode,
         start_id=text.START_ID, end_id=text.END_ID, unk_id=text.UNK_ID, pad_id=text.PAD_ID)
@@ -70,7 +70,7 @@ def _tensor(block, kind, name):
 
 def test_saved_model_cli_lists_both_signatures(exported_out):
     result = subprocess.run(
-        ["saved_model_cli", "show", "--dir", str(exported_out / export.SAVED_MODEL_DIR), "--all"],
+        ["saved_model_cli", "show", "--dir", str(exported_out / run_folder.SAVED_MODEL_DIR), "--all"],
         capture_output=True, text=True, check=True,
     )
     blocks = _signature_blocks(result.stdout)
@@ -90,7 +90,7 @@ def test_fresh_process_with_tensorflow_alone_matches_python_decode(exported_out,
     image_ids = cache.image_ids[:NUM_CHECKED_IMAGES]
     feature_rows = cache.features[:NUM_CHECKED_IMAGES]
     (tmp_path / "request.json").write_text(json.dumps({
-        "model_dir": str(exported_out / export.SAVED_MODEL_DIR),
+        "model_dir": str(exported_out / run_folder.SAVED_MODEL_DIR),
         "image_paths": [str(dataset.image_dir / image_id) for image_id in image_ids],
         "features": feature_rows.tolist(),
     }))
@@ -111,7 +111,7 @@ def test_fresh_process_with_tensorflow_alone_matches_python_decode(exported_out,
 
 
 def test_export_writes_versioned_copy_and_self_description(exported_out):
-    saved_model_dir = exported_out / export.SAVED_MODEL_DIR
+    saved_model_dir = exported_out / run_folder.SAVED_MODEL_DIR
     serving_dir = exported_out / "serving" / "captioner" / "1"
     assert (serving_dir / "saved_model.pb").read_bytes() == (saved_model_dir / "saved_model.pb").read_bytes()
     assert (serving_dir / "variables" / "variables.index").is_file()
@@ -169,7 +169,7 @@ def test_missing_decoder_names_the_train_command(trained_out, tmp_path):
     out.mkdir()
     for name in ("config.json", "vocab.json", "features.h5", "captions.json"):
         (out / name).write_bytes((trained_out / name).read_bytes())
-    with pytest.raises(errors.ArtifactError, match=r"decoder\.keras: the trained decoder is missing.*train"):
+    with pytest.raises(errors.ArtifactError, match=r"decoder\.keras: no trained decoder; run `train` first"):
         export.run_export(out, {})
-    with pytest.raises(errors.PipelineError, match="--beam-size must be at least 1"):
+    with pytest.raises(errors.PipelineError, match=r"decode\.beam_size \(--beam-size\) must be at least 1"):
         export.run_export(out, {"decode.beam_size": 0})
