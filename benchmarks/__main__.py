@@ -29,6 +29,7 @@ BENCHMARKS = {
     "bench_memory": "training peak memory on a small and a 20x larger cache",
     "bench_validation": "stage 2: the share of validation (val loss, greedy captions, CIDEr-D) in training",
     "bench_load": "HTTP server under load: batching against --max-batch-size 1 and one call at a time, latency, memory",
+    "bench_warmup": "the first request to a fresh server, with and without the export's warm-up requests",
     "bench_multiworker": "two-worker train and finetune on loopback beside one process: epoch time, weight agreement",
 }
 
@@ -85,8 +86,14 @@ TARGETS = {
     "serve_vs_one_at_a_time_p50_ratio": ("", None),
     "serve_p99_ms": ("", None),
     "serve_unbatched_p99_ms": ("", None),
+    "serve_grpc_images_per_s": ("", None),
+    "serve_grpc_p50_ms": ("", None),
+    "serve_grpc_vs_rest_images_per_s": ("", None),
     "serve_failed_good": ("== 0", lambda value: value == 0),
     "serve_rss_growth": ("< 0.10", lambda value: value < 0.10),
+    "serve_first_request_ms_cold": ("", None),
+    "serve_first_request_ms_warm": ("", None),
+    "serve_first_request_cold_vs_warm": ("> 1", lambda value: value > 1.0),
     "one_process_epoch_seconds": ("", None),
     "multiworker_epoch_seconds": ("", None),
     "multiworker_epoch_ratio": ("", None),
