@@ -48,8 +48,8 @@ BLOCK_CELLS = 1 << 20
 CONCATENATE_CAPTIONS = 1 << 16  # captions joined per np.concatenate when the ids are first read
 
 
-def _ngram_keys(token_ids, lengths, order, base):
-    """All n-grams of padded captions as (caption index, key, order) arrays.
+def _caption_ngrams(token_ids, lengths, order, base):
+    """Each caption's distinct n-grams (n = 1..order) with how often it holds them.
 
     Args:
         token_ids: int [M, T], rows padded past `lengths`.
@@ -57,42 +57,39 @@ def _ngram_keys(token_ids, lengths, order, base):
         order: int, largest n.
         base: int > every token id + 1.
     Returns:
-        (rows int64 [G], keys int64 [G], orders int64 [G] in 1..order); a key encodes the
-        n-gram's tokens as digits (id + 1) of `base`, so n-grams of different n never collide,
-        and every n-gram of order n lies in [base**(n-1), base**n).
+        (rows int64 [G], keys int64 [G], orders int64 [G] in 1..order, counts float64 [G]),
+        sorted by row, then key. A key encodes the n-gram's tokens as digits (id + 1) of
+        `base`, so every n-gram of order n lies in [base**(n-1), base**n): n-grams of
+        different n never collide.
     """
     token_ids = np.asarray(token_ids, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
     count, width = token_ids.shape if token_ids.ndim == 2 else (0, 0)
-    rows, keys, orders = [], [], []
-    digits = token_ids + 1
-    for n in range(1, order + 1):
-        if width < n:
-            break
-        key = np.zeros((count, width - n + 1), dtype=np.int64)
-        for offset in range(n):
-            key = key * base + digits[:, offset:width - n + 1 + offset]
-        valid = np.arange(width - n + 1)[np.newaxis, :] + n <= lengths[:, np.newaxis]
-        row_index, _ = np.nonzero(valid)
-        rows.append(row_index)
-        keys.append(key[valid])
-        orders.append(np.full(len(row_index), n, dtype=np.int64))
-    if not rows:
+    columns = np.arange(width)
+    digits = np.where(columns[np.newaxis, :] < lengths[:, np.newaxis], token_ids + 1, 0)
+    grids, key = [], np.zeros((count, width), dtype=np.int64)
+    for n in range(1, min(order, width) + 1):
+        span = width - n + 1
+        key = key[:, :span] * base + digits[:, n - 1:]
+        grids.append(np.where(columns[np.newaxis, :span] + n <= lengths[:, np.newaxis], key, 0))
+    if not grids:
         empty = np.zeros((0,), np.int64)
-        return empty, empty, empty
-    return np.concatenate(rows), np.concatenate(keys), np.concatenate(orders)
-
-
-def _count_ngrams(rows, keys, orders):
-    """Unique (row, key) pairs with their counts: (rows, keys, orders, counts), sorted by row then key."""
-    if len(rows) == 0:
-        return rows, keys, orders, np.zeros((0,), np.float64)
-    order = np.lexsort((keys, rows))
-    rows, keys, orders = rows[order], keys[order], orders[order]
-    starts = np.concatenate([[True], (rows[1:] != rows[:-1]) | (keys[1:] != keys[:-1])])
-    first = np.flatnonzero(starts)
-    counts = np.diff(np.append(first, len(rows))).astype(np.float64)
-    return rows[first], keys[first], orders[first], counts
+        return empty, empty, empty, np.zeros((0,), np.float64)
+    # Sorting each caption's row puts its repeats side by side (0 marks no n-gram, first).
+    keys = np.concatenate(grids, axis=1)
+    keys.sort(axis=1)
+    starts = keys != 0
+    starts[:, 1:] &= keys[:, 1:] != keys[:, :-1]
+    flat = np.flatnonzero(starts)
+    row_width = keys.shape[1]
+    rows = flat // row_width
+    # A run ends where the next one starts, or at its row's end (the next row begins with its 0s).
+    counts = (np.minimum(np.append(flat[1:], keys.size), (rows + 1) * row_width) - flat).astype(np.float64)
+    keys = keys.reshape(-1)[flat]
+    orders = np.ones(len(keys), dtype=np.int64)
+    for n in range(1, order):
+        orders += keys >= base ** n
+    return rows, keys, orders, counts
 
 
 def _run_lengths(sorted_values):
@@ -380,7 +377,7 @@ class CiderD:
         count = len(lengths)
         if count == 0:
             return np.zeros((0,), np.float64)
-        rows, keys, orders, counts = _count_ngrams(*_ngram_keys(token_ids, lengths, self.order, self.base))
+        rows, keys, orders, counts = _caption_ngrams(token_ids, lengths, self.order, self.base)
 
         # The references of the batch's images, batch-local: image slot s holds references
         # slot_first[s] .. slot_first[s] + slot_count[s] - 1.
@@ -390,8 +387,8 @@ class CiderD:
         slot_first = np.cumsum(slot_count) - slot_count
         captions = np.repeat(self.reference_offsets[images] - slot_first, slot_count) + np.arange(slot_count.sum())
         reference_tokens, reference_lengths = self.references.padded(captions)
-        ref_rows, ref_keys, ref_orders, ref_counts = _count_ngrams(
-            *_ngram_keys(reference_tokens, reference_lengths, self.order, self.base))
+        ref_rows, ref_keys, ref_orders, ref_counts = _caption_ngrams(
+            reference_tokens, reference_lengths, self.order, self.base)
 
         # Dense ids of the batch's n-grams: one sorted search of the document frequencies,
         # and small integers to pair candidates with reference n-grams.
