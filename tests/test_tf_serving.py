@@ -1,11 +1,15 @@
 """What `export` writes for TF Serving (warm-up requests, models.config, batching_parameters.txt), read with
 TF Serving's own protos and tools, and `serve` run from the same files."""
 
+import http.client
 import io
+import json
 import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -119,6 +123,39 @@ def test_serve_logs_the_warmup_before_reporting_available(exported_captioner):
         assert server.model_state == "AVAILABLE"
         assert server.warmup_report.requests == 3 and server.warmup_report.seconds > 0
         assert re.search(r"warm-up: 3 requests of tf_serving_warmup_requests replayed in \d+\.\d\d s", log.getvalue())
+
+
+def test_status_says_loading_until_the_warmup_is_done(exported_captioner):
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    settings = http_server.ServeSettings(port=0, grpc_port=0)
+    server = http_server.CaptionServer(exported_captioner, settings, log_stream=io.StringIO())
+    server.warmup_records = server.warmup_records * 8  # a warm-up long enough to be seen
+    starting = threading.Thread(target=server.start)
+    starting.start()
+    try:
+        assert wait_until(lambda: server.grpc_address is not None, seconds=60)
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = "captioner"
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_address[1]}") as channel:
+            (status,) = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(request).model_version_status
+        connection = http.client.HTTPConnection(*server.server_address, timeout=60)
+        connection.request("GET", "/v1/models/captioner")
+        rest_state = json.loads(connection.getresponse().read())["model_version_status"][0]["state"]
+        connection.close()
+        assert status.state == get_model_status_pb2.ModelVersionStatus.LOADING and rest_state == "LOADING"
+        assert server.warmup_report is None
+    finally:
+        starting.join()
+        server.stop()
+    assert server.warmup_report.requests == 24 and server.model_state == "AVAILABLE"
+
+
+def wait_until(condition, seconds):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
 
 
 def test_serve_runs_from_models_config_and_batching_file(tmp_path, exported_out, exported_captioner):
