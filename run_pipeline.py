@@ -35,6 +35,8 @@ TRAIN_FLAGS = {
     "seed": ("seed", int),
     "strategy": ("train.strategy", str),
     "max_cache_memory_gb": ("train.max_cache_memory_gb", float),
+    # `all --precision P` sets encoder.precision too (EXTRACT_FLAGS' flag of the same name).
+    "precision": ("train.precision", str),
 }
 EXTRACT_FLAGS = {
     "weights": ("encoder.weights", str),
@@ -50,6 +52,7 @@ FINETUNE_FLAGS = {
     "baseline": ("finetune.baseline", str),
     "batch_size": ("finetune.batch_size", int),
     "strategy": ("finetune.strategy", str),
+    "precision": ("finetune.precision", str),
 }
 DECODE_FLAGS = {
     "beam_size": ("decode.beam_size", int),
@@ -167,7 +170,8 @@ def run(args):
                 from pipeline import finetune
 
                 finetune.run_finetune(args.out, {"finetune.epochs": args.finetune_epochs,
-                                                 "finetune.strategy": args.strategy})
+                                                 "finetune.strategy": args.strategy,
+                                                 "finetune.precision": args.precision})
             evaluate.run_evaluate(args.out, _overrides(args, DECODE_FLAGS))
             export.run_export(args.out, _overrides(args, DECODE_FLAGS))
     elif command == "merge-features":

@@ -40,14 +40,15 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from pipeline.core import errors, io_utils, progress
+from models import decoder, encoder
+from pipeline.core import device, errors, io_utils, progress
 from pipeline.data import run_folder
-from pipeline.training import distribution, inputs, periods, scst, validation
+from pipeline.training import distribution, inputs, objective, periods, scst, validation
 from pipeline.training.cider_reward import CiderD
 
 STATE_FORMAT = "captioner.finetune_state"
 # Settings a resumed run must share with its checkpoint: they decide which steps it takes.
-RESUME_FIXED = ("samples", "baseline", "batch_size", "learning_rate", "clipnorm")
+RESUME_FIXED = ("samples", "baseline", "batch_size", "learning_rate", "clipnorm", "precision")
 # Loop states kept beside the checkpoints (a state is written just before its checkpoint).
 KEPT_CHECKPOINTS = 2
 
@@ -112,8 +113,11 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
     config = run_folder.read_config(out_dir, requires="`extract` and `train`").replace(overrides)
     config.check("finetune")
     settings = config.finetune
+    # Saved resolved, as train saves its own (finetune_history.json's settings too).
+    settings.precision = device.resolve_precision(settings.precision, setting="finetune.precision (--precision)")
     strategy = distribution.make_strategy(settings.strategy)
     is_chief = distribution.is_chief_worker(strategy)
+    settings.device = device.announce("finetune", settings.precision)
     source = _source_decoder(out_dir, resume, write=is_chief)
     data = inputs.load_training_data(out_dir, config)
     images = scst.reward_data(data.train)
@@ -151,7 +155,9 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = run_folder.load_decoder(out_dir, source.name, vocabulary_size=vocab_size)
-        optimizer = keras.optimizers.Adam(learning_rate=settings.learning_rate, clipnorm=settings.clipnorm)
+        # Saved decoders are float32 (run_folder.save_decoder); the steps compute in finetune.precision.
+        model = decoder.with_dtype_policy(model, encoder.PRECISION_POLICIES[settings.precision])
+        optimizer = objective.make_optimizer(settings.precision, settings.learning_rate, settings.clipnorm)
         optimizer.build(model.trainable_variables)
     step_variable = tf.Variable(0, dtype=tf.int64, trainable=False)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_variable)

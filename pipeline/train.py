@@ -36,7 +36,7 @@ from pathlib import Path
 
 import keras
 
-from pipeline.core import errors
+from pipeline.core import device, errors
 from pipeline.data import run_folder
 from pipeline.training import distribution, inputs, objective, periods, validation
 
@@ -83,11 +83,14 @@ def run_train(out_dir, overrides, resume=False, validation_scorer=None):
     saved_config = run_folder.read_config(out_dir, requires="`extract`")
     config = saved_config.replace(overrides)
     config.check("train", "text", "decoder")
+    # Saved resolved ("auto" -> "bf16" here), as extraction saves its own: what was computed.
+    config.train.precision = device.resolve_precision(config.train.precision, setting="train.precision (--precision)")
 
     # Before anything else touches TF: MultiWorkerMirroredStrategy must configure the
     # collective ops at startup, and TF_CONFIG problems should stop the run first.
     strategy = distribution.make_strategy(config.train.strategy)
     is_chief = distribution.is_chief_worker(strategy)
+    config.train.device = device.announce("train", config.train.precision)
     data = inputs.load_training_data(out_dir, config)
     config.decoder.vocab_size = len(data.vocabulary)
     train_config = config.train
@@ -251,6 +254,12 @@ def _starting_point(out_dir, saved_config, config, resume, is_chief, period_step
         raise errors.PipelineError(
             f"--resume cannot change the decoder's shape (checkpoint: {dataclasses.asdict(saved_config.decoder)}, "
             f"asked: {dataclasses.asdict(config.decoder)}); train without --resume instead"
+        )
+    if is_chief and saved_config.train.precision != config.train.precision:
+        # The optimizer's state differs under fp16 (loss scaling), and the steps' arithmetic.
+        raise errors.PipelineError(
+            f"--resume cannot change train.precision (checkpoint: {saved_config.train.precision}, asked: "
+            f"{config.train.precision}); resume with --precision {saved_config.train.precision}, or train without --resume"
         )
     stopping_state = periods.read_stopping_state(checkpoint_dir, finished, period_steps)
     history = [entry for entry in run_folder.read_training_history(out_dir) if entry.get("period", 0) <= finished]

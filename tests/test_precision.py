@@ -1,5 +1,7 @@
 """Mixed-precision decoders: 16-bit arithmetic, float32 variables and outputs, a float32 copy that captions alike."""
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -80,3 +82,109 @@ def test_beam_search_of_the_float32_copy_gives_the_mixed_decoders_captions(beam_
         assert [caption.decode() for caption in result["captions"].numpy()] == expected
         assert result["scores"].dtype == tf.float32
     np.testing.assert_allclose(results[0]["scores"].numpy(), results[1]["scores"].numpy(), atol=0.05)
+
+
+def _signature_devices(saved_model_dir):
+    """{device string: node count} over the nodes the SavedModel's signatures run: the graph
+    nodes their outputs depend on and every function those call, recursively. TF's own
+    checkpoint save/restore functions, which pin their file ops to the host CPU in every
+    SavedModel and which serving never runs, are not among them."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    graph = saved.meta_graphs[0]
+    nodes = {node.name: node for node in graph.graph_def.node}
+    functions = {function.signature.name: function for function in graph.graph_def.library.function}
+    pending = [tensor.name.split(":")[0] for signature in graph.signature_def.values()
+               for tensor in signature.outputs.values()]
+    seen, devices = set(), {}
+
+    def visit(node, inputs_in_graph):
+        devices[node.device] = devices.get(node.device, 0) + 1
+        if inputs_in_graph:
+            pending.extend(name.lstrip("^").split(":")[0] for name in node.input)
+        for attr in node.attr.values():
+            for name in [attr.func.name] + [function.name for function in attr.list.func]:
+                if name in functions and name not in seen:
+                    seen.add(name)
+                    for inner in functions[name].node_def:
+                        visit(inner, inputs_in_graph=False)
+
+    while pending:
+        name = pending.pop()
+        if name not in seen:
+            seen.add(name)
+            visit(nodes[name], inputs_in_graph=True)
+    return devices
+
+
+def test_bf16_training_records_its_device_saves_float32_and_exports_an_unpinned_float32_model(
+        extracted_out, copy_run, capsys):
+    from pipeline import export, train
+    from pipeline.data import run_folder
+    from tests.conftest import TRAIN_OVERRIDES
+
+    out = copy_run(extracted_out)
+    train.run_train(out, {**TRAIN_OVERRIDES, "train.precision": "bf16", "train.epochs": 2})
+    device_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: CPU")]
+    assert len(device_lines) == 1 and device_lines[0].endswith("(bf16)")
+    config = run_folder.read_config(out, requires="`train`")
+    assert config.train.precision == "bf16" and device_lines[0] == f"train: {config.train.device}"
+    history = run_folder.read_training_history(out)
+    assert history and all(entry["device"] == config.train.device and entry["precision"] == "bf16"
+                           for entry in history)
+    # The decoder is saved in its float32 form: readers compute as for a float32-trained one.
+    model = run_folder.load_decoder(out)
+    assert decoder.dtype_policy_of(model) == "float32" and {w.dtype for w in model.weights} == {"float32"}
+
+    saved_model = export.run_export(out, {"decode.beam_size": 2})
+    devices = _signature_devices(saved_model)
+    assert sum(devices.values()) > 1000 and set(devices) == {""}  # nothing pinned: TF Serving's GPU image places it
+    loaded = tf.saved_model.load(str(saved_model))
+    by_features = loaded.signatures["caption_features"]
+    assert by_features.structured_input_signature[1]["features"].dtype == tf.float32
+    assert by_features.structured_outputs["scores"].dtype == tf.float32
+    with tf.device("/CPU:0"):
+        features = np.random.default_rng(0).uniform(0, 3, (2, model.get_layer("image_features").output.shape[-1]))
+        assert by_features(features=tf.constant(features, tf.float32))["captions"].shape == (2,)
+
+
+def test_fp16_training_scales_the_loss_and_says_what_it_does_on_a_cpu(extracted_out, copy_run, capsys):
+    from pipeline import train
+    from pipeline.training import objective
+    from tests.conftest import TRAIN_OVERRIDES
+
+    out = copy_run(extracted_out)
+    summary = train.run_train(out, {**TRAIN_OVERRIDES, "train.precision": "fp16", "train.epochs": 1})
+    err = capsys.readouterr().err
+    if not tf.config.list_physical_devices("GPU"):
+        assert "fp16 is for GPUs" in err and "Running in fp16 as asked" in err
+    assert np.isfinite(summary["best_score"])
+    model = objective.build_model(_fp16_config(), 12, 8)
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    with pytest.raises(Exception, match="train.precision \\(--precision\\) must be one of bf16, fp16, fp32 or auto"):
+        train.run_train(out, {"train.precision": "int8"})
+
+
+def _fp16_config():
+    from pipeline.core import config as config_module
+
+    return config_module.PipelineConfig().replace({"train.precision": "fp16", "decoder.units": 8,
+                                                   "decoder.embedding_dim": 4})
+
+
+def test_bf16_finetuning_records_its_device_and_saves_float32(trained_out, copy_run, capsys):
+    from pipeline import finetune
+    from pipeline.data import run_folder
+    from tests.conftest import FINETUNE_SETTINGS
+
+    out = copy_run(trained_out)
+    finetune.run_finetune(out, {**FINETUNE_SETTINGS, "finetune.epochs": 1, "finetune.precision": "bf16"})
+    device_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune: CPU")]
+    assert len(device_lines) == 1 and device_lines[0].endswith("(bf16)")
+    settings = run_folder.read_finetune_history(out)["settings"]
+    assert settings["precision"] == "bf16" and device_lines[0] == f"finetune: {settings['device']}"
+    assert decoder.dtype_policy_of(run_folder.load_decoder(out)) == "float32"
+    with pytest.raises(Exception, match="--resume cannot change finetune.precision"):
+        finetune.run_finetune(out, {"finetune.precision": "fp32"}, resume=True)

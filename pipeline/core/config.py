@@ -125,6 +125,10 @@ class TrainConfig:
     validation_beam_size: int = 1  # 1: greedy validation captions; more: beam search (slower)
     strategy: str = "default"  # "default", "mirrored" or "multiworker"
     max_cache_memory_gb: float = 4.0  # larger caches stream from HDF5 instead of loading whole
+    # The decoder's arithmetic: "fp32", "bf16", "fp16" (Keras mixed precision, loss scaling in
+    # fp16) or "auto" (fp16 on a GPU, bf16 on CPUs with AMX or AVX512-BF16, else fp32); saved resolved.
+    precision: str = "fp32"
+    device: str = ""  # recorded by `train`, not a setting: what it computed on (device.device_record)
 
     def check(self):
         """Raises PipelineError for a setting `train` cannot use."""
@@ -153,6 +157,9 @@ class TrainConfig:
             (self.strategy in STRATEGIES, f"train.strategy (--strategy) must be one of {', '.join(STRATEGIES)}",
              self.strategy),
         ])
+        from pipeline.core import device
+
+        device.resolve_precision(self.precision, setting="train.precision (--precision)")
 
 
 @dataclasses.dataclass
@@ -172,6 +179,8 @@ class FinetuneConfig:
     checkpoint_steps: int = 50  # steps between resumable checkpoints (and one at every epoch end)
     validation_images: int = 0  # validation images scored each epoch; 0 = all
     strategy: str = "default"  # "default", "mirrored" or "multiworker"
+    precision: str = "fp32"  # as train.precision, for the fine-tuning steps
+    device: str = ""  # recorded by `finetune`, not a setting: what it computed on
 
     def check(self):
         """Raises PipelineError for a setting `finetune` cannot use."""
@@ -191,6 +200,9 @@ class FinetuneConfig:
             (self.strategy in STRATEGIES, f"finetune.strategy (--strategy) must be one of {', '.join(STRATEGIES)}",
              self.strategy),
         ])
+        from pipeline.core import device
+
+        device.resolve_precision(self.precision, setting="finetune.precision (--precision)")
 
 
 @dataclasses.dataclass

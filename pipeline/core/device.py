@@ -115,7 +115,7 @@ def announce(stage, precision, cpuinfo_path=CPUINFO_PATH, root="/", stream=None)
     Args:
         stage: the command's name ("extract", "train", ...).
         precision: the resolved precision in force ("fp32", "bf16", "fp16").
-        stream: where the line goes (default sys.stdout; warnings go to sys.stderr).
+        stream: where the line and the warnings go (default sys.stderr, with the stages' other lines).
     """
     record = device_record(precision, cpuinfo_path)
     on_gpu = record.startswith("GPU")
@@ -123,8 +123,8 @@ def announce(stage, precision, cpuinfo_path=CPUINFO_PATH, root="/", stream=None)
                     precision_warning(precision, on_gpu, cpuinfo_path)):
         if warning and warning not in _warned:
             _warned.add(warning)
-            print(warning, file=sys.stderr, flush=True)
-    print(f"{stage}: {record}", file=stream or sys.stdout, flush=True)
+            print(warning, file=stream or sys.stderr, flush=True)
+    print(f"{stage}: {record}", file=stream or sys.stderr, flush=True)
     return record
 
 

@@ -239,10 +239,17 @@ def load_decoder(out_dir, decoder_file=DECODER_FILE, vocabulary_size=None):
 
 
 def save_decoder(model, out_dir):
-    """Writes `model` to OUT/decoder.keras under a temporary name renamed into place; returns the Path."""
+    """Writes `model` to OUT/decoder.keras under a temporary name renamed into place; returns the Path.
+
+    A decoder trained in mixed precision is written in its float32 form (the same weights):
+    the precision is a training choice (config.json records it), and evaluation, export and
+    a CPU without bf16 instructions then compute exactly as for a float32-trained decoder.
+    """
+    from models import decoder
+
     path = Path(out_dir) / DECODER_FILE
     with io_utils.atomic_path(path, suffix=".tmp.keras") as temporary:
-        model.save(temporary)
+        decoder.with_dtype_policy(model, "float32").save(temporary)
     return path
 
 

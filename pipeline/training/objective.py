@@ -9,7 +9,8 @@ imported, so a compiled decoder.keras reloads with `keras.saving.load_model` onc
 import keras
 import tensorflow as tf
 
-from models import decoder, schedules
+from models import decoder, encoder, schedules
+from pipeline.core import device
 from pipeline.data import text
 
 # Training steps run per tf.function call (Keras `steps_per_execution`).
@@ -61,13 +62,27 @@ def steps_per_execution_for(steps_per_epoch, limit=STEPS_PER_EXECUTION):
     return next(count for count in range(max(1, min(limit, steps_per_epoch)), 0, -1) if steps_per_epoch % count == 0)
 
 
+def make_optimizer(precision, learning_rate, clipnorm):
+    """Adam with `clipnorm`; under fp16 wrapped in Keras' dynamic loss scaling.
+
+    float16 gradients underflow below ~6e-8 (bfloat16 has float32's range and needs none):
+    `LossScaleOptimizer` scales the loss up before the gradients are taken (`scale_loss`,
+    done by `fit` itself), unscales them, and skips a step whose gradients overflowed.
+    precision: a resolved name ("fp32", "bf16", "fp16"); learning_rate: float or schedule.
+    """
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=clipnorm)
+    return keras.optimizers.LossScaleOptimizer(optimizer) if precision == "fp16" else optimizer
+
+
 def build_model(config, vocab_size, feature_dim, steps_per_execution=STEPS_PER_EXECUTION, learning_rate=None):
     """The decoder of `config.decoder`, compiled for training as `run_train` trains it.
 
-    Call inside `strategy.scope()` to distribute it. Adam with `train.clipnorm` and
-    `learning_rate` (a float or schedule; None: `train.learning_rate`, constant),
-    `global_token_mean_loss`, `MaskedAccuracy`; several steps per `tf.function` call
-    (`steps_per_execution`, 1 with several replicas) to spare the per-step Python round trip.
+    Call inside `strategy.scope()` to distribute it. Computes in `train.precision`
+    (`models.decoder.build_decoder`'s dtype policy; "auto" resolved for this machine), Adam
+    with `train.clipnorm` and `learning_rate` (a float or schedule; None: `train.learning_rate`,
+    constant; loss scaling under fp16, `make_optimizer`), `global_token_mean_loss`,
+    `MaskedAccuracy`; several steps per `tf.function` call (`steps_per_execution`, 1 with
+    several replicas) to spare the per-step Python round trip.
     Returns a compiled `keras.Model` (inputs and outputs as `models.decoder.build_decoder`).
     """
     if tf.distribute.get_strategy().num_replicas_in_sync > 1:
@@ -75,11 +90,13 @@ def build_model(config, vocab_size, feature_dim, steps_per_execution=STEPS_PER_E
         # MirroredStrategy ("You must feed a value for placeholder tensor ...while/cond"):
         # one step per call there.
         steps_per_execution = 1
-    model = decoder.build_decoder(config.decoder, vocab_size, feature_dim)
+    precision = device.resolve_precision(config.train.precision, setting="train.precision (--precision)")
+    model = decoder.build_decoder(config.decoder, vocab_size, feature_dim,
+                                  dtype_policy=encoder.PRECISION_POLICIES[precision])
     if learning_rate is None:
         learning_rate = config.train.learning_rate
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=config.train.clipnorm),
+        optimizer=make_optimizer(precision, learning_rate, config.train.clipnorm),
         loss=global_token_mean_loss,
         metrics=[decoder.MaskedAccuracy()],
         steps_per_execution=steps_per_execution,

@@ -163,6 +163,8 @@ class PeriodValidation(keras.callbacks.Callback):
         begin = self.marks.get("begin", now)
         entry = {"period": epoch + 1, "step": step, "epoch": round(step / self.steps_per_epoch, 3)}
         entry.update(keras_logs)
+        # Per period: a run resumed on another machine shows where each part was computed.
+        entry.update({"device": train_config.device, "precision": train_config.precision})
         entry.update({
             "learning_rate": learning_rate, "best": improved, "lr_reduced": lr_reduced,
             "seconds": round(now - begin, 3),

@@ -87,8 +87,11 @@ class Stepper:
                     end_id=text.END_ID, banned_ids=banned,
                 )
                 loss = sampling.self_critical_loss(log_probs, mask, advantage, total_tokens=total_tokens)
+                # The loss itself under fp32 and bf16; multiplied by the dynamic scale under fp16
+                # (objective.make_optimizer), which apply_gradients divides out again.
+                scaled_loss = optimizer.scale_loss(loss)
             variables = model.trainable_variables
-            gradients = tape.gradient(loss, variables)
+            gradients = tape.gradient(scaled_loss, variables)
             # Keras' optimizer sums the replicas' gradients; each replica's loss is already
             # divided by the global token count, so the sum is the one-device gradient.
             optimizer.apply_gradients(zip(gradients, variables))
