@@ -199,10 +199,11 @@ def test_command_line_maps_finetune_flags_to_the_finetune_section():
 
     parser = run_pipeline.build_parser()
     args = parser.parse_args(["finetune", "--out", "OUT", "--epochs", "3", "--learning-rate", "1e-4", "--samples", "4",
-                              "--baseline", "greedy", "--batch-size", "16", "--strategy", "mirrored", "--resume"])
+                              "--baseline", "greedy", "--batch-size", "16", "--strategy", "mirrored", "--resume",
+                              "--precision", "bf16"])
     assert run_pipeline._overrides(args, run_pipeline.FINETUNE_FLAGS) == {
         "finetune.epochs": 3, "finetune.learning_rate": 1e-4, "finetune.samples": 4, "finetune.baseline": "greedy",
-        "finetune.batch_size": 16, "finetune.strategy": "mirrored"}
+        "finetune.batch_size": 16, "finetune.strategy": "mirrored", "finetune.precision": "bf16"}
     assert args.resume
     args = parser.parse_args(["all", "--data", "D", "--out", "OUT", "--finetune-epochs", "2"])
     assert args.finetune_epochs == 2
