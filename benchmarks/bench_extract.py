@@ -42,6 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import timing
 from pipeline.core import io_utils
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -183,7 +184,7 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
         # The bound encodes whole batches: as many as extract's, the last one full.
         bound_batches = -(-count // batch)
 
-        def bound(precision, round_index):
+        def bound(precision):
             encode = extract.encode_function(models[precision], IMAGE_SIZE)
             cpu_started, started = time.process_time(), time.perf_counter()
             for _ in range(bound_batches):
@@ -191,8 +192,9 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
             seconds = time.perf_counter() - started
             return bound_batches * batch / seconds, time.process_time() - cpu_started, seconds
 
-        def extract_rate(precision, round_index):
-            path = work / f"round{round_index}_{precision}.h5"
+        def extract_rate(precision):
+            path = work / f"extract_{precision}_{len(extract_paths)}.h5"
+            extract_paths.append(path)
             cpu_started, started = time.process_time(), time.perf_counter()
             result = extract.extract_to_cache(image_dir, names, path, configs[precision], encoder_model=models[precision])
             seconds = time.perf_counter() - started
@@ -200,7 +202,7 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
             caches[precision] = path
             return count / seconds, time.process_time() - cpu_started, seconds
 
-        def keras_rate(precision, round_index):
+        def keras_rate(precision):
             cpu_started, started = time.process_time(), time.perf_counter()
             vectors = plain[precision].predict(_user_dataset(extract, image_dir, names, batch), verbose=0)
             seconds = time.perf_counter() - started
@@ -208,7 +210,7 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
             keras_features[precision] = vectors
             return count / seconds, time.process_time() - cpu_started, seconds
 
-        def gemm_limit(precision, round_index):
+        def gemm_limit(precision):
             products, products_flops = gemm[precision]
             cpu_started, started = time.process_time(), time.perf_counter()
             products().numpy()
@@ -217,25 +219,22 @@ def run(quick=False, images=None, batch_size=None, rounds=None, naive_images=Non
 
         # Each round runs the paths back to back, in the reverse order every other round,
         # so a drift in the machine's speed favours no path; every ratio compares neighbours.
-        steps = [("gemm", "fp32", gemm_limit), ("keras", "fp32", keras_rate), ("bound", "fp32", bound),
-                 ("extract", "fp32", extract_rate), ("extract", "bf16", extract_rate), ("bound", "bf16", bound),
-                 ("keras", "bf16", keras_rate), ("gemm", "bf16", gemm_limit)]
-        measured = {(path_name if precision == "fp32" else f"{path_name}_bf16"): []
-                    for path_name, precision, _ in steps}
-        cpu_share = {key: [] for key in measured}
-        cpu_rate = {key: [] for key in measured}  # images per CPU-second of this process
-        encoder_cpu = []  # CPU seconds per image of the bare fp32 encoder
-        caches, keras_features = {}, {}
-        for round_index in range(settings["rounds"]):
-            for path_name, precision, measure in (steps if round_index % 2 == 0 else steps[::-1]):
-                key = path_name if precision == "fp32" else f"{path_name}_bf16"
-                rate, cpu_seconds, seconds = measure(precision, round_index)
-                measured[key].append(rate)
-                # Cores this process kept busy: below ~1.8 of 2, other jobs took CPU.
-                cpu_share[key].append(cpu_seconds / seconds)
-                cpu_rate[key].append(rate * seconds / cpu_seconds)
-                if key == "bound":
-                    encoder_cpu.append(cpu_seconds / (bound_batches * batch))
+        steps = {"gemm": ("fp32", gemm_limit), "keras": ("fp32", keras_rate), "bound": ("fp32", bound),
+                 "extract": ("fp32", extract_rate), "extract_bf16": ("bf16", extract_rate),
+                 "bound_bf16": ("bf16", bound), "keras_bf16": ("bf16", keras_rate), "gemm_bf16": ("bf16", gemm_limit)}
+        caches, keras_features, extract_paths = {}, {}, []
+        rounds = timing.in_alternating_rounds(
+            {key: (lambda precision=precision, measure=measure: measure(precision))
+             for key, (precision, measure) in steps.items()}, settings["rounds"])
+        measured = {key: [rate for rate, _, _ in outcomes] for key, outcomes in rounds.items()}
+        # Cores this process kept busy: below ~1.8 of 2, other jobs took CPU.
+        cpu_share = {key: [cpu_seconds / seconds for _, cpu_seconds, seconds in outcomes]
+                     for key, outcomes in rounds.items()}
+        # Images per CPU-second of this process.
+        cpu_rate = {key: [rate * seconds / cpu_seconds for rate, cpu_seconds, seconds in outcomes]
+                    for key, outcomes in rounds.items()}
+        # CPU seconds per image of the bare fp32 encoder.
+        encoder_cpu = [cpu_seconds / (bound_batches * batch) for _, cpu_seconds, _ in rounds["bound"]]
 
         started = time.perf_counter()
         for name in names[: settings["naive_images"]]:

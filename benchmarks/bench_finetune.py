@@ -2,10 +2,10 @@
 
     python -m benchmarks.bench_finetune [--json FILE] [--steps N]   (or in the suite: python -m benchmarks)
 
-On the synthetic cache of `benchmarks.bench_train` (6,000 random 2048-d vectors, five
-Zipf-like captions of ~12 words per image over a ~3,000-word vocabulary) with the default
-decoder (embedding 256, LSTM 512) and the default fine-tuning settings (32 images x 5
-samples per step, mean baseline), times `--steps` steps of the stage's own step
+On the synthetic cache `bench_train` trains on (`workloads.flickr8k_sized_cache`: 6,000
+random 2048-d vectors, five Zipf-like captions of ~12 words per image over a ~3,000-word
+vocabulary) with the default decoder (embedding 256, LSTM 512) and the default fine-tuning
+settings (32 images x 5 samples per step, mean baseline), times `--steps` steps of the stage's own step
 (`pipeline.training.scst.Stepper.train_step`: sampling, CIDEr-D, update) after a warm-up, and
 extrapolates to one epoch (6,000 images = 188 steps); the output says it is extrapolated.
 Validation (greedy captions of the validation split once per epoch) is not included.
@@ -45,30 +45,31 @@ def measure(timed_steps):
     import keras
     import tensorflow as tf
 
-    from benchmarks import bench_train
+    from benchmarks import workloads
     from models import decoder
     from pipeline.core import config as config_module
     from pipeline.training import scst
     from pipeline.training.cider_reward import CiderD
 
-    features, rows, token_rows = bench_train.synthetic_cache()
-    references = [[] for _ in range(bench_train.NUM_IMAGES)]
+    features, rows, token_rows = workloads.flickr8k_sized_cache()
+    num_images, vocabulary_size = len(features), workloads.VOCABULARY_WORDS
+    references = [[] for _ in range(num_images)]
     for row, tokens in zip(rows, token_rows):
         references[row].append(tokens[1:])
     started = time.perf_counter()
-    reward = CiderD(references, bench_train.VOCAB_SIZE)
+    reward = CiderD(references, vocabulary_size)
     reward_setup = time.perf_counter() - started
 
     config = config_module.PipelineConfig()
     settings = config.finetune
     keras.utils.set_random_seed(0)
-    model = decoder.build_decoder(config.decoder, bench_train.VOCAB_SIZE, bench_train.FEATURE_DIM)
+    model = decoder.build_decoder(config.decoder, vocabulary_size, workloads.FEATURE_DIM)
     optimizer = keras.optimizers.Adam(learning_rate=settings.learning_rate, clipnorm=settings.clipnorm)
     optimizer.build(model.trainable_variables)
     stepper = scst.Stepper(model, optimizer, tf.distribute.get_strategy(), settings,
                            config.decode.max_length, reward)
-    steps_per_epoch = -(-bench_train.NUM_IMAGES // settings.batch_size)
-    order = scst.epoch_image_order(bench_train.NUM_IMAGES, 0, 0)
+    steps_per_epoch = -(-num_images // settings.batch_size)
+    order = scst.epoch_image_order(num_images, 0, 0)
     all_features = tf.constant(features)
 
     def run(step):
@@ -101,8 +102,8 @@ def measure(timed_steps):
         "reward_setup_seconds": reward_setup,
     }
     print(
-        f"finetune on a Flickr8k-sized cache ({bench_train.NUM_IMAGES} images x 5 captions, vocabulary "
-        f"{bench_train.VOCAB_SIZE}, decoder {config.decoder.embedding_dim}/{config.decoder.units}): "
+        f"finetune on a Flickr8k-sized cache ({num_images} images x 5 captions, vocabulary "
+        f"{vocabulary_size}, decoder {config.decoder.embedding_dim}/{config.decoder.units}): "
         f"{result['seconds_per_step']:.3f} s/step of {settings.batch_size} images x {settings.samples} samples, "
         f"{result['finetune_captions_per_s']:.0f} captions/s; one epoch ({steps_per_epoch} steps) extrapolated from "
         f"{timed_steps} steps: {result['finetune_epoch_minutes_flickr8k']:.1f} min; CIDEr-D reward "

@@ -55,6 +55,7 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks import timing
 from pipeline.core import io_utils
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -301,20 +302,14 @@ def run_load(server, requests, clients=CLIENTS):
     return LoadResult(latencies, failed_good, wrong_bad, samples, seconds)
 
 
-def percentile(values, fraction):
-    """The value at `fraction` (0..1) of the sorted `values`, nearest rank."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(fraction * len(ordered))) - 1))]
-
-
 def summary(result, requests):
     return {
         "serve_requests": len(requests),
         "serve_good_requests": sum(request.captions is not None for request in requests),
         "serve_failed_good": len(result.failed_good),
         "serve_wrong_bad": len(result.wrong_bad),
-        "serve_p50_ms": round(percentile(result.latencies_ms, 0.50), 2) if result.latencies_ms else None,
-        "serve_p99_ms": round(percentile(result.latencies_ms, 0.99), 2) if result.latencies_ms else None,
+        "serve_p50_ms": round(timing.percentile(result.latencies_ms, 0.50), 2) if result.latencies_ms else None,
+        "serve_p99_ms": round(timing.percentile(result.latencies_ms, 0.99), 2) if result.latencies_ms else None,
         "serve_rss_growth": round(result.rss_growth(), 4),
         "serve_rss_mb_end": round(result.rss_samples[-1][1] / 2**20, 1),
         "serve_seconds": round(result.seconds, 2),
@@ -333,7 +328,7 @@ def _model_and_images(out_dir, folder):
         return Path(out_dir) / "saved_model", images
     from benchmarks import bench_serving
 
-    model_dir, images, *_ = bench_serving._synthetic_run(folder)
+    model_dir, images, *_ = bench_serving.synthetic_export(folder)
     return model_dir, images[:8]
 
 
@@ -410,15 +405,14 @@ def model_batching_gain(model_dir, images, rounds):
     """
     import tensorflow as tf
 
-    from benchmarks import bench_serving
     from pipeline.serving import server as http_server
 
     function = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
     images = tf.constant(images)
     plans = groupings(http_server.default_batch_threads())
     print(f"the SavedModel alone, {CLIENTS} clients' groupings {plans}:", file=sys.stderr, flush=True)
-    rates = bench_serving.in_alternating_rounds({
-        name: (lambda callers=callers, batch=batch: bench_serving.callers_images_per_s(
+    rates = timing.in_alternating_rounds({
+        name: (lambda callers=callers, batch=batch: timing.callers_images_per_s(
             function, images, callers, batch, calls=max(1, GAIN_IMAGES // (callers * batch))))
         for name, (callers, batch) in plans.items()}, rounds)
     gains = [max(threads, one) / unbatched for unbatched, threads, one in
@@ -453,8 +447,8 @@ def _compare(results_by_server, requests):
         latencies = [latency for result in round_results for latency in result.latencies_ms]
         seconds = sum(result.seconds for result in round_results)
         prefix = "serve_" if name == "batched" else f"serve_{name}_"
-        figures[f"{prefix}p50_ms"] = round(percentile(latencies, 0.50), 2) if latencies else None
-        figures[f"{prefix}p99_ms"] = round(percentile(latencies, 0.99), 2) if latencies else None
+        figures[f"{prefix}p50_ms"] = round(timing.percentile(latencies, 0.50), 2) if latencies else None
+        figures[f"{prefix}p99_ms"] = round(timing.percentile(latencies, 0.99), 2) if latencies else None
         figures[f"{prefix}images_per_s"] = round(len(latencies) / seconds, 2)
         figures[f"{prefix}round_images_per_s"] = [round(len(result.latencies_ms) / result.seconds, 2)
                                                   for result in round_results]

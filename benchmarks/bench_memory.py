@@ -3,8 +3,7 @@
     python -m benchmarks.bench_memory [--quick] [--json FILE] [--keep DIR]
 
 Two synthetic run folders are written with the pipeline's own artifact writers
-(`features.FeatureWriter`, `datasets.write_captions_json`, `text.Vocabulary.save`,
-`PipelineConfig.save`):
+(`workloads.write_run_folder`):
 
 * small: a 10,000-vector cache;
 * large: a 200,000-vector cache (float16 storage: 200,000 x 2048 x 2 B = 0.8 GB on disk,
@@ -41,17 +40,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
+from benchmarks import workloads
 from pipeline.core import io_utils
 
 SMALL_VECTORS = 10_000
 LARGE_VECTORS = 200_000
-FEATURE_DIM = 2048
+FEATURE_DIM = workloads.FEATURE_DIM
 CAPTIONED_IMAGES = 10_000  # train + val, identical in both run folders
 VAL_IMAGES = 1_000
 VOCAB_WORDS = 500
-WRITE_CHUNK_ROWS = 8192
 IN_MEMORY_LIMIT_GB = 0.5  # the small cache (78 MiB as float32) fits, the large (1.5 GiB) does not
 STREAMED_LIMIT_GB = 0.001
 TRAIN_OVERRIDES = {
@@ -77,58 +74,15 @@ print(json.dumps({"peak_rss_mb": peak_mb, "import_rss_mb": import_rss_mb, "summa
 """
 
 
-def synthetic_captions(num_images, captions_per_image, seed=0):
-    """list of num_images lists of `captions_per_image` caption strings of 8..14 words (Zipf-like)."""
-    generator = np.random.default_rng(seed)
-    words = [f"w{index}" for index in range(VOCAB_WORDS)]
-    probabilities = 1.0 / np.arange(1, VOCAB_WORDS + 1)
-    probabilities /= probabilities.sum()
-    return [[" ".join(words[index] for index in generator.choice(VOCAB_WORDS, size=generator.integers(8, 15),
-                                                                   p=probabilities))
-             for _ in range(captions_per_image)]
-            for _ in range(num_images)]
-
-
 def write_run_folder(out_dir, num_vectors, captions, seed=0):
-    """Writes a trainable OUT folder with a `num_vectors`-row float16 cache; returns its path.
+    """Writes a trainable OUT folder with a `num_vectors`-row float16 cache
+    (`workloads.write_run_folder`); returns its path.
 
-    captions: list of CAPTIONED_IMAGES lists of caption strings (the first VAL_IMAGES are val).
+    captions: list of caption-string lists, one an image (the first VAL_IMAGES are val).
     The captioned images are rows 0, k, 2k, ... (k = num_vectors // len(captions)).
     """
-    from pipeline.core import config as config_module
-    from pipeline.data import datasets, features, text
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = config_module.PipelineConfig()
-    config.encoder.weights = "random"
-    config.encoder.feature_dtype = "float16"
-    config.encoder.precision = "fp32"
-    config.text.min_word_count = 1
-    config.data.layout = "kaggle"
-    config.data.image_dir = str(out_dir / "images")
-    stride = num_vectors // len(captions)
-    image_ids = [f"images/{row:07d}.jpg" for row in range(num_vectors)]
-    generator = np.random.default_rng(seed)
-    with features.FeatureWriter.create(features.features_path(out_dir), features.expected_attrs(config.encoder)) as writer:
-        for start in range(0, num_vectors, WRITE_CHUNK_ROWS):
-            stop = min(start + WRITE_CHUNK_ROWS, num_vectors)
-            # Non-negative like pooled ReLU activations.
-            block = np.abs(generator.standard_normal((stop - start, FEATURE_DIM), dtype=np.float32))
-            writer.append(image_ids[start:stop], block)
-    records = [
-        datasets.ImageRecord(image_ids[index * stride], "val" if index < VAL_IMAGES else "train", image_captions)
-        for index, image_captions in enumerate(captions)
-    ]
-    records.sort(key=lambda record: record.image_id)
-    dataset = datasets.Dataset(layout="kaggle", image_dir=out_dir / "images", images=records, missing=[],
-                               name="synthetic", split_source="synthetic")
-    datasets.write_captions_json(out_dir, dataset)
-    train_tokens = [text.normalize_caption(caption) for record in records if record.split == "train"
-                    for caption in record.captions]
-    text.Vocabulary.build(train_tokens, min_count=1).save(out_dir / text.VOCAB_FILE)
-    config.save(out_dir)
-    return out_dir
+    return workloads.write_run_folder(out_dir, {"val": captions[:VAL_IMAGES], "train": captions[VAL_IMAGES:]},
+                                      num_vectors, feature_dtype="float16", seed=seed)
 
 
 def measure(out_dir, max_cache_memory_gb):
@@ -162,7 +116,7 @@ def run(quick, keep_dir=None):
     free_gb = shutil.disk_usage(work if work.exists() else work.parent).free / 2**30
     if free_gb < need_gb + 1:
         raise RuntimeError(f"{work}: {free_gb:.1f} GiB free, the large cache needs {need_gb:.1f} GiB")
-    captions = synthetic_captions(CAPTIONED_IMAGES, captions_per_image)
+    captions = workloads.synthetic_captions(CAPTIONED_IMAGES, captions_per_image, VOCAB_WORDS)
     runs = {}
     try:
         started = time.monotonic()

@@ -38,9 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from benchmarks import bench_memory
+from benchmarks import bench_memory, workloads
 from pipeline.core import io_utils
 
 NUM_VECTORS = 3000
@@ -103,42 +101,16 @@ def _finetune_epoch_seconds(out):
     return run_folder.read_finetune_history(out)["epochs"][-1]["seconds"]
 
 
-def _trained_scenes(folder):
-    """OUT of a small trained demo run (FINETUNE_SCENES generated scenes), for `finetune`."""
-    from pipeline import demo, extract, train
-    from pipeline.data import demo_data
-
-    data_dir = demo_data.generate_demo_dataset(Path(folder) / "data", seed=demo.DEMO_SEED,
-                                               num_images=FINETUNE_SCENES)
-    out = Path(folder) / "trained"
-    extract.run_extract(data_dir, out, dict(demo.DEMO_EXTRACT_OVERRIDES))
-    train.run_train(out, dict(demo.DEMO_TRAIN_OVERRIDES))
-    return out
-
-
 def _finetuned_weights(out):
     """The decoder's weights in OUT's last fine-tuning checkpoint (list of arrays)."""
-    import keras
     import tensorflow as tf
 
     from pipeline.data import run_folder
 
-    model = keras.saving.load_model(Path(out) / run_folder.XE_DECODER_FILE, compile=False)
+    model = run_folder.load_decoder(out, run_folder.XE_DECODER_FILE)
     latest = tf.train.latest_checkpoint(str(Path(out) / run_folder.FINETUNE_CHECKPOINT_DIR))
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     return model.get_weights()
-
-
-def decoder_weights(out):
-    """The weights of OUT/decoder.keras (list of arrays)."""
-    import keras
-
-    return keras.models.load_model(Path(out) / "decoder.keras", compile=False).get_weights()
-
-
-def largest_difference(weights_a, weights_b):
-    """The largest absolute difference between two lists of weight arrays (float)."""
-    return max(float(np.max(np.abs(a - b))) for a, b in zip(weights_a, weights_b))
 
 
 def run(quick):
@@ -149,9 +121,9 @@ def run(quick):
     work = Path(tempfile.mkdtemp(prefix="bench_multiworker_"))
     rounds = []
     try:
-        captions = bench_memory.synthetic_captions(CAPTIONED_IMAGES, CAPTIONS_PER_IMAGE)
+        captions = workloads.synthetic_captions(CAPTIONED_IMAGES, CAPTIONS_PER_IMAGE, bench_memory.VOCAB_WORDS)
         cache = bench_memory.write_run_folder(work / "cache", NUM_VECTORS, captions)
-        scenes = _trained_scenes(work / "scenes")
+        scenes = workloads.trained_demo_run(work / "scenes", FINETUNE_SCENES)
         for number in range(1 if quick else 2):
             measured = {}
             for kind, count in (("one_process", 1), ("multiworker", 2)):
@@ -161,8 +133,8 @@ def run(quick):
                     shutil.copytree(cache, out)
                 measured[f"{kind}_wall_seconds"] = round(_run_stage(outs), 2)
                 measured[f"{kind}_epoch_seconds"] = round(_steady_epoch_seconds(outs[0]), 3)
-            measured["multiworker_weight_difference"] = largest_difference(
-                decoder_weights(work / "one_process0"), decoder_weights(work / "multiworker0"))
+            measured["multiworker_weight_difference"] = workloads.largest_difference(
+                workloads.decoder_weights(work / "one_process0"), workloads.decoder_weights(work / "multiworker0"))
             for kind, count in (("one_process", 1), ("multiworker", 2)):
                 outs = [work / f"finetune_{kind}{index}" for index in range(count)]
                 for out in outs:  # every run starts from the same trained decoder
@@ -173,9 +145,9 @@ def run(quick):
             # The weights after the last step (the last checkpoint): on random data validation
             # CIDEr-D may never beat the start, and decoder.keras would stay the XE decoder.
             one, two = (_finetuned_weights(work / name) for name in ("finetune_one_process0", "finetune_multiworker0"))
-            measured["finetune_multiworker_weight_difference"] = largest_difference(one, two)
+            measured["finetune_multiworker_weight_difference"] = workloads.largest_difference(one, two)
             # How far fine-tuning moved the weights: the difference above is only worth as much.
-            measured["finetune_weight_change"] = largest_difference(one, decoder_weights(scenes))
+            measured["finetune_weight_change"] = workloads.largest_difference(one, workloads.decoder_weights(scenes))
             print(f"round {number + 1}: {measured}", file=sys.stderr)
             rounds.append(measured)
     finally:

@@ -43,9 +43,9 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from benchmarks import timing, workloads
 from pipeline.core import io_utils
 
 BATCH_SIZE = 16
@@ -68,7 +68,7 @@ def _fresh_run(folder):
 SYNTHETIC_VOCABULARY = 3000
 
 
-def _synthetic_run(folder, beam_size=3):
+def synthetic_export(folder, beam_size=3):
     """Saves the export graph of a random encoder + untrained default-size decoder, folded
     and plain; returns (saved_model_dir, encoded images list[bytes], feature rows float32
     [16, 2048], decode dict, plain-encoder saved_model_dir)."""
@@ -112,22 +112,6 @@ def _synthetic_run(folder, beam_size=3):
 TRAINED_NUM_IMAGES = 150
 
 
-def _trained_demo_run(folder):
-    """A small demo run exported at beam 3: generated scenes, random encoder, the demo's
-    decoder settings (`pipeline.demo`); returns its OUT folder."""
-    from pipeline import demo, export, extract, train
-    from pipeline.data import demo_data
-
-    print(f"making a small trained demo run in {folder} ({TRAINED_NUM_IMAGES} scenes)", flush=True)
-    data_dir = demo_data.generate_demo_dataset(Path(folder) / "data", seed=demo.DEMO_SEED,
-                                               num_images=TRAINED_NUM_IMAGES)
-    out = Path(folder) / "trained"
-    extract.run_extract(data_dir, out, dict(demo.DEMO_EXTRACT_OVERRIDES))
-    train.run_train(out, dict(demo.DEMO_TRAIN_OVERRIDES))
-    export.run_export(out, {"decode.beam_size": 3})
-    return out
-
-
 def trained_decode(out_dir, repeats, batch_repeats):
     """Beam search alone (`caption_features`) of a trained run's SavedModel on 16 of its cached rows."""
     import tensorflow as tf
@@ -136,9 +120,9 @@ def trained_decode(out_dir, repeats, batch_repeats):
     by_features = tf.saved_model.load(str(model_dir)).signatures["caption_features"]
     feature_rows = tf.constant(feature_rows)
     print("trained decoder, caption_features, 1 row:", file=sys.stderr)
-    single = _time_calls(lambda: by_features(features=feature_rows[:1]), repeats, warmup=3)
+    single = timing.time_calls(lambda: by_features(features=feature_rows[:1]), repeats, warmup=3)
     print(f"trained decoder, caption_features, batch {BATCH_SIZE}:", file=sys.stderr)
-    batch = _time_calls(lambda: by_features(features=feature_rows), batch_repeats, warmup=1)
+    batch = timing.time_calls(lambda: by_features(features=feature_rows), batch_repeats, warmup=1)
     captions = by_features(features=feature_rows)["captions"].numpy().tolist()
     return {
         "trained_beam_size": decode.get("beam_size"),
@@ -146,67 +130,6 @@ def trained_decode(out_dir, repeats, batch_repeats):
         "trained_single_features_latency_ms_median": 1000 * statistics.median(single),
         "savedmodel_decode_ms_per_image_trained": 1000 * statistics.median(batch) / BATCH_SIZE,
     }
-
-
-def in_alternating_rounds(functions, rounds):
-    """{name: [what `functions[name]()` returned, a round each]}, calling them in turn, in the
-    reverse order every other round, so a drift in the machine's speed favours none."""
-    names = list(functions)
-    results = {name: [] for name in names}
-    for index in range(rounds):
-        for name in (names if index % 2 == 0 else names[::-1]):
-            results[name].append(functions[name]())
-        label = "calls" if len(names) == 1 else f"calls of each of {', '.join(names)}"
-        print(f"\r  {index + 1}/{rounds} {label}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr, flush=True)
-    return results
-
-
-def _time_alternately(functions, repeats, warmup):
-    """{name: seconds per call (list of float)} of each `functions[name]()`, after `warmup`
-    untimed calls each, timed `in_alternating_rounds`."""
-    for function in functions.values():
-        for _ in range(warmup):
-            function()
-
-    def timed(function):
-        started = time.perf_counter()
-        function()
-        return time.perf_counter() - started
-
-    return in_alternating_rounds({name: (lambda function=function: timed(function))
-                                  for name, function in functions.items()}, repeats)
-
-
-def callers_images_per_s(function, images, callers, batch, calls):
-    """Images/s of `callers` threads each making `calls` calls of `batch` images
-    (`function(images=...)`, after one untimed call each), all at once: what a server that
-    forms batches of `batch` gets from `callers` batch threads. `images`: a string tensor."""
-    import threading
-
-    warm = threading.Barrier(callers + 1)  # every caller warmed up, and the clock about to start
-    count = int(images.shape[0])
-
-    def caller(offset):
-        function(images=images[:batch])
-        warm.wait()
-        for index in range(calls):
-            position = (offset + index * batch) % (count - batch + 1)
-            function(images=images[position:position + batch])
-
-    threads = [threading.Thread(target=caller, args=(offset,)) for offset in range(callers)]
-    for thread in threads:
-        thread.start()
-    warm.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    return callers * calls * batch / (time.perf_counter() - started)
-
-
-def _time_calls(function, repeats, warmup):
-    """Seconds per call (list of float) of `function()` after `warmup` untimed calls."""
-    return _time_alternately({"": function}, repeats, warmup)[""]
 
 
 def serve_overhead(model_dir, repeats, width=4000, height=3000):
@@ -241,7 +164,7 @@ def serve_overhead(model_dir, repeats, width=4000, height=3000):
         by_images(images=tf.constant([image])).get("captions").numpy()
 
     try:
-        timings = _time_alternately({"direct": direct, "http": over_http}, repeats, warmup=1)
+        timings = timing.time_alternately({"direct": direct, "http": over_http}, repeats, warmup=1)
     finally:
         server.stop()
     direct_seconds, http_seconds = statistics.median(timings["direct"]), statistics.median(timings["http"])
@@ -251,11 +174,6 @@ def serve_overhead(model_dir, repeats, width=4000, height=3000):
         "serve_photo_direct_ms": 1000 * direct_seconds,
         "serve_photo_http_ms": 1000 * http_seconds,
     }
-
-
-def _percentile(values, fraction):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
 def _run_inputs(out_dir):
@@ -291,17 +209,17 @@ def measure(model_dir, images, feature_rows, decode, repeats, batch_repeats, unf
     by_features = loaded.signatures["caption_features"]
 
     print("serving_default, 1 image:", file=sys.stderr)
-    single = _time_alternately({name: (lambda function=function: function(images=images[:1]))
+    single = timing.time_alternately({name: (lambda function=function: function(images=images[:1]))
                                 for name, function in by_images.items()}, repeats, warmup=3)
     print("caption_features, 1 row:", file=sys.stderr)
-    single_features = _time_calls(lambda: by_features(features=feature_rows[:1]), repeats, warmup=3)
+    single_features = timing.time_calls(lambda: by_features(features=feature_rows[:1]), repeats, warmup=3)
     print(f"serving_default, batch {BATCH_SIZE}:", file=sys.stderr)
-    batch = _time_alternately({name: (lambda function=function: function(images=images))
+    batch = timing.time_alternately({name: (lambda function=function: function(images=images))
                                for name, function in by_images.items()}, batch_repeats, warmup=1)
     print(f"caption_features, batch {BATCH_SIZE}:", file=sys.stderr)
-    batch_features = _time_calls(lambda: by_features(features=feature_rows), batch_repeats, warmup=1)
+    batch_features = timing.time_calls(lambda: by_features(features=feature_rows), batch_repeats, warmup=1)
     print("serving_default, 1 image from each of two threads at once", file=sys.stderr)
-    two_callers = callers_images_per_s(by_images["folded"], images, callers=2, batch=1, calls=repeats)
+    two_callers = timing.callers_images_per_s(by_images["folded"], images, callers=2, batch=1, calls=repeats)
 
     print("a 12-megapixel photo through serve and directly, alternately:", file=sys.stderr)
     overhead, photo = serve_overhead(model_dir, repeats=max(5, repeats // 2))
@@ -318,7 +236,7 @@ def measure(model_dir, images, feature_rows, decode, repeats, batch_repeats, unf
         "cpu_count": os.cpu_count(),
         "tensorflow_version": tf.__version__,
         "single_latency_ms_median": 1000 * statistics.median(single["folded"]),
-        "single_latency_ms_p90": 1000 * _percentile(single["folded"], 0.9),
+        "single_latency_ms_p90": 1000 * timing.percentile(single["folded"], 0.9),
         "single_features_latency_ms_median": 1000 * statistics.median(single_features),
         "batch_size": BATCH_SIZE,
         "batch_seconds_median": batch_seconds,
@@ -356,10 +274,11 @@ def run(quick=False):
     decoder; returns the results (dict)."""
     repeats, batch_repeats = (10, 3) if quick else (30, 8)
     with tempfile.TemporaryDirectory(prefix="bench_serving_") as temporary:
-        model_dir, images, feature_rows, decode, unfolded_dir = _synthetic_run(temporary)
+        model_dir, images, feature_rows, decode, unfolded_dir = synthetic_export(temporary)
         results = measure(model_dir, images, feature_rows, decode, repeats, batch_repeats, unfolded_dir)
         results["savedmodel_decode_ms_per_image_untrained"] = results.pop("savedmodel_decode_ms_per_image")
-        results.update(trained_decode(_trained_demo_run(temporary), repeats, batch_repeats))
+        trained_out = workloads.trained_demo_run(temporary, TRAINED_NUM_IMAGES, export_beam_size=3)
+        results.update(trained_decode(trained_out, repeats, batch_repeats))
     return results
 
 
@@ -424,7 +343,7 @@ def main(argv=None):
         out_dir = Path(args.out)
         unfolded_dir = None
         if args.synthetic:
-            *inputs, unfolded_dir = _synthetic_run(temporary, args.beam_size or 3)
+            *inputs, unfolded_dir = synthetic_export(temporary, args.beam_size or 3)
         else:
             if args.fresh or not (out_dir / "decoder.keras").is_file():
                 out_dir = _fresh_run(temporary)

@@ -2,9 +2,9 @@
 
     python -m benchmarks.bench_train [--json FILE] [--quick]
 
-Both train on one Flickr8k-sized synthetic cache (6,000 random 2048-d vectors, 30,000
-captions of ~12 words drawn Zipf-like from a ~3,000-word vocabulary) with the same
-embedding and LSTM sizes:
+Both train on one Flickr8k-sized synthetic cache (`workloads.flickr8k_sized_cache`: 6,000
+random 2048-d vectors, 30,000 captions of ~12 words drawn Zipf-like from a ~3,000-word
+vocabulary) with the same embedding and LSTM sizes:
 
 * **teacher forcing** (ours): one sample per caption, the real tf.data pipeline of
   `pipeline.training.inputs.make_training_dataset` and the model of `models.decoder.build_decoder`,
@@ -25,35 +25,14 @@ import time
 
 import numpy as np
 
+from benchmarks import workloads
 from pipeline.core import io_utils
 
-NUM_IMAGES = 6000
-NUM_CAPTIONS = 30000
-VOCAB_SIZE = 3000
-FEATURE_DIM = 2048
-MEAN_CAPTION_WORDS = 12
+NUM_IMAGES = workloads.FLICKR8K_SPLITS["train"]
+NUM_CAPTIONS = NUM_IMAGES * workloads.CAPTIONS_PER_IMAGE
+VOCAB_SIZE = workloads.VOCABULARY_WORDS
+FEATURE_DIM = workloads.FEATURE_DIM
 WARMUP_BATCHES = 3
-
-
-def synthetic_cache(seed=0):
-    """(features float32 [6000, 2048], rows int32 [30000], list of int32 token rows with <start>/<end>)."""
-    from pipeline.data import text
-
-    generator = np.random.default_rng(seed)
-    # Non-negative like pooled ReLU activations.
-    features = np.abs(generator.normal(size=(NUM_IMAGES, FEATURE_DIM))).astype(np.float32)
-    rows = np.repeat(np.arange(NUM_IMAGES, dtype=np.int32), NUM_CAPTIONS // NUM_IMAGES)
-    lengths = np.clip(np.rint(generator.normal(MEAN_CAPTION_WORDS, 3.5, size=NUM_CAPTIONS)), 5, 32).astype(int)
-    # Zipf-like word frequencies over the non-special ids, as in real captions.
-    word_ids = np.arange(len(text.SPECIAL_TOKENS), VOCAB_SIZE)
-    probabilities = 1.0 / np.arange(1, len(word_ids) + 1)
-    probabilities /= probabilities.sum()
-    token_rows = [
-        np.concatenate([[text.START_ID], generator.choice(word_ids, size=length, p=probabilities), [text.END_ID]])
-        .astype(np.int32)
-        for length in lengths
-    ]
-    return features, rows, token_rows
 
 
 def _timed_fit(model, dataset, batches, captions_per_batch):
@@ -182,7 +161,7 @@ def run(quick, args=None):
     import keras
 
     keras.utils.set_random_seed(0)
-    features, rows, token_rows = synthetic_cache()
+    features, rows, token_rows = workloads.flickr8k_sized_cache()
     print(f"cache: {NUM_IMAGES} vectors x {FEATURE_DIM}, {NUM_CAPTIONS} captions, "
           f"{np.mean([len(tokens) - 2 for tokens in token_rows]):.1f} words on average, vocabulary {VOCAB_SIZE}; "
           f"embedding {args.embedding_dim}, units {args.units}; batches: teacher forcing {args.batch_size} captions "

@@ -2,9 +2,10 @@
 
     python -m benchmarks.bench_validation [--json FILE] [--quick] [--validate-every-steps N] [--validation-images N]
 
-Builds OUT in a temporary folder as `extract` would leave it for Flickr8k: 6,000 train,
-1,000 val and 1,000 test images of random non-negative 2048-d vectors, 5 captions each of
-~12 words drawn Zipf-like from a ~3,000-word vocabulary, then runs the real `train` stage
+Builds OUT in a temporary folder as `extract` would leave it for Flickr8k
+(`workloads.write_run_folder`): 6,000 train, 1,000 val and 1,000 test images of random
+non-negative 2048-d vectors, 5 captions each of ~12 words drawn Zipf-like from a
+~3,000-word vocabulary, then runs the real `train` stage
 (`pipeline.train.run_train`, default decoder and batch) for a few validation periods and
 reads each period's timings from history.json: training steps, the Keras validation loss,
 and the greedy captioning and CIDEr-D/BLEU-4 scoring of the val images. The share is
@@ -17,58 +18,19 @@ import os
 import sys
 import tempfile
 
-import numpy as np
-
+from benchmarks import workloads
 from pipeline.core import io_utils
 
-TRAIN_IMAGES = 6000
-VAL_IMAGES = 1000
-TEST_IMAGES = 1000
-CAPTIONS_PER_IMAGE = 5
-VOCAB_WORDS = 3000
-FEATURE_DIM = 2048
-MEAN_CAPTION_WORDS = 12
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
-def _word(index):
-    """A distinct lower-case alphabetic word per index (captions are split on non-letters)."""
-    letters = []
-    index += 26 * 26  # three letters at least
-    while index:
-        index, remainder = divmod(index, 26)
-        letters.append(LETTERS[remainder])
-    return "".join(reversed(letters))
+TRAIN_IMAGES = workloads.FLICKR8K_SPLITS["train"]
+CAPTIONS_PER_IMAGE = workloads.CAPTIONS_PER_IMAGE
 
 
 def build_run_folder(out_dir, seed=0):
-    """Writes config.json, captions.json, vocab.json and features.h5 of a synthetic Flickr8k-sized run."""
-    from pipeline.core import config as config_module
-    from pipeline.data import datasets, features, text
-
-    generator = np.random.default_rng(seed)
-    words = [_word(index) for index in range(VOCAB_WORDS)]
-    probabilities = 1.0 / np.arange(1, VOCAB_WORDS + 1)
-    probabilities /= probabilities.sum()
-    records = []
-    for split, count in (("train", TRAIN_IMAGES), ("val", VAL_IMAGES), ("test", TEST_IMAGES)):
-        for index in range(count):
-            lengths = np.clip(np.rint(generator.normal(MEAN_CAPTION_WORDS, 3.5, size=CAPTIONS_PER_IMAGE)), 5, 30)
-            captions = [" ".join(words[word] for word in generator.choice(VOCAB_WORDS, size=int(length), p=probabilities))
-                        for length in lengths]
-            records.append(datasets.ImageRecord(f"{split}_{index:05d}.jpg", split, captions))
-    records.sort(key=lambda record: record.image_id)
-    dataset = datasets.Dataset(layout="kaggle", image_dir=out_dir, images=records, missing=[], name="synthetic")
-    config = config_module.PipelineConfig()
-    config.encoder.weights = "random"
-    config.text.min_word_count = 1
-    config.save(out_dir)
-    datasets.write_captions_json(out_dir, dataset)
-    text.Vocabulary.from_dataset(dataset, min_count=1).save(out_dir / text.VOCAB_FILE)
-    vectors = np.abs(generator.normal(size=(len(records), FEATURE_DIM))).astype(np.float32)
-    with features.FeatureWriter.create(out_dir / features.FEATURES_FILE, features.expected_attrs(config.encoder)) as writer:
-        writer.append([record.image_id for record in records], vectors)
-    io_utils.write_json(out_dir / "extract_errors.json", [])
+    """Writes OUT of a synthetic Flickr8k-sized run (`workloads.write_run_folder`): every
+    split at Flickr8k's size, CAPTIONS_PER_IMAGE Zipf-like captions an image."""
+    captions_by_split = {split: workloads.synthetic_captions(count, CAPTIONS_PER_IMAGE, seed=seed + index)
+                         for index, (split, count) in enumerate(workloads.FLICKR8K_SPLITS.items())}
+    workloads.write_run_folder(out_dir, captions_by_split, seed=seed)
 
 
 def _parser():

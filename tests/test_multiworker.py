@@ -21,6 +21,7 @@ from pipeline.core import config as config_module
 from pipeline.data import run_folder
 from pipeline.training import inputs as training_inputs
 from tests.conftest import FINETUNE_SETTINGS
+from tests.helpers import checkpoint_epoch, decoder_weights, largest_difference, wait_for
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 # 180 training captions at batch 32: 6 steps an epoch, validated (val CIDEr-D) after each.
@@ -30,7 +31,6 @@ OVERRIDES = {"train.epochs": 2, "train.validate_every_steps": 6, "train.batch_si
              "decoder.embedding_dim": 16, "decoder.dropout": 0.0}
 # Every wait is bounded: a hung worker fails the test, never the suite.
 WORKER_SECONDS = 240
-POLL_SECONDS = 0.02
 
 
 def _start_workers(outs, log_dir, extra=(), command=("train", *FLAGS)):
@@ -54,19 +54,9 @@ def _start_workers(outs, log_dir, extra=(), command=("train", *FLAGS)):
     return workers
 
 
-def _wait_for(condition, workers, what):
-    """Polls `condition()` until true; fails (killing every worker) if a worker ends first or time runs out."""
-    deadline = time.monotonic() + WORKER_SECONDS
-    while not condition():
-        ended = [(process, log) for process, log in workers if process.poll() is not None]
-        if ended or time.monotonic() > deadline:
-            for process, _ in workers:
-                process.kill()
-                process.wait()
-            logs = "\n\n".join(log.read_text()[-3000:] for _, log in workers)
-            pytest.fail(f"a worker ended (code {ended[0][0].returncode}) before {what}: {logs}" if ended else
-                        f"{what} did not happen within {WORKER_SECONDS} s")
-        time.sleep(POLL_SECONDS)
+def _logs(workers):
+    """The last lines of every worker's stderr log (str), for a failure message."""
+    return "\n\n".join(log.read_text()[-3000:] for _, log in workers)
 
 
 def _finish(workers):
@@ -82,14 +72,6 @@ def _finish(workers):
             pytest.fail(f"a worker did not end within {WORKER_SECONDS} s")
         results.append((process.returncode, log.read_text()))
     return results
-
-
-def _checkpoint_epoch(out):
-    metadata = out / run_folder.CHECKPOINT_DIR / "training_metadata.json"
-    try:
-        return json.loads(metadata.read_text())["epoch"]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def _history_epochs(out):
@@ -111,16 +93,11 @@ def test_two_workers_killed_and_resumed_train_like_one_process(extracted_out, tm
     # Run 1: SIGKILL worker 1 inside epoch 2, once the chief has checkpointed epoch 1.
     workers = _start_workers([chief_out, worker_out], tmp_path)
     (chief, chief_log), (worker, _) = workers
-    deadline = time.monotonic() + WORKER_SECONDS
     # history.json is written before the period's checkpoint (its stopping state first):
     # wait for both.
-    while (_history_epochs(chief_out) != [1] or _checkpoint_epoch(chief_out) != 1) and time.monotonic() < deadline:
-        if chief.poll() is not None:
-            worker.kill()
-            worker.wait()
-            pytest.fail(f"the chief ended (code {chief.returncode}) before epoch 1: {chief_log.read_text()[-3000:]}")
-        time.sleep(POLL_SECONDS)
-    assert _history_epochs(chief_out) == [1] and _checkpoint_epoch(chief_out) == 1, "epoch 1 was not recorded in time"
+    wait_for(lambda: _history_epochs(chief_out) == [1] and checkpoint_epoch(chief_out) == 1, "epoch 1",
+             [chief, worker], WORKER_SECONDS, output=lambda: chief_log.read_text()[-3000:])
+    assert _history_epochs(chief_out) == [1] and checkpoint_epoch(chief_out) == 1, "epoch 1 was not recorded in time"
     assert scratch.is_dir()  # the non-chief's checkpoints and logs go there, not to its OUT
     worker.send_signal(signal.SIGKILL)
     killed = time.monotonic()
@@ -131,7 +108,7 @@ def test_two_workers_killed_and_resumed_train_like_one_process(extracted_out, tm
     assert chief_code == 2, chief_stderr[-3000:]
     assert "lost a worker" in chief_stderr and "--resume" in chief_stderr, chief_stderr[-3000:]
     # Killed inside epoch 2: the chief's OUT still holds epoch 1, complete.
-    assert _checkpoint_epoch(chief_out) == 1 and _history_epochs(chief_out) == [1]
+    assert checkpoint_epoch(chief_out) == 1 and _history_epochs(chief_out) == [1]
 
     # Run 2: both restarted with --resume; without shared storage the chief's checkpoint
     # is copied to the other machine first (README, "Beyond one machine").
@@ -141,7 +118,7 @@ def test_two_workers_killed_and_resumed_train_like_one_process(extracted_out, tm
     for code, stderr in results:
         assert code == 0, "\n\n".join(stderr[-3000:] for _, stderr in results)
         assert "resuming after period 1 of 2" in stderr and "1 periods run, now step 12" in stderr
-    assert _history_epochs(chief_out) == [1, 2] and _checkpoint_epoch(chief_out) == 2
+    assert _history_epochs(chief_out) == [1, 2] and checkpoint_epoch(chief_out) == 2
     # Worker 1 left its OUT as the cache plus the copied checkpoint, byte for byte, and removed its scratch folder.
     assert _listing(worker_out) == sorted(cache_listing + [run_folder.CHECKPOINT_DIR] + [
         f"{run_folder.CHECKPOINT_DIR}/{path.name}" for path in copied])
@@ -156,8 +133,7 @@ def test_two_workers_killed_and_resumed_train_like_one_process(extracted_out, tm
     reference_out = tmp_path / "one_process"
     shutil.copytree(extracted_out, reference_out)
     train.run_train(reference_out, dict(OVERRIDES))
-    difference = bench_multiworker.largest_difference(bench_multiworker.decoder_weights(reference_out),
-                                                      bench_multiworker.decoder_weights(chief_out))
+    difference = largest_difference(decoder_weights(reference_out), decoder_weights(chief_out))
     print(f"largest weight difference from one process: {difference:.2e}")
     assert difference < 1e-5
     for name in ("loss", "val_loss", "val_cider"):
@@ -210,7 +186,8 @@ def test_two_workers_fine_tune_killed_and_resumed_like_one_process(trained_out, 
     # Run 1: SIGKILL worker 1 once the chief has checkpointed step `kill_after`.
     workers = _start_workers([chief_out, worker_out], tmp_path, command=command)
     state = chief_out / run_folder.FINETUNE_CHECKPOINT_DIR / f"state-{kill_after}.json"
-    _wait_for(state.exists, workers, f"the chief's checkpoint of step {kill_after}")
+    wait_for(state.exists, f"the chief's checkpoint of step {kill_after}", [process for process, _ in workers],
+             WORKER_SECONDS, output=lambda: _logs(workers))
     assert (worker_out / ".worker-worker-1.tmp" / run_folder.FINETUNE_CHECKPOINT_DIR).is_dir()
     workers[1][0].send_signal(signal.SIGKILL)
     (chief_code, chief_stderr), (worker_code, _) = _finish(workers)
@@ -235,8 +212,7 @@ def test_two_workers_fine_tune_killed_and_resumed_like_one_process(trained_out, 
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
     assert history["best_step"] == expected["best_step"]
     # decoder.keras: the best fine-tuned decoder of each, or the XE decoder of both if none was better.
-    difference = bench_multiworker.largest_difference(bench_multiworker.decoder_weights(chief_out),
-                                                      bench_multiworker.decoder_weights(reference_out))
+    difference = largest_difference(decoder_weights(chief_out), decoder_weights(reference_out))
     print(f"largest weight difference from one process: {difference:.2e}")
     assert difference < 1e-5
     assert run_folder.decoder_objective(chief_out) == run_folder.decoder_objective(reference_out)
@@ -258,8 +234,8 @@ def test_two_fine_tuning_workers_stop_early_together(trained_out, tmp_path):
         assert code == 0, "\n\n".join(stderr[-3000:] for _, stderr in results)
         assert "finetune: early stopping after epoch 1" in stderr and "finetune: 1 epochs" in stderr, stderr[-3000:]
     assert _finetune_history(outs[0]) == ([1], 0)
-    kept_weights = bench_multiworker.decoder_weights(outs[0])
-    for kept, trained in zip(kept_weights, bench_multiworker.decoder_weights(trained_out), strict=True):
+    kept_weights = decoder_weights(outs[0])
+    for kept, trained in zip(kept_weights, decoder_weights(trained_out), strict=True):
         np.testing.assert_array_equal(kept, trained)
     assert not (outs[1] / run_folder.FINETUNE_HISTORY_FILE).exists()
     assert not (outs[1] / run_folder.XE_DECODER_FILE).exists()
