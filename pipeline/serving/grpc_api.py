@@ -48,7 +48,7 @@ OUTPUT_NAMES = ("captions", "scores")
 ROUTES = {"Predict": "predict", "GetModelMetadata": "metadata", "GetModelStatus": "status"}  # metrics labels
 
 
-class RpcError(Exception):
+class Refusal(Exception):
     """Ends an RPC with `code` (grpc.StatusCode) and `message`."""
 
     def __init__(self, code, message):
@@ -132,7 +132,7 @@ class GrpcServer:
 
 
 def _answered(method):
-    """Wraps a servicer method: RpcError and ModelSpecError end the RPC with their code; each RPC is observed."""
+    """Wraps a servicer method: Refusal and ModelSpecError end the RPC with their code; each RPC is observed."""
 
     def handler(self, request, context):
         started = time.perf_counter()
@@ -143,7 +143,7 @@ def _answered(method):
         except tf_serving_files.ModelSpecError as error:
             code = grpc.StatusCode[error.code]
             context.abort(code, error.message)
-        except RpcError as error:
+        except Refusal as error:
             code = error.code
             context.abort(code, error.message)
         except Exception as error:  # noqa: BLE001 - a server bug answers INTERNAL, the server goes on
@@ -177,7 +177,7 @@ class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         version = model.resolve(request.model_spec.name, *_version_of(request.model_spec))
         signature = request.model_spec.signature_name or exported_model.SERVING_SIGNATURE
         if signature not in INPUTS or signature not in self.signature_defs:
-            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{signature}" not found.')
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{signature}" not found.')
         facts["signature"] = signature
         input_name = INPUTS[signature][0]
         items = _read_input(signature, request.inputs, self.backend.max_images)
@@ -201,13 +201,13 @@ class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_answered
     def GetModelMetadata(self, request, context, facts):
         if not request.HasField("model_spec"):
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
         if not request.metadata_field:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                            "GetModelMetadataRequest must specify at least one metadata_field")
         for field in request.metadata_field:
             if field != SIGNATURE_DEF_FIELD:
-                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported")
+                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported")
         model = self.backend.model
         version = model.resolve(request.model_spec.name, *_version_of(request.model_spec))
         response = get_model_metadata_pb2.GetModelMetadataResponse()
@@ -240,28 +240,28 @@ def _dtype_name(dtype):
 
 
 def _read_input(signature, inputs, max_images):
-    """The instances (list of bytes, or of float32 [2048] rows) of a Predict request's `inputs`; RpcError if bad."""
+    """The instances (list of bytes, or of float32 [2048] rows) of a Predict request's `inputs`; Refusal if bad."""
     input_name, dtype, instance_shape = INPUTS[signature]
     if list(inputs) != [input_name]:
         sent, extra = sorted(inputs), sorted(set(inputs) - {input_name})
         missing = "" if input_name in inputs else input_name
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                        f"input size does not match signature: {len(inputs)}!=1 len({{{','.join(sent)}}}) != "
                        f"len({{{input_name}}}). Sent extra: {{{','.join(extra)}}}. Missing but required: {{{missing}}}.")
     proto = inputs[input_name]
     if proto.dtype != dtype:
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                        f"Expects arg[0] to be {_dtype_name(dtype)} but {_dtype_name(proto.dtype)} is provided")
     try:
         array = tf.make_ndarray(proto)
     except (ValueError, TypeError):
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"tensor parsing error: {input_name}") from None
+        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"tensor parsing error: {input_name}") from None
     if array.ndim != 1 + len(instance_shape) or tuple(array.shape[1:]) != instance_shape:
         wanted = ", ".join(["N", *map(str, instance_shape)])
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                        f"input {input_name} must have shape [{wanted}], got {list(array.shape)}")
     if not 1 <= len(array) <= max_images:
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                        f"input {input_name} has {len(array)} instances: send 1 to {max_images} per request "
                        f"(--max-images)")
     if signature != exported_model.SERVING_SIGNATURE:
@@ -270,25 +270,25 @@ def _read_input(signature, inputs, max_images):
     for index, image_bytes in enumerate(items):
         problem = exported_model.header_problem(image_bytes)
         if problem:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{input_name}[{index}]: {problem}")
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{input_name}[{index}]: {problem}")
     return items
 
 
 def _output_names(output_filter):
-    """The outputs to answer: all, or those `output_filter` names (RpcError for an unknown one)."""
+    """The outputs to answer: all, or those `output_filter` names (Refusal for an unknown one)."""
     for name in output_filter:
         if name not in OUTPUT_NAMES:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                            f"output tensor alias not found in signature: {name} Outputs expected to be in the "
                            f"set {{{','.join(OUTPUT_NAMES)}}}.")
     return set(output_filter) or set(OUTPUT_NAMES)
 
 
 def _diagnose(signature, input_name, items, error):
-    """The RpcError for a request whose own model call was refused: which image, and why."""
+    """The Refusal for a request whose own model call was refused: which image, and why."""
     if signature == exported_model.SERVING_SIGNATURE:
         for index, image_bytes in enumerate(items):
             problem = exported_model.image_problem(image_bytes)
             if problem:
-                return RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{input_name}[{index}]: {problem}")
-    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, errors.op_error_reason(error))
+                return Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{input_name}[{index}]: {problem}")
+    return Refusal(grpc.StatusCode.INVALID_ARGUMENT, errors.op_error_reason(error))
