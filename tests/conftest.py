@@ -4,7 +4,6 @@ once. Tests that change artifacts copy them first (`copy_run`)."""
 
 import os
 import shutil
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -26,26 +25,18 @@ TRAIN_OVERRIDES = {
 FINETUNE_SETTINGS = {"finetune.epochs": 2, "finetune.batch_size": 6, "finetune.learning_rate": 5e-3}
 
 
-def wait_until(condition, seconds=10.0):
-    """Polls `condition()` until it is true or `seconds` pass; returns its last value.
-
-    For what another thread or process finishes just after the client has its answer,
-    such as the server's log line, written once the response is sent.
-    """
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
+# ResNet50 costs seconds to build: the folded encoder of the encoder and extract tests is built once.
+FOLDED_ENCODER_IMAGE_SIZE = 64
 
 
-def as_version_1(cache_path):
-    """Rewrites a cache's attributes as Captioner wrote them before BatchNorm folding:
-    version 1, no `encoder_graph` (its rows came from the plain Keras ResNet50)."""
-    import h5py
+@pytest.fixture(scope="session")
+def folded_encoder():
+    """The encoder `extract` builds for `--weights random` at FOLDED_ENCODER_IMAGE_SIZE px:
+    ResNet50 of seed 0, BatchNorm folded (keras.Model, float32 [B, 64, 64, 3] pixels in
+    0..255 -> float32 [B, 2048]). Shared: do not change its weights."""
+    from models import encoder
 
-    with h5py.File(cache_path, "a") as handle:
-        handle.attrs["version"] = 1
-        del handle.attrs["encoder_graph"]
+    return encoder.build_encoder(None, FOLDED_ENCODER_IMAGE_SIZE, seed=0)
 
 
 @pytest.fixture(scope="session")

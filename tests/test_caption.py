@@ -5,14 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import keras
 import pytest
 
-from models import captioner as captioner_module
 from pipeline import caption
-from pipeline.core import config as config_module, errors
-from pipeline.data import datasets, features, text
+from pipeline.core import errors
+from pipeline.data import datasets, features
 from pipeline.serving import exported_model
+from tests.helpers import python_captions
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -20,15 +19,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 def _expected_captions(out_dir, image_ids):
     """In-Python captions of cached features for `image_ids`, the reference for the export."""
     cache = features.read_features(out_dir)
-    rows = [cache.index()[image_id] for image_id in image_ids]
-    config = config_module.PipelineConfig.load(out_dir)
-    vocabulary = text.Vocabulary.load(out_dir / text.VOCAB_FILE)
-    decoder_model = keras.saving.load_model(out_dir / "decoder.keras", compile=False)
-    captioner = captioner_module.FeatureCaptioner(
-        decoder_model, vocabulary.words, config.decode,
-        start_id=text.START_ID, end_id=text.END_ID, unk_id=text.UNK_ID, pad_id=text.PAD_ID)
-    outputs = captioner.caption_features(cache.features[rows])
-    return [value.decode() for value in outputs["captions"].numpy().tolist()]
+    return python_captions(out_dir, cache.features[[cache.index()[image_id] for image_id in image_ids]])[0]
 
 
 def test_bad_files_are_reported_and_good_ones_captioned_in_order(exported_out, tmp_path):

@@ -1,6 +1,7 @@
 """The export stage against the real exported demo model of the session (`exported_out`)."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -8,15 +9,13 @@ import sys
 import textwrap
 
 import h5py
-import keras
 import pytest
 
-from models import captioner as captioner_module
 from pipeline.core import config as config_module
 from pipeline import export
 from pipeline.core import errors
 from pipeline.data import datasets, features, run_folder, text
-from tests.conftest import as_version_1
+from tests.helpers import as_version_1, python_captions
 
 NUM_CHECKED_IMAGES = 6
 
@@ -30,29 +29,18 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent("""
     images = [open(path, "rb").read() for path in request["image_paths"]]
     by_images = loaded.signatures["serving_default"](images=tf.constant(images))
     by_features = loaded.signatures["caption_features"](features=tf.constant(request["features"], tf.float32))
+    empty = loaded.signatures["serving_default"](images=tf.constant([], tf.string))
     project = sorted(name for name in sys.modules if name.split(".")[0] in ("pipeline", "models"))
     json.dump({
         "image_captions": [c.decode() for c in by_images["captions"].numpy().tolist()],
         "image_scores": by_images["scores"].numpy().tolist(),
         "feature_captions": [c.decode() for c in by_features["captions"].numpy().tolist()],
         "feature_scores": by_features["scores"].numpy().tolist(),
+        "empty_shape": list(empty["captions"].shape),
+        "signatures": sorted(loaded.signatures),
         "project_modules": project,
     }, open("answer.json", "w"))
 """)
-
-
-def _python_captions(out_dir, feature_rows, beam_size=None):
-    """Captions of float32 [N, 2048] rows by the in-Python FeatureCaptioner of the run."""
-    config = config_module.PipelineConfig.load(out_dir)
-    if beam_size is not None:
-        config = config.replace({"decode.beam_size": beam_size})
-    vocabulary = text.Vocabulary.load(out_dir / text.VOCAB_FILE)
-    decoder_model = keras.saving.load_model(out_dir / run_folder.DECODER_FILE, compile=False)
-    captioner = captioner_module.FeatureCaptioner(
-        decoder_model, vocabulary.words, config.decode,
-        start_id=text.START_ID, end_id=text.END_ID, unk_id=text.UNK_ID, pad_id=text.PAD_ID)
-    outputs = captioner.caption_features(feature_rows)
-    return [caption.decode() for caption in outputs["captions"].numpy().tolist()], outputs["scores"].numpy().tolist()
 
 
 def _signature_blocks(cli_output):
@@ -84,7 +72,7 @@ def test_saved_model_cli_lists_both_signatures(exported_out):
         assert len(re.findall(r"inputs\['", block)) == 1  # one input, no stray extras
 
 
-def test_fresh_process_with_tensorflow_alone_matches_python_decode(exported_out, tmp_path):
+def test_saved_model_loads_with_tensorflow_alone_and_matches_python_decode(exported_out, tmp_path):
     cache = features.read_features(exported_out)
     dataset = datasets.read_captions_json(exported_out)
     image_ids = cache.image_ids[:NUM_CHECKED_IMAGES]
@@ -96,18 +84,22 @@ def test_fresh_process_with_tensorflow_alone_matches_python_decode(exported_out,
     }))
     environment = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONSTARTUP")}
     environment["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    subprocess.run([sys.executable, "-c", FRESH_PROCESS_SCRIPT], cwd=tmp_path, env=environment,
-                   check=True, capture_output=True, text=True)
+    completed = subprocess.run([sys.executable, "-c", FRESH_PROCESS_SCRIPT], cwd=tmp_path, env=environment,
+                               capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
     answer = json.loads((tmp_path / "answer.json").read_text())
 
-    expected_captions, expected_scores = _python_captions(exported_out, feature_rows)
+    expected_captions, expected_scores = python_captions(exported_out, feature_rows)
     assert answer["project_modules"] == []
+    assert answer["signatures"] == ["caption_features", "serving_default"]
     assert all(expected_captions), expected_captions  # a trained decoder writes words
     assert answer["feature_captions"] == expected_captions
     assert answer["feature_scores"] == pytest.approx(expected_scores, abs=1e-5)
     # From the image bytes: decode + ResNet50 in the graph reproduce the cached features.
     assert answer["image_captions"] == expected_captions
     assert answer["image_scores"] == pytest.approx(expected_scores, abs=1e-3)
+    assert all(math.isfinite(score) for score in answer["image_scores"] + answer["feature_scores"])
+    assert answer["empty_shape"] == [0]
 
 
 def test_export_writes_versioned_copy_and_self_description(exported_out):
@@ -149,7 +141,7 @@ def test_reexport_with_beam_size_replaces_model_and_records_it(exported_out, cop
     feature_rows = features.read_features(out).features[:NUM_CHECKED_IMAGES]
     loaded = tf.saved_model.load(str(out / "saved_model"))
     exported = loaded.signatures["caption_features"](features=tf.constant(feature_rows))
-    greedy_captions, _ = _python_captions(out, feature_rows, beam_size=1)
+    greedy_captions, _ = python_captions(out, feature_rows, beam_size=1)
     assert [caption.decode() for caption in exported["captions"].numpy().tolist()] == greedy_captions
 
 

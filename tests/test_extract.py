@@ -18,9 +18,11 @@ import pytest
 from PIL import Image
 
 from pipeline.core.errors import ArtifactError
-from tests.conftest import as_version_1
+from tests.conftest import FOLDED_ENCODER_IMAGE_SIZE
+from tests.helpers import as_version_1
 
-IMAGE_SIZE = 64
+# The size of the session's `folded_encoder`: the encoder `extract` builds for OVERRIDES.
+IMAGE_SIZE = FOLDED_ENCODER_IMAGE_SIZE
 OVERRIDES = {
     "encoder.weights": "random",
     "encoder.image_size": IMAGE_SIZE,
@@ -141,22 +143,14 @@ def test_bad_images_are_reported_and_kept_out(awkward_data, awkward_run):
     assert summary["cached"] == 0 and summary["errors"] == len(bad)
 
 
-@pytest.fixture(scope="module")
-def encoder_model():
-    """The encoder `extract` builds for OVERRIDES (folded, seed 0)."""
-    from models import encoder
-
-    return encoder.build_encoder(None, IMAGE_SIZE, seed=0)
-
-
-def test_features_equal_the_encoder_on_the_decoded_image(awkward_data, awkward_run, encoder_model):
+def test_features_equal_the_encoder_on_the_decoded_image(awkward_data, awkward_run, folded_encoder):
     from models import encoder, image_decoding
     from pipeline.data import features
 
     data_dir, _, _ = awkward_data
     out, _ = awkward_run
     cache = features.read_features(out)
-    model = encoder_model
+    model = folded_encoder
     assert encoder.encoder_fingerprint(model) == cache.attrs["encoder_fingerprint"]
     rows = cache.index()
     for image_id in ("photo_03.jpg", "gray.png", "palette.png", "png_named.jpg", "big.jpg", "cmyk.jpg"):
@@ -196,7 +190,7 @@ def test_other_encoder_settings_are_refused(awkward_data, awkward_run, copy_run,
     assert (out / "features.h5").read_bytes() == before
 
 
-def test_a_version_1_cache_is_read_and_rerun_but_not_extended(awkward_data, awkward_run, copy_run, encoder_model):
+def test_a_version_1_cache_is_read_and_rerun_but_not_extended(awkward_data, awkward_run, copy_run, folded_encoder):
     from pipeline import extract
     from pipeline.core import config
     from pipeline.data import features
@@ -212,7 +206,7 @@ def test_a_version_1_cache_is_read_and_rerun_but_not_extended(awkward_data, awkw
 
     def rerun():
         return extract.extract_to_cache(data_dir / "Images", image_ids, cache_path, encoder_config,
-                                        encoder_model=encoder_model)
+                                        encoder_model=folded_encoder)
 
     # A rerun that adds no row (the bad images fail again) accepts the cache as it is.
     result = rerun()
@@ -376,27 +370,6 @@ def test_progress_reports_rate_and_eta():
     reporter.update(60)
     reporter.close()
     assert stream.getvalue().splitlines() == ["evaluate 60/60 images (100%) 20.0 images/s ETA 0s"]
-
-
-def test_sharded_extraction_merges_into_the_unsharded_cache(awkward_data, awkward_run, tmp_path):
-    from pipeline import extract
-    from pipeline.data import feature_writer, features
-
-    data_dir, usable, bad = awkward_data
-    out = tmp_path / "sharded"
-    counts = [extract.run_extract(data_dir, out, dict(OVERRIDES), num_shards=2, shard_index=index)["images"]
-              for index in (0, 1)]
-    # Every image the dataset lists (all but the absent file) falls in exactly one shard.
-    assert sum(counts) == len(usable) + len(bad) - 1 and min(counts) > 0
-    merged_path = feature_writer.merge_shards(out)
-    merged = features.read_features(out)
-    whole = features.read_features(awkward_run[0])
-    assert merged_path == out / "features.h5" and sorted(merged.image_ids) == merged.image_ids
-    assert sorted(merged.image_ids) == sorted(whole.image_ids)
-    rows = whole.index()
-    np.testing.assert_allclose(merged.features, whole.features[[rows[image_id] for image_id in merged.image_ids]],
-                               rtol=1e-4, atol=1e-4)
-    assert merged.attrs["encoder_fingerprint"] == whole.attrs["encoder_fingerprint"]
 
 
 def test_bf16_extraction_records_its_precision_and_matches_fp32(awkward_data, awkward_run, copy_run, tmp_path):

@@ -30,9 +30,9 @@ from pipeline.training import periods
 REPOSITORY = Path(__file__).resolve().parents[1]
 from tests.conftest import SMALL_EXTRACT_FLAGS as EXTRACT_FLAGS  # noqa: E402
 from tests.conftest import SMALL_NUM_IMAGES as NUM_IMAGES  # noqa: E402
+from tests.helpers import checkpoint_epoch, wait_for  # noqa: E402
 SMALL_DECODER = {"decoder.units": 32, "decoder.embedding_dim": 16, "decoder.dropout": 0.0}
-POLL_SECONDS = 0.02
-POLL_LIMIT = 30000  # 10 minutes of polling at most: a hung child fails the test, never the suite
+CHILD_SECONDS = 600  # the longest wait for a child: a hung one fails the test, never the suite
 
 
 def _start(arguments):
@@ -41,15 +41,7 @@ def _start(arguments):
 
 
 def _wait_for(process, condition, what):
-    for _ in range(POLL_LIMIT):
-        if condition():
-            return
-        if process.poll() is not None:
-            pytest.fail(f"the process ended (code {process.returncode}) before {what}: {process.stderr.read()[-2000:]}")
-        time.sleep(POLL_SECONDS)
-    process.kill()
-    process.wait()
-    pytest.fail(f"gave up waiting for {what}")
+    wait_for(condition, what, [process], CHILD_SECONDS, output=lambda: process.stderr.read()[-2000:])
 
 
 def _kill(process, delay):
@@ -98,13 +90,6 @@ def _history(out):
     return run_folder.read_training_history(out)
 
 
-def _checkpoint_epoch(out):
-    try:
-        return json.loads((out / run_folder.CHECKPOINT_DIR / "training_metadata.json").read_text())["epoch"]
-    except (OSError, ValueError, KeyError):
-        return 0  # absent, or caught mid-write
-
-
 def test_train_killed_mid_epoch_resumes_with_the_stopping_state_to_the_uninterrupted_result(extracted_out, copy_run):
     epochs = 3
     # batch size 1 makes an epoch last long enough (~180 steps) to be killed inside it;
@@ -118,7 +103,7 @@ def test_train_killed_mid_epoch_resumes_with_the_stopping_state_to_the_uninterru
     unkilled = Path(shutil.copytree(killed, killed.parent / "unkilled"))
 
     process = _start(["train", "--out", str(killed), *flags])
-    _wait_for(process, lambda: _checkpoint_epoch(killed) >= 1, "the first checkpoint")
+    _wait_for(process, lambda: (checkpoint_epoch(killed) or 0) >= 1, "the first checkpoint")
     _kill(process, random.Random(99).uniform(0.0, 0.3))
     finished = periods.checkpoint_epoch(killed / run_folder.CHECKPOINT_DIR)
     assert finished >= 1

@@ -14,6 +14,7 @@ import pytest
 from pipeline.core import config as config_module
 from pipeline.data import run_folder
 from tests.conftest import FINETUNE_SETTINGS
+from tests.helpers import decoder_weights
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,12 +25,6 @@ def _prepared(trained_out, copy_run):
     # checkpoints are written does not change the steps a run takes.
     config_module.PipelineConfig.load(out).replace({**FINETUNE_SETTINGS, "finetune.checkpoint_steps": 1}).save(out)
     return out
-
-
-def _weights(path):
-    import keras
-
-    return [np.asarray(weight) for weight in keras.saving.load_model(path, compile=False).get_weights()]
 
 
 def test_finetune_keeps_the_xe_decoder_and_writes_history_logs_and_metrics_of_both(finetuned):
@@ -107,8 +102,8 @@ def test_finetune_sigkilled_mid_epoch_and_resumed_equals_the_uninterrupted_run(f
         for key in ("step", "mean_reward", "loss", "val_cider", "best"):
             assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
     assert history["best_step"] == expected["best_step"]
-    for got, want in zip(_weights(out / "decoder.keras"), _weights(reference_out / "decoder_xe.keras")
-                         if expected["best_step"] == 0 else _weights(reference_out / "decoder.keras")):
+    for got, want in zip(decoder_weights(out), decoder_weights(reference_out, run_folder.XE_DECODER_FILE)
+                         if expected["best_step"] == 0 else decoder_weights(reference_out)):
         np.testing.assert_allclose(got, want, atol=1e-6)
 
 

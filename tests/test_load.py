@@ -22,7 +22,7 @@ from benchmarks import bench_load
 from pipeline import serve
 from pipeline.data import datasets, features
 from pipeline.serving import server as http_server
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 TOTAL_REQUESTS = 2000
 MAX_IMAGES = 4

@@ -17,7 +17,7 @@ from prometheus_client import parser as prometheus_parser
 from pipeline.core import errors
 from pipeline.data import datasets, features
 from pipeline.serving import server as http_server
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 MAX_IMAGES = 4
 MAX_BODY_MB = 0.25

@@ -14,6 +14,7 @@ from pipeline.data import run_folder, text
 from pipeline.training import distribution, objective
 from pipeline.training import inputs as training_inputs
 from tests.conftest import TRAIN_OVERRIDES
+from tests.helpers import decoder_weights, largest_difference
 
 
 def _split(rows, token_lists):
@@ -158,12 +159,6 @@ class _ScriptedScorer:
         return {"val_cider": score, "val_bleu_4": score / 10, "val_seconds": 0.0}
 
 
-def _decoder_weights(out):
-    import keras
-
-    return keras.saving.load_model(out / run_folder.DECODER_FILE, compile=False).get_weights()
-
-
 def _assert_same_weights(actual, expected, tolerance=0.0):
     assert len(actual) == len(expected)
     for actual_weight, expected_weight in zip(actual, expected):
@@ -192,7 +187,7 @@ def test_stopping_selection_and_learning_rate_cuts_follow_the_score_and_resume_w
     assert rates[:3] == pytest.approx([1e-3] * 3) and rates[3] == pytest.approx(rates[2] / 2)
     assert _optimizer_iterations(out) == 20
     # decoder.keras holds the weights validated at step 10, not the last ones.
-    _assert_same_weights(_decoder_weights(out), scorer.weights[1])
+    _assert_same_weights(decoder_weights(out), scorer.weights[1])
     assert any(not np.array_equal(last, best) for last, best in zip(scorer.weights[3], scorer.weights[1]))
 
     # Stopped by the cap after 3 periods (15 steps: 2.5 epochs), then resumed with a larger
@@ -215,7 +210,7 @@ def test_stopping_selection_and_learning_rate_cuts_follow_the_score_and_resume_w
     # the wrong batch, rate or dropout stream differs by 1e-4 to percents).
     assert [entry["loss"] for entry in resumed_history] == pytest.approx([entry["loss"] for entry in history], rel=1e-6)
     assert _optimizer_iterations(resumed_out) == 20
-    _assert_same_weights(_decoder_weights(resumed_out), _decoder_weights(out), tolerance=1e-6)
+    _assert_same_weights(decoder_weights(resumed_out), decoder_weights(out), tolerance=1e-6)
 
     # A fresh run (no --resume) replaces the old checkpoints and history; --select-on loss
     # keeps the weights of the lowest validation loss.
@@ -227,7 +222,7 @@ def test_stopping_selection_and_learning_rate_cuts_follow_the_score_and_resume_w
     assert [entry["period"] for entry in fresh_history] == [1, 2, 3] and _optimizer_iterations(resumed_out) == 15
     lowest = min(range(3), key=lambda index: fresh_history[index]["val_loss"])
     assert fresh["best_val_loss"] == fresh_history[lowest]["val_loss"] and fresh_history[lowest]["best"]
-    _assert_same_weights(_decoder_weights(resumed_out), loss_scorer.weights[lowest])
+    _assert_same_weights(decoder_weights(resumed_out), loss_scorer.weights[lowest])
 
 
 def test_resume_without_checkpoint_is_a_clear_error(extracted_out, copy_run):
@@ -380,10 +375,6 @@ print(json.dumps(report))
 """
 
 
-def _max_difference(weights, other_weights):
-    return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(weights, other_weights))
-
-
 def test_mirrored_strategy_on_two_cpu_devices_matches_single_device_training():
     import subprocess
     import sys
@@ -406,11 +397,11 @@ def test_mirrored_strategy_on_two_cpu_devices_matches_single_device_training():
         # 12 updates agree to float rounding (measured: ~6e-8 SGD, ~3e-8 Adam). Adam's
         # bound is looser: it turns rounding noise in a near-zero gradient into a step.
         tolerance = 1e-5 if optimizer == "sgd" else 1e-4
-        assert _max_difference(mirrored["weights"], single["weights"]) < tolerance, optimizer
+        assert largest_difference(mirrored["weights"], single["weights"]) < tolerance, optimizer
     # The control: per-replica token means (plain masked_loss) move the same weights
     # measurably elsewhere (measured ~7e-3), so the bounds above would catch that bug.
     replica_mean = report["sgd/mirrored/replica_mean"]
-    assert _max_difference(replica_mean["weights"], report["sgd/default/global"]["weights"]) > 1e-3
+    assert largest_difference(replica_mean["weights"], report["sgd/default/global"]["weights"]) > 1e-3
 
 
 def test_training_stream_is_the_epochs_back_to_back_whatever_the_first_epoch():

@@ -2,7 +2,6 @@
 
 import json
 
-import keras
 import numpy as np
 import pytest
 
@@ -59,16 +58,10 @@ def test_stopper_state_resumes_with_its_counters():
     assert resumed.state_dict() == uninterrupted.state_dict()
 
 
-def _load_decoder(out):
-    from models import decoder  # noqa: F401  (registers the loss and metric)
-
-    return keras.saving.load_model(out / run_folder.DECODER_FILE, compile=False)
-
-
 def test_scorer_on_a_trained_run_matches_the_test_metrics_code_and_is_deterministic(trained_out):
     config = config_module.PipelineConfig.load(trained_out)
     scorer = validation.build_validation_scorer(trained_out, config)
-    model = _load_decoder(trained_out)
+    model = run_folder.load_decoder(trained_out)
     first, second = scorer(model), scorer(model)
     assert set(first) >= {"val_cider", "val_bleu_4", "val_seconds"}
     assert first["val_cider"] == second["val_cider"] and first["val_bleu_4"] == second["val_bleu_4"]
