@@ -1,8 +1,9 @@
 """models.encoder: the ResNet50 builder, BatchNorm folding and the weights fingerprint.
 
-ResNet50 costs seconds to build, so small (64 px) seeded encoders are shared by the module:
-the folded one `build_encoder` makes by default, and a plain one whose BatchNorm layers
-have random statistics (the reference the folded forms are compared with).
+ResNet50 costs seconds to build, so small (64 px) seeded encoders are shared: the folded
+one `build_encoder` makes by default (the session's `folded_encoder`), and a plain one
+whose BatchNorm layers have random statistics (the reference the folded forms are
+compared with), built once by this module.
 """
 
 import ast
@@ -14,26 +15,21 @@ import h5py
 import numpy as np
 import pytest
 
-IMAGE_SIZE = 64
+from tests.conftest import FOLDED_ENCODER_IMAGE_SIZE
+
+IMAGE_SIZE = FOLDED_ENCODER_IMAGE_SIZE
 RESNET50_PAIRS = 53  # Conv2D -> BatchNormalization pairs of Keras' ResNet50: all of its BatchNorms
 REPOSITORY = Path(__file__).resolve().parents[1]
 FINGERPRINT_SCRIPT = (
     "import os, sys; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3';"
     "from models import encoder;"
-    "print(*(encoder.encoder_fingerprint(encoder.build_encoder(None, 64, seed=seed)) for seed in (0, 1)))"
+    f"print(*(encoder.encoder_fingerprint(encoder.build_encoder(None, {IMAGE_SIZE}, seed=seed)) for seed in (0, 1)))"
 )
 
 
 @pytest.fixture(scope="module")
-def encoder_model():
-    from models import encoder
-
-    return encoder.build_encoder(None, IMAGE_SIZE, seed=0)
-
-
-@pytest.fixture(scope="module")
 def plain_model():
-    """The plain Keras encoder of seed 0 (the convolutions of `encoder_model`), every
+    """The plain Keras encoder of seed 0 (the convolutions of `folded_encoder`), every
     BatchNormalization with random statistics: an identity one would hide a folding bug."""
     from models import encoder
 
@@ -60,7 +56,7 @@ def _cosines(first, second):
     return (first * second).sum(1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1))
 
 
-def test_random_weights_are_identical_in_separate_processes(encoder_model):
+def test_random_weights_are_identical_in_separate_processes(folded_encoder):
     from models import encoder
 
     # A fresh interpreter builds seeds 0 and 1; this process built seed 0 too.
@@ -68,20 +64,20 @@ def test_random_weights_are_identical_in_separate_processes(encoder_model):
                                capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr
     seed_zero, seed_one = completed.stdout.strip().splitlines()[-1].split()
-    here = encoder.encoder_fingerprint(encoder_model)
+    here = encoder.encoder_fingerprint(folded_encoder)
     assert len(here) == 16 and int(here, 16) >= 0
     assert seed_zero == here
     assert seed_one != here
 
 
-def test_encoder_applies_resnet_preprocessing_inside(encoder_model):
+def test_encoder_applies_resnet_preprocessing_inside(folded_encoder):
     rng = np.random.default_rng(1)
     pixels = (rng.random((3, IMAGE_SIZE, IMAGE_SIZE, 3)) * 255).astype(np.float32)
-    output = np.asarray(encoder_model(pixels))
+    output = np.asarray(folded_encoder(pixels))
     assert output.shape == (3, 2048) and output.dtype == np.float32
     # Caffe preprocessing by hand: RGB -> BGR, ImageNet channel means subtracted.
     by_hand = pixels[..., ::-1] - np.array([103.939, 116.779, 123.68], np.float32)
-    backbone_output = np.asarray(encoder_model.get_layer("resnet50")(by_hand))
+    backbone_output = np.asarray(folded_encoder.get_layer("resnet50")(by_hand))
     np.testing.assert_allclose(output, backbone_output, rtol=1e-5, atol=1e-4)
     assert not np.allclose(output[0], output[1])  # different images, different features
 
@@ -140,7 +136,7 @@ def test_models_import_nothing_from_pipeline():
                 f"{path.name}:{node.lineno} imports {names}")
 
 
-def test_folding_covers_every_batch_normalization_and_keeps_the_features(plain_model, encoder_model, photo_pixels):
+def test_folding_covers_every_batch_normalization_and_keeps_the_features(plain_model, folded_encoder, photo_pixels):
     import keras
 
     from models import encoder
@@ -160,12 +156,12 @@ def test_folding_covers_every_batch_normalization_and_keeps_the_features(plain_m
     # The fingerprint names the source weights, folded or not.
     assert encoder.encoder_fingerprint(folded) == encoder.encoder_fingerprint(plain_model)
     reference = np.asarray(plain_model(photo_pixels))
-    assert encoder.encoder_graph(encoder_model) == "folded"
+    assert encoder.encoder_graph(folded_encoder) == "folded"
     for candidate in (folded, folded_backbone):
         inputs = photo_pixels if candidate is folded else keras.applications.resnet50.preprocess_input(photo_pixels)
         assert _cosines(candidate(inputs), reference).min() >= 0.99999
     # The statistics matter: the same convolutions with identity BatchNorms give other features.
-    assert _cosines(encoder_model(photo_pixels), reference).max() < 0.99
+    assert _cosines(folded_encoder(photo_pixels), reference).max() < 0.99
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
