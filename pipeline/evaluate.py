@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core import errors, io_utils, progress
+from pipeline.core import device, errors, io_utils, progress
 from pipeline.data import run_folder, text
 from pipeline.evaluation import metrics, report
 
@@ -92,6 +92,17 @@ def _test_images(out_dir, config):
         return images, reader.read(images.rows)
 
 
+def _devices(out_dir, config, finetune_history):
+    """What computed the run, for the report: (stage, device line) str pairs, from the cache's
+    `device` attribute, config.json's train.device and the fine-tuning history's settings."""
+    with run_folder.open_feature_cache(out_dir) as reader:
+        extracted = reader.attrs.get("device") or f"not recorded ({reader.attrs.get('precision', 'fp32')})"
+    devices = [("features (extract)", extracted), ("decoder (train)", config.train.device or "not recorded")]
+    if finetune_history:
+        devices.append(("fine-tuning (finetune)", finetune_history.get("settings", {}).get("device") or "not recorded"))
+    return devices
+
+
 def _score_decoder(out_dir, config, vocabulary, decoder_file, image_features, references, label="evaluate"):
     """Captions and metrics of one decoder of OUT on the test images.
 
@@ -130,6 +141,7 @@ def run_evaluate(out_dir, overrides):
     out_dir = Path(out_dir)
     config = run_folder.read_config(out_dir, requires="`extract` and `train`").replace(overrides)
     config.check("decode")
+    device.announce("evaluate", "fp32")  # decoder.keras is float32 whatever it was trained in
     vocabulary = run_folder.read_vocabulary(out_dir)
     images, image_features = _test_images(out_dir, config)
     records, references = images.records, images.references
@@ -168,6 +180,7 @@ def run_evaluate(out_dir, overrides):
         notes=notes,
         compared_metrics=compared["metrics"] if compared else None,
         finetune_history=finetune_history["epochs"] if finetune_history else None,
+        devices=_devices(out_dir, config, finetune_history),
     )
     config.save(out_dir)
 

@@ -35,7 +35,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from models import captioner as captioner_module
 from models import encoder as encoder_module
-from pipeline.core import encoder_loading, errors, io_utils
+from pipeline.core import device, encoder_loading, errors, io_utils
 from pipeline.data import features, run_folder, text
 from pipeline.serving import server, tf_serving_files, warmup
 from pipeline.serving.exported_model import FEATURES_SIGNATURE, METADATA_DIR, METADATA_FILE, SERVING_SIGNATURE
@@ -66,6 +66,8 @@ def run_export(out_dir, overrides):
     started = time.perf_counter()
     config = run_folder.read_config(out_dir, requires="`extract` and `train`").replace(overrides)
     config.check("decode")
+    # The SavedModel is float32 (encoder and decoder) and pins no device; this is where it is traced.
+    device.announce("export", "fp32")
     vocabulary = run_folder.read_vocabulary(out_dir)
     decoder_model = run_folder.load_decoder(out_dir, vocabulary_size=len(vocabulary))
     cache_path = out_dir / run_folder.FEATURES_FILE

@@ -74,6 +74,7 @@ def run_extract(data_dir, out_dir, overrides, overwrite=False, num_shards=1, sha
     # Recorded resolved ("auto" -> "bf16" here, "fp16" on a GPU machine), in config.json as in
     # the cache's attributes: the artifacts say what was computed, not what was asked.
     config.encoder.precision = device.resolve_precision(config.encoder.precision)
+    device.announce("extract", config.encoder.precision)
     data_dir = Path(data_dir).resolve()
     dataset = datasets.load_dataset(data_dir, config.data)
     config.data.data_dir = str(data_dir)
@@ -176,11 +177,16 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
     graph = encoder_module.encoder_graph(encoder_model)
     encode = encode_function(encoder_model, encoder_config.image_size)
     encode.get_concrete_function()  # traces now (once per model), outside the timed loop
+    computed_on = device.device_record(encoder_config.precision)
     if cache_exists and not overwrite:
         features.check_attrs(attrs, encoder_config, fingerprint=fingerprint, path=cache_path)
         writer = feature_writer.FeatureWriter.append_to(cache_path, encoder_graph=graph)
+        # Rows added on another machine: the attribute names every device the rows came from.
+        devices = [name for name in str(attrs.get("device", "")).split("; ") if name]
+        if computed_on not in devices:
+            writer.set_attr("device", "; ".join(devices + [computed_on]))
     else:
-        new_attrs = features.expected_attrs(encoder_config, fingerprint, graph)
+        new_attrs = {**features.expected_attrs(encoder_config, fingerprint, graph), "device": computed_on}
         writer = feature_writer.FeatureWriter.create(cache_path, new_attrs)
     rows_before = writer.num_rows
     started = time.monotonic()

@@ -81,3 +81,31 @@ def test_requirements_gpu_adds_tensorflows_cuda_extra_in_the_same_range():
     assert "-r requirements.txt" in gpu.read_text().splitlines()
     assert "tensorflow[and-cuda]" in gpu.read_text()
     assert tensorflow_range(gpu) == tensorflow_range(ROOT / "requirements.txt")
+
+
+def test_every_computing_stage_starts_with_its_device_and_the_report_shows_them(finetuned, demo_data_dir, copy_run,
+                                                                                capsys):
+    import h5py
+
+    from pipeline import evaluate, export, extract
+    from pipeline.data import run_folder
+    from tests.conftest import EXTRACT_OVERRIDES
+
+    out = copy_run(finetuned[0])
+    line = re.compile(r"(extract|evaluate|export): CPU, \d+ cores?(, [A-Z0-9-]+)? \((fp32|bf16|fp16)\)")
+    for stage, run in (("extract", lambda: extract.run_extract(demo_data_dir, out, dict(EXTRACT_OVERRIDES))),
+                       ("evaluate", lambda: evaluate.run_evaluate(out, {"decode.beam_size": 1})),
+                       ("export", lambda: export.run_export(out, {"decode.beam_size": 1}))):
+        run()
+        captured = capsys.readouterr()
+        first = captured.err.splitlines()[0]
+        assert first.startswith(f"{stage}: ") and line.fullmatch(first), (stage, captured.err[:300])
+    config = run_folder.read_config(out, requires="`train`")
+    with h5py.File(out / "features.h5", "r") as handle:
+        extracted_on = handle.attrs["device"]
+    assert extracted_on.startswith("CPU") and extracted_on.endswith(f"({config.encoder.precision})")
+    assert config.train.device.startswith("CPU") and config.finetune.device.startswith("CPU")
+    page = (out / "report.html").read_text()
+    for computed_by, device_line in (("features (extract)", extracted_on), ("decoder (train)", config.train.device),
+                                     ("fine-tuning (finetune)", config.finetune.device)):
+        assert f"<td>{computed_by}</td><td>{device_line}</td>" in page

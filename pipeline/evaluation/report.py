@@ -131,7 +131,7 @@ def _format_value(value):
 
 
 def render_report(title, metrics, captions, history, image_dir, max_images=GALLERY_LIMIT, notes=(),
-                  compared_metrics=None, finetune_history=None):
+                  compared_metrics=None, finetune_history=None, devices=()):
     """The report page as one HTML string.
 
     Args:
@@ -145,6 +145,8 @@ def render_report(title, metrics, captions, history, image_dir, max_images=GALLE
         compared_metrics: dict, the cross-entropy decoder's metrics after `finetune`: shown in
             a second column; captions then carry "caption_xe", shown beside "caption".
         finetune_history: list of per-epoch dicts of OUT/finetune_history.json, or None.
+        devices: iterable of (stage, device line) str pairs, what each stage computed on
+            ("features (extract)", "CPU, 2 cores, AVX512-BF16 (bf16)"); shown under the metrics.
     Returns:
         str, a complete HTML document.
     """
@@ -178,6 +180,10 @@ def render_report(title, metrics, captions, history, image_dir, max_images=GALLE
     parts.append("</table>")
     for note in notes:
         parts.append(f'<p class="note">{escape(note)}</p>')
+    if devices:
+        parts.append('<table class="metrics devices"><tr><th>computed by</th><th>device (precision)</th></tr>')
+        parts.extend(f"<tr><td>{escape(stage)}</td><td>{escape(line)}</td></tr>" for stage, line in devices)
+        parts.append("</table>")
 
     parts.append("<h2>Training curves</h2>")
     curves = training_curves_png(history)
@@ -227,9 +233,9 @@ def render_report(title, metrics, captions, history, image_dir, max_images=GALLE
 
 
 def write_report(out_dir, title, metrics, captions, history, image_dir, max_images=GALLERY_LIMIT, notes=(),
-                 compared_metrics=None, finetune_history=None):
+                 compared_metrics=None, finetune_history=None, devices=()):
     """Writes OUT/report.html atomically (see `render_report` for the arguments); returns its Path."""
     path = Path(out_dir) / REPORT_FILE
     io_utils.write_text(path, render_report(title, metrics, captions, history, image_dir, max_images, notes,
-                                            compared_metrics, finetune_history))
+                                            compared_metrics, finetune_history, devices))
     return path
