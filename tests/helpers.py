@@ -1,5 +1,6 @@
 """Helpers the tests share: waiting for what another thread or process finishes, reading a
-run folder's checkpoint, decoder weights and in-Python captions, and ageing a feature cache.
+run folder's checkpoint, decoder weights and in-Python captions, encoding a test image, and
+ageing a feature cache.
 
 The decoder's weights and their largest difference are the benchmarks' own
 (`benchmarks.workloads`), so a test and a benchmark compare two runs alike.
@@ -13,7 +14,7 @@ import pytest
 
 from benchmarks.workloads import decoder_weights, largest_difference  # noqa: F401  (re-exported)
 
-POLL_SECONDS = 0.01
+POLL_SECONDS = 0.005  # a kill meant to land just after a checkpoint lands within a few ms of it
 
 
 def wait_until(condition, seconds=10.0, processes=()):
@@ -49,6 +50,20 @@ def wait_for(condition, what, processes, seconds, output=lambda: ""):
     if ended:
         pytest.fail(f"a process ended (code {ended[0].returncode}) before {what}: {output()}")
     pytest.fail(f"{what} did not happen within {seconds} s: {output()}")
+
+
+def image_bytes(image, file_format, **options):
+    """The encoded file (bytes) of `image` (a PIL Image, or a uint8 array [H, W] or [H, W, 3])
+    in `file_format` ("JPEG", "PNG", ...), `options` passed to PIL's `save` (quality, exif, ...)."""
+    import io
+
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format=file_format, **options)
+    return buffer.getvalue()
 
 
 def as_version_1(cache_path):

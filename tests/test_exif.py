@@ -10,6 +10,7 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 from models import image_decoding
+from tests.helpers import image_bytes
 
 IMAGE_SIZE = 40
 
@@ -25,14 +26,12 @@ def _scene(height=32, width=48):
 
 def _jpeg(pixels, orientation=None, quality=95):
     """JPEG bytes of `pixels`, with an EXIF block (PIL's `Image.Exif`) holding `orientation` if given."""
-    buffer = io.BytesIO()
     options = {"quality": quality}
     if orientation is not None:
         exif = Image.Exif()
         exif[0x0112] = orientation
         options["exif"] = exif
-    Image.fromarray(pixels).save(buffer, format="JPEG", **options)
-    return buffer.getvalue()
+    return image_bytes(pixels, "JPEG", **options)
 
 
 def _with_app1(jpeg_bytes, payload):
@@ -192,9 +191,7 @@ def test_savedmodel_sees_a_sideways_phone_photo_upright(exported_captioner):
     # scene, or PIL's decoding, would differ by compression and IDCT noise, which the small
     # session decoder weighs about like the rotation itself.
     decoded = tf.io.decode_jpeg(tagged_jpeg, channels=3).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(np.rot90(decoded, k=-1))).save(buffer, format="PNG")
-    upright_png = buffer.getvalue()
+    upright_png = image_bytes(np.ascontiguousarray(np.rot90(decoded, k=-1)), "PNG")
     captions, scores = exported_captioner.caption_images([upright_png, tagged_jpeg, untagged_jpeg])
     assert captions[1] == captions[0]
     assert abs(scores[1] - scores[0]) < 0.1 * abs(scores[2] - scores[0]), scores

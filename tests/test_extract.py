@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline.core.errors import ArtifactError
 from tests.conftest import FOLDED_ENCODER_IMAGE_SIZE
-from tests.helpers import as_version_1
+from tests.helpers import as_version_1, image_bytes
 
 # The size of the session's `folded_encoder`: the encoder `extract` builds for OVERRIDES.
 IMAGE_SIZE = FOLDED_ENCODER_IMAGE_SIZE
@@ -33,12 +33,6 @@ OVERRIDES = {
 }
 GOOD_IMAGES = 14
 REPOSITORY = Path(__file__).resolve().parents[1]
-
-
-def _save(image, path, file_format, **options):
-    buffer = io.BytesIO()
-    image.save(buffer, file_format, **options)
-    path.write_bytes(buffer.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +49,16 @@ def awkward_data(tmp_path_factory):
     for index in range(GOOD_IMAGES):
         name = f"photo_{index:02d}.jpg"
         pixels = (rng.random((90 + index, 120, 3)) * 255).astype(np.uint8)
-        _save(Image.fromarray(pixels), images / name, "JPEG", quality=90)
+        (images / name).write_bytes(image_bytes(pixels, "JPEG", quality=90))
         usable.append(name)
     color = (rng.random((70, 50, 3)) * 255).astype(np.uint8)
-    _save(Image.fromarray(color[..., 0]), images / "gray.png", "PNG")
-    _save(Image.fromarray(color).quantize(colors=8), images / "palette.png", "PNG")
-    _save(Image.fromarray(color).convert("CMYK"), images / "cmyk.jpg", "JPEG")
-    _save(Image.fromarray(color), images / "png_named.jpg", "PNG")
+    (images / "gray.png").write_bytes(image_bytes(color[..., 0], "PNG"))
+    (images / "palette.png").write_bytes(image_bytes(Image.fromarray(color).quantize(colors=8), "PNG"))
+    (images / "cmyk.jpg").write_bytes(image_bytes(Image.fromarray(color).convert("CMYK"), "JPEG"))
+    (images / "png_named.jpg").write_bytes(image_bytes(color, "PNG"))
     big = np.zeros((2000, 3000, 3), np.uint8)
     big[:, :, 0] = np.linspace(0, 255, 3000, dtype=np.uint8)
-    _save(Image.fromarray(big), images / "big.jpg", "JPEG")
+    (images / "big.jpg").write_bytes(image_bytes(big, "JPEG"))
     usable += ["gray.png", "palette.png", "cmyk.jpg", "png_named.jpg", "big.jpg"]
     (images / "empty.jpg").write_bytes(b"")
     (images / "text.jpg").write_text("a caption file, not a picture\n")

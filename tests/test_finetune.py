@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 from pipeline.core import config as config_module
 from pipeline.data import run_folder
 from tests.conftest import FINETUNE_SETTINGS
-from tests.helpers import decoder_weights
+from tests.helpers import decoder_weights, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,9 +82,7 @@ def test_finetune_sigkilled_mid_epoch_and_resumed_equals_the_uninterrupted_run(f
     process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     state = out / "finetune_checkpoints" / f"state-{kill_after}.json"
-    deadline = time.monotonic() + 120
-    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(state.exists, 120, [process])
     process.send_signal(signal.SIGKILL)
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == -signal.SIGKILL, stderr[-2000:]

@@ -26,6 +26,7 @@ from models import image_decoding
 from pipeline import extract
 from pipeline.core import config, errors
 from pipeline.serving import exported_model, server as http_server
+from tests.helpers import image_bytes
 
 IMAGE_SIZE = 224
 # Far below the ~10 GB a 60000 x 60000 image would take, far above one small decode.
@@ -36,9 +37,7 @@ FUZZ = hypothesis.settings(derandomize=True, deadline=None, database=None,
 
 def _seed(image_format, mode="RGB"):
     pixels = np.arange(24 * 16 * 3, dtype=np.uint8).reshape(16, 24, 3)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).convert(mode).save(buffer, format=image_format)
-    return buffer.getvalue()
+    return image_bytes(Image.fromarray(pixels).convert(mode), image_format)
 
 
 SEEDS = [_seed("JPEG"), _seed("PNG"), _seed("GIF", "P"), _seed("BMP"), _seed("PNG", "L")]

@@ -9,12 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from models import image_decoding
-
-
-def _encoded(array, file_format, **options):
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, file_format, **options)
-    return buffer.getvalue()
+from tests.helpers import image_bytes
 
 
 def _pil_reference(data, image_size):
@@ -27,12 +22,12 @@ def _pil_reference(data, image_size):
 @pytest.mark.parametrize(
     "name, make, tolerance",
     [
-        ("rgb png", lambda rgb: _encoded(rgb, "PNG"), 1e-3),
-        ("grayscale png", lambda rgb: _encoded(rgb[..., 0], "PNG"), 1e-3),
+        ("rgb png", lambda rgb: image_bytes(rgb, "PNG"), 1e-3),
+        ("grayscale png", lambda rgb: image_bytes(rgb[..., 0], "PNG"), 1e-3),
         ("palette png", None, 1e-3),
-        ("16-bit png", lambda rgb: _encoded((rgb[..., 0].astype(np.uint16) * 257), "PNG"), 1.0),
-        ("bmp", lambda rgb: _encoded(rgb, "BMP"), 1e-3),
-        ("jpeg", lambda rgb: _encoded(rgb, "JPEG", quality=95), 4.0),
+        ("16-bit png", lambda rgb: image_bytes((rgb[..., 0].astype(np.uint16) * 257), "PNG"), 1.0),
+        ("bmp", lambda rgb: image_bytes(rgb, "BMP"), 1e-3),
+        ("jpeg", lambda rgb: image_bytes(rgb, "JPEG", quality=95), 4.0),
         ("cmyk jpeg", None, 4.0),
         ("gif first frame", None, 1e-3),
     ],
@@ -46,14 +41,12 @@ def test_decode_image_matches_pil(name, make, tolerance):
          np.full((60, 90), 60.0) + rng.random((60, 90)) * 4], axis=-1
     ).clip(0, 255).astype(np.uint8)
     if name == "palette png":
-        data = _encoded_image(Image.fromarray(rgb).quantize(colors=16), "PNG")
+        data = image_bytes(Image.fromarray(rgb).quantize(colors=16), "PNG")
     elif name == "cmyk jpeg":
-        data = _encoded_image(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95)
+        data = image_bytes(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95)
     elif name == "gif first frame":
         frames = [Image.fromarray(rgb).quantize(colors=32), Image.fromarray(255 - rgb).quantize(colors=32)]
-        buffer = io.BytesIO()
-        frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100)
-        data = buffer.getvalue()
+        data = image_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
     else:
         data = make(rgb)
     decoded = image_decoding.decode_image(data, 32).numpy()
@@ -67,23 +60,17 @@ def test_decode_image_matches_pil(name, make, tolerance):
     assert np.abs(decoded - expected).mean() <= tolerance, name
 
 
-def _encoded_image(image, file_format, **options):
-    buffer = io.BytesIO()
-    image.save(buffer, file_format, **options)
-    return buffer.getvalue()
-
-
 def test_decode_image_squashes_without_keeping_aspect_ratio():
     # Left half black, right half white: a squash keeps the split in the middle column.
     wide = np.zeros((40, 400, 3), np.uint8)
     wide[:, 200:] = 255
-    decoded = image_decoding.decode_image(_encoded(wide, "PNG"), 20).numpy()
+    decoded = image_decoding.decode_image(image_bytes(wide, "PNG"), 20).numpy()
     assert decoded.shape == (20, 20, 3)
     assert decoded[:, :9].max() < 1.0 and decoded[:, 11:].min() > 254.0
 
 
 def test_decode_image_rejects_what_is_not_a_whole_image():
-    jpeg = _encoded((np.random.default_rng(3).random((80, 80, 3)) * 255).astype(np.uint8), "JPEG")
+    jpeg = image_bytes((np.random.default_rng(3).random((80, 80, 3)) * 255).astype(np.uint8), "JPEG")
     for data in (b"", b"plain text, not an image", jpeg[: len(jpeg) // 2]):
         with pytest.raises(tf.errors.InvalidArgumentError):
             image_decoding.decode_image(data, 32)
@@ -91,17 +78,14 @@ def test_decode_image_rejects_what_is_not_a_whole_image():
 
 def test_decode_image_refuses_a_header_that_declares_too_many_pixels():
     """A tiny PNG whose IHDR declares 20000 x 20000 is refused before decoding (graph-side)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (10, 10), (1, 2, 3)).save(buffer, format="PNG")
-    bomb = bytearray(buffer.getvalue())
+    bomb = bytearray(image_bytes(Image.new("RGB", (10, 10), (1, 2, 3)), "PNG"))
     bomb[16:24] = struct.pack(">II", 20000, 20000)
     assert int(image_decoding.declared_pixels(tf.constant(bytes(bomb)))) == 20000 * 20000
     decode = tf.function(lambda data: image_decoding.decode_image(data, 8), input_signature=[tf.TensorSpec([], tf.string)])
     with pytest.raises(tf.errors.InvalidArgumentError, match="megapixels"):
         decode(tf.constant(bytes(bomb)))
     for image_format, mode in (("JPEG", "RGB"), ("PNG", "RGB"), ("GIF", "P"), ("BMP", "RGB")):
-        buffer = io.BytesIO()
-        Image.new(mode, (37, 23)).save(buffer, format=image_format)
-        assert int(image_decoding.declared_pixels(tf.constant(buffer.getvalue()))) == 37 * 23, image_format
-        assert decode(tf.constant(buffer.getvalue())).shape == (8, 8, 3)
+        data = image_bytes(Image.new(mode, (37, 23)), image_format)
+        assert int(image_decoding.declared_pixels(tf.constant(data))) == 37 * 23, image_format
+        assert decode(tf.constant(data)).shape == (8, 8, 3)
     assert int(image_decoding.declared_pixels(tf.constant(b"abc"))) == 0

@@ -22,7 +22,7 @@ from benchmarks import bench_load
 from pipeline import serve
 from pipeline.data import datasets, features
 from pipeline.serving import server as http_server
-from tests.helpers import wait_until
+from tests.helpers import image_bytes, wait_until
 
 TOTAL_REQUESTS = 2000
 MAX_IMAGES = 4
@@ -49,9 +49,7 @@ def good_requests(exported_out, exported_captioner):
         feature_requests.append(bench_load.LoadRequest("features", bench_load.features_body(batch), captions))
     dataset = datasets.read_captions_json(exported_out)
     images = [(dataset.image_dir / record.image_id).read_bytes() for record in dataset.images[:3]]
-    png = io.BytesIO()
-    Image.open(io.BytesIO(images[0])).convert("RGB").save(png, format="PNG")
-    images.append(png.getvalue())
+    images.append(image_bytes(Image.open(io.BytesIO(images[0])).convert("RGB"), "PNG"))
     image_requests = []
     for image in images:
         captions, _ = captioner.caption_images([image])

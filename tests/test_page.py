@@ -11,6 +11,7 @@ from playwright import sync_api
 
 from pipeline.serving import server as http_server
 from tests import programs
+from tests.helpers import image_bytes
 
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -43,9 +44,7 @@ def _scene_png():
     draw = ImageDraw.Draw(image)
     for left in (30, 120):
         draw.ellipse((left, 80, left + 70, 150), fill=(212, 38, 38))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return image_bytes(image, "PNG")
 
 
 def _predict(server, body):

@@ -17,7 +17,7 @@ from prometheus_client import parser as prometheus_parser
 from pipeline.core import errors
 from pipeline.data import datasets, features
 from pipeline.serving import server as http_server
-from tests.helpers import wait_until
+from tests.helpers import image_bytes, wait_until
 
 MAX_IMAGES = 4
 MAX_BODY_MB = 0.25
@@ -156,9 +156,7 @@ def test_columnar_format_answers_outputs_by_name(live_server, demo_images, expec
 
 
 def _png(color, size=(40, 30)):
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return image_bytes(Image.new("RGB", size, color), "PNG")
 
 
 BAD_REQUESTS = [

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -23,6 +22,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from pipeline.core import errors
 from pipeline.serving import tf_serving_files, warmup
 from pipeline.serving import server as http_server
+from tests.helpers import wait_until
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 # TF Serving's batching guide documents these four, each an Int64Value (`{ value: N }`) in
@@ -149,13 +149,6 @@ def test_status_says_loading_until_the_warmup_is_done(exported_captioner):
         starting.join()
         server.stop()
     assert server.warmup_report.requests == 24 and server.model_state == "AVAILABLE"
-
-
-def wait_until(condition, seconds):
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
 
 
 def test_serve_runs_from_models_config_and_batching_file(tmp_path, exported_out, exported_captioner):
