@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import workloads
+
 REPO = Path(__file__).resolve().parents[1]
 COCO_SPLITS = {"train": 82_783, "restval": 30_504, "val": 5_000, "test": 5_000}
 COCO_IMAGES = sum(COCO_SPLITS.values())  # 123,287
@@ -73,22 +75,10 @@ PROGRESS_LINE = re.compile(r"^(?P<label>.*?) ?(?P<done>\d+)/(?P<total>\d+) (?P<u
 KERAS_EPOCH = re.compile(r"^Epoch (?P<epoch>\d+)/\d+")
 
 
-def word(rank):
-    """A distinct word of letters only for each rank >= 0 (captions split on non-letters)."""
-    letters, rank = [], rank + 26 * 26  # three letters at least: no "a"/"an" clash with real words
-    while rank:
-        rank, remainder = divmod(rank, 26)
-        letters.append(chr(ord("a") + remainder))
-    return "".join(reversed(letters))
-
-
 def zipf_captions(rng, num_captions):
     """(word ranks int32 [W], words per caption int64 [num_captions]), Zipf-like over ZIPF_TYPES."""
-    probabilities = np.arange(1, ZIPF_TYPES + 1, dtype=np.float64) ** -ZIPF_EXPONENT
-    probabilities /= probabilities.sum()
     lengths = rng.integers(SHORTEST_CAPTION, LONGEST_CAPTION + 1, size=num_captions)
-    ranks = np.searchsorted(np.cumsum(probabilities), rng.random(int(lengths.sum())), side="right")
-    return np.minimum(ranks, ZIPF_TYPES - 1).astype(np.int32), lengths
+    return workloads.zipf_word_ids(rng, lengths, ZIPF_TYPES, ZIPF_EXPONENT), lengths
 
 
 def split_sizes(num_images):
@@ -112,7 +102,7 @@ def write_dataset(folder, num_images, seed=0):
     sizes = split_sizes(num_images)
     splits = np.repeat(list(sizes), list(sizes.values()))
     ranks, lengths = zipf_captions(rng, num_images * CAPTIONS_PER_IMAGE)
-    words = [word(rank) for rank in range(ZIPF_TYPES)]
+    words = [workloads.word(rank) for rank in range(ZIPF_TYPES)]
     caption_words = np.split(np.asarray(words, dtype=object)[ranks], np.cumsum(lengths)[:-1])
     for split_folder in set(SPLIT_FOLDERS.values()):
         (folder / "images" / split_folder).mkdir(parents=True, exist_ok=True)
