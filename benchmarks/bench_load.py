@@ -55,7 +55,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks import timing
+from benchmarks import timing, workloads
 from pipeline.core import io_utils
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -318,20 +318,6 @@ def summary(result, requests):
     }
 
 
-def _model_and_images(out_dir, folder):
-    """(saved_model_dir, list of image bytes) of a trained run, or of bench_serving's synthetic export."""
-    if out_dir is not None and (Path(out_dir) / "saved_model" / "saved_model.pb").is_file():
-        from pipeline.data import datasets
-
-        dataset = datasets.read_captions_json(out_dir)
-        images = [(dataset.image_dir / record.image_id).read_bytes() for record in dataset.images[:8]]
-        return Path(out_dir) / "saved_model", images
-    from benchmarks import bench_serving
-
-    model_dir, images, *_ = bench_serving.synthetic_export(folder)
-    return model_dir, images[:8]
-
-
 # name -> extra `serve` flags: the default batching, batching off (the same batch threads),
 # and one model call at a time (the server before batching).
 SERVERS = {"batched": [], "unbatched": ["--max-batch-size", "1"],
@@ -480,7 +466,7 @@ def run(quick=False, out_dir="artifacts/demo", total_requests=None, rounds=2):
     """The suite's entry point; returns the results (dict)."""
     total_requests = total_requests or (200 if quick else 1000)
     with tempfile.TemporaryDirectory(prefix="bench_load_") as temporary:
-        model_dir, images = _model_and_images(out_dir, temporary)
+        model_dir, images = workloads.saved_model_and_images(out_dir, temporary)
         return measure(model_dir, images, total_requests, rounds=rounds)
 
 

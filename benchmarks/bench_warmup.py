@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import bench_load
+from benchmarks import bench_load, timing, workloads
 from pipeline.core import io_utils
 
 
@@ -57,24 +57,26 @@ def _timed_post(server, body):
 
 
 def first_requests(model_dir, image, rounds):
-    """{"warm"/"cold": [(start seconds, first ms, second ms) per round]} of fresh servers on the two copies."""
-    timings = {"warm": [], "cold": []}
+    """{"warm"/"cold": [(start seconds, first ms, second ms) per round]} of fresh servers on
+    the two copies, `timing.in_alternating_rounds`."""
     body = bench_load.image_body([image])
+
+    def fresh_server(name):
+        started = time.perf_counter()
+        with bench_load.ServerProcess(copies[name]) as server:
+            start_seconds = time.perf_counter() - started
+            first = _timed_post(server, body)
+            second = _timed_post(server, body)
+            if server.stop() != 0:
+                raise RuntimeError(f"the {name} server exited with {server.process.returncode}")
+        print(f"  {name}: serving after {start_seconds:.1f} s, first request {first:.0f} ms, "
+              f"second {second:.0f} ms", file=sys.stderr, flush=True)
+        return start_seconds, first, second
+
     with tempfile.TemporaryDirectory(prefix="bench_warmup_") as folder:
         copies = _model_copies(model_dir, folder)
-        for round_index in range(rounds):
-            for name in (("warm", "cold") if round_index % 2 == 0 else ("cold", "warm")):
-                started = time.perf_counter()
-                with bench_load.ServerProcess(copies[name]) as server:
-                    start_seconds = time.perf_counter() - started
-                    first = _timed_post(server, body)
-                    second = _timed_post(server, body)
-                    if server.stop() != 0:
-                        raise RuntimeError(f"the {name} server exited with {server.process.returncode}")
-                timings[name].append((start_seconds, first, second))
-                print(f"  round {round_index + 1}/{rounds} {name}: serving after {start_seconds:.1f} s, "
-                      f"first request {first:.0f} ms, second {second:.0f} ms", file=sys.stderr, flush=True)
-    return timings
+        return timing.in_alternating_rounds({name: (lambda name=name: fresh_server(name)) for name in ("warm", "cold")},
+                                            rounds)
 
 
 def summary(timings):
@@ -98,7 +100,7 @@ def run(quick=False, out_dir="artifacts/demo", rounds=None):
     """The suite's entry point; returns the results (dict)."""
     rounds = rounds or (2 if quick else 3)
     with tempfile.TemporaryDirectory(prefix="bench_warmup_model_") as folder:
-        model_dir, images = bench_load._model_and_images(out_dir, folder)
+        model_dir, images = workloads.saved_model_and_images(out_dir, folder)
         results = summary(first_requests(model_dir, images[0], rounds))
     results.update({"serve_warmup_rounds": rounds, "model_dir": str(model_dir)})
     return results
