@@ -157,16 +157,22 @@ def trained_demo_run(folder, num_images, export_beam_size=None):
     return out
 
 
+def run_images(out_dir, count):
+    """The encoded files (list of `count` bytes) of the first images of OUT's dataset."""
+    from pipeline.data import run_folder
+
+    dataset = run_folder.read_captions(out_dir)
+    return [(dataset.image_dir / record.image_id).read_bytes() for record in dataset.images[:count]]
+
+
 def saved_model_and_images(out_dir, folder, count=8):
     """(saved_model_dir Path, `count` encoded images list[bytes]) to serve: OUT's SavedModel
-    and the first images of its dataset when OUT (a trained, exported run) has one, else
+    and `run_images` when OUT (a trained, exported run) has one, else
     `bench_serving.synthetic_export`'s, saved into `folder`."""
     from pipeline.data import run_folder
 
     if out_dir is not None and (Path(out_dir) / run_folder.SAVED_MODEL_DIR / "saved_model.pb").is_file():
-        dataset = run_folder.read_captions(out_dir)
-        images = [(dataset.image_dir / record.image_id).read_bytes() for record in dataset.images[:count]]
-        return Path(out_dir) / run_folder.SAVED_MODEL_DIR, images
+        return Path(out_dir) / run_folder.SAVED_MODEL_DIR, run_images(out_dir, count)
     from benchmarks import bench_serving
 
     model_dir, images, *_ = bench_serving.synthetic_export(folder)

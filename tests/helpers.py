@@ -1,9 +1,9 @@
 """Helpers the tests share: waiting for what another thread or process finishes, reading a
-run folder's checkpoint, decoder weights and in-Python captions, encoding a test image, and
-ageing a feature cache.
+run folder's checkpoint, decoder weights and in-Python captions, parsing the server's
+metrics, encoding a test image, and ageing a feature cache.
 
-The decoder's weights and their largest difference are the benchmarks' own
-(`benchmarks.workloads`), so a test and a benchmark compare two runs alike.
+A run's images, the decoder's weights and their largest difference are the benchmarks' own
+(`benchmarks.workloads`), so a test and a benchmark read and compare runs alike.
 """
 
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.workloads import decoder_weights, largest_difference  # noqa: F401  (re-exported)
+from benchmarks.workloads import decoder_weights, largest_difference, run_images  # noqa: F401  (re-exported)
 
 POLL_SECONDS = 0.005  # a kill meant to land just after a checkpoint lands within a few ms of it
 
@@ -50,6 +50,14 @@ def wait_for(condition, what, processes, seconds, output=lambda: ""):
     if ended:
         pytest.fail(f"a process ended (code {ended[0].returncode}) before {what}: {output()}")
     pytest.fail(f"{what} did not happen within {seconds} s: {output()}")
+
+
+def prometheus_samples(text):
+    """{(sample name, sorted label items): value} of a Prometheus text page (str)."""
+    from prometheus_client import parser
+
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in parser.text_string_to_metric_families(text) for sample in family.samples}
 
 
 def image_bytes(image, file_format, **options):

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from google.protobuf import json_format
-from prometheus_client import parser as prometheus_parser
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
 
-from pipeline.data import datasets, features
+from pipeline.data import features
 from pipeline.serving import server as http_server
 from pipeline.serving import tf_serving_files
+from tests.helpers import prometheus_samples, run_images
 
 MAX_IMAGES = 4
 TIMEOUT_S = 120
@@ -45,8 +45,7 @@ def channel(served):
 @pytest.fixture(scope="module")
 def demo_images(exported_out):
     """Bytes of four demo images of the run (list of bytes)."""
-    dataset = datasets.read_captions_json(exported_out)
-    return [(dataset.image_dir / record.image_id).read_bytes() for record in dataset.images[:4]]
+    return run_images(exported_out, 4)
 
 
 def predict_request(images=None, signature="", model="captioner", version=None, label=None, tensor=None):
@@ -244,8 +243,7 @@ def metric_samples(server):
     connection.request("GET", http_server.METRICS_PATH)
     text = connection.getresponse().read().decode("utf-8")
     connection.close()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in prometheus_parser.text_string_to_metric_families(text) for sample in family.samples}
+    return prometheus_samples(text)
 
 
 def test_metrics_count_grpc_calls_by_api(served, channel, demo_images):

@@ -20,9 +20,9 @@ from PIL import Image
 
 from benchmarks import bench_load
 from pipeline import serve
-from pipeline.data import datasets, features
+from pipeline.data import features
 from pipeline.serving import server as http_server
-from tests.helpers import image_bytes, wait_until
+from tests.helpers import image_bytes, run_images, wait_until
 
 TOTAL_REQUESTS = 2000
 MAX_IMAGES = 4
@@ -47,8 +47,7 @@ def good_requests(exported_out, exported_captioner):
         batch = rows[start:start + 1 + start % 3].tolist()
         captions, _ = captioner.caption_features(batch)
         feature_requests.append(bench_load.LoadRequest("features", bench_load.features_body(batch), captions))
-    dataset = datasets.read_captions_json(exported_out)
-    images = [(dataset.image_dir / record.image_id).read_bytes() for record in dataset.images[:3]]
+    images = run_images(exported_out, 3)
     images.append(image_bytes(Image.open(io.BytesIO(images[0])).convert("RGB"), "PNG"))
     image_requests = []
     for image in images:

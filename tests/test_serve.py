@@ -12,12 +12,11 @@ import time
 
 import pytest
 from PIL import Image
-from prometheus_client import parser as prometheus_parser
 
 from pipeline.core import errors
-from pipeline.data import datasets, features
+from pipeline.data import features
 from pipeline.serving import server as http_server
-from tests.helpers import image_bytes, wait_until
+from tests.helpers import image_bytes, prometheus_samples, run_images, wait_until
 
 MAX_IMAGES = 4
 MAX_BODY_MB = 0.25
@@ -36,8 +35,7 @@ def live_server(exported_captioner):
 @pytest.fixture(scope="module")
 def demo_images(exported_out):
     """Bytes of five demo images of the run (list of bytes)."""
-    dataset = datasets.read_captions_json(exported_out)
-    return [(dataset.image_dir / record.image_id).read_bytes() for record in dataset.images[:5]]
+    return run_images(exported_out, 5)
 
 
 @pytest.fixture(scope="module")
@@ -316,11 +314,7 @@ def metric_samples(server):
     """{(sample name, sorted label items): value} of the server's Prometheus page, parsed by prometheus_client."""
     status, text, response = request(server, "GET", "/monitoring/prometheus/metrics")
     assert status == 200 and response.getheader("Content-Type").startswith("text/plain")
-    samples = {}
-    for family in prometheus_parser.text_string_to_metric_families(text.decode("utf-8")):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
+    return prometheus_samples(text.decode("utf-8"))
 
 
 def test_metrics_count_requests_latency_batches_and_images(live_server, demo_images):
