@@ -11,7 +11,9 @@ import pytest  # noqa: E402
 
 # Small, fast settings shared by the session's chain of stages.
 TEST_NUM_IMAGES = 48
-EXTRACT_OVERRIDES = {"encoder.weights": "random", "encoder.batch_size": 8, "text.min_word_count": 1}
+# fp32, not the machine's "auto": the session's features equal the fp32 encoder's (bf16: tests/test_precision.py).
+EXTRACT_OVERRIDES = {"encoder.weights": "random", "encoder.batch_size": 8, "text.min_word_count": 1,
+                     "encoder.precision": "fp32"}
 TRAIN_OVERRIDES = {
     "train.epochs": 3,
     # 36 train images x 5 captions / 32 = 6 steps an epoch: three validation periods.
@@ -120,8 +122,10 @@ def copy_run(tmp_path):
 # A second, smaller dataset for tests that run `extract` in subprocesses (kills, shards,
 # full disk): plain 64x64 PNGs, fast to decode, batches of two so a run has many steps.
 SMALL_NUM_IMAGES = 32
-SMALL_EXTRACT_FLAGS = ["--weights", "random", "--extract-batch-size", "2", "--min-word-count", "1"]
-SMALL_EXTRACT_OVERRIDES = {"encoder.weights": "random", "encoder.batch_size": 2, "text.min_word_count": 1}
+SMALL_EXTRACT_FLAGS = ["--weights", "random", "--extract-batch-size", "2", "--min-word-count", "1",
+                       "--precision", "fp32"]
+SMALL_EXTRACT_OVERRIDES = {"encoder.weights": "random", "encoder.batch_size": 2, "text.min_word_count": 1,
+                           "encoder.precision": "fp32"}
 
 
 @pytest.fixture(scope="session")

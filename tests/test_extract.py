@@ -25,6 +25,7 @@ from tests.helpers import as_version_1, image_bytes
 IMAGE_SIZE = FOLDED_ENCODER_IMAGE_SIZE
 OVERRIDES = {
     "encoder.weights": "random",
+    "encoder.precision": "fp32",  # the features are compared with the fp32 encoder's
     "encoder.image_size": IMAGE_SIZE,
     "encoder.batch_size": 8,
     "text.min_word_count": 1,
@@ -195,7 +196,7 @@ def test_a_version_1_cache_is_read_and_rerun_but_not_extended(awkward_data, awkw
     as_version_1(cache_path)
     cache = features.read_features(out)
     assert len(cache.image_ids) == len(usable) and features.cached_encoder_graph(cache.attrs) == "keras"
-    encoder_config = config.EncoderConfig(weights="random", image_size=IMAGE_SIZE, batch_size=8)
+    encoder_config = config.EncoderConfig(weights="random", image_size=IMAGE_SIZE, batch_size=8, precision="fp32")
     image_ids = sorted(usable + [name for name in bad if name != "missing.jpg"])
 
     def rerun():
@@ -282,7 +283,8 @@ def append_then_die(self, image_ids, vectors):
 feature_writer.FeatureWriter.append = append_then_die
 image_dir, cache = Path(sys.argv[1]), Path(sys.argv[2])
 ids = sorted(path.name for path in image_dir.glob("photo_*.jpg"))
-extract.extract_to_cache(image_dir, ids, cache, config.EncoderConfig(weights="random", image_size=64, batch_size=4))
+extract.extract_to_cache(image_dir, ids, cache,
+                         config.EncoderConfig(weights="random", image_size=64, batch_size=4, precision="fp32"))
 """
 
 
@@ -302,7 +304,8 @@ def test_a_run_killed_mid_batch_keeps_what_it_counted(awkward_data, awkward_run,
     assert len(partial.image_ids) == 8
     ids = sorted(path.name for path in (data_dir / "Images").glob("photo_*.jpg"))
     result = extract.extract_to_cache(data_dir / "Images", ids, cache_path,
-                                      config.EncoderConfig(weights="random", image_size=IMAGE_SIZE, batch_size=8))
+                                      config.EncoderConfig(weights="random", image_size=IMAGE_SIZE, batch_size=8,
+                                                           precision="fp32"))
     assert result["new"] == len(ids) - 8 and result["cached"] == 8
     resumed = features.read_features(None, path=cache_path)
     assert sorted(resumed.image_ids) == ids

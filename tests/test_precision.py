@@ -188,3 +188,18 @@ def test_bf16_finetuning_records_its_device_and_saves_float32(trained_out, copy_
     assert decoder.dtype_policy_of(run_folder.load_decoder(out)) == "float32"
     with pytest.raises(Exception, match="--resume cannot change finetune.precision"):
         finetune.run_finetune(out, {"finetune.precision": "fp32"}, resume=True)
+
+
+def test_extraction_defaults_to_the_machines_precision_and_records_it(small_data, tmp_path):
+    import h5py
+
+    from pipeline import extract
+    from pipeline.core import device
+    from tests.conftest import SMALL_EXTRACT_OVERRIDES
+
+    overrides = {name: value for name, value in SMALL_EXTRACT_OVERRIDES.items() if name != "encoder.precision"}
+    extract.run_extract(small_data, tmp_path / "out", overrides)
+    with h5py.File(tmp_path / "out" / "features.h5", "r") as handle:
+        precision, computed_on = handle.attrs["precision"], handle.attrs["device"]
+    assert precision == device.resolve_precision("auto")  # bf16 on this AVX512-BF16 machine
+    assert computed_on.endswith(f"({precision})")

@@ -60,7 +60,10 @@ class EncoderConfig:
     pooling: str = "avg"
     feature_dim: int = 2048
     batch_size: int = 32
-    precision: str = "fp32"  # "fp32", "bf16", "fp16" or "auto" (fp16 on a GPU, bf16 on CPUs with AMX or AVX512-BF16, else fp32)
+    # "fp32", "bf16", "fp16" or "auto": fp16 on a GPU, bf16 on CPUs with AMX or AVX512-BF16, else
+    # fp32. Saved resolved. auto by default: on an AVX512-BF16 CPU bf16 features have a cosine of
+    # 0.99999 to fp32's, and the demo's decoders trained on them scored no lower (docs/GPU.md).
+    precision: str = "auto"
     feature_dtype: str = "float32"  # storage dtype in features.h5: "float32" or "float16"
 
     def check(self):
