@@ -166,7 +166,8 @@ def extract_to_cache(image_dir, image_ids, cache_path, encoder_config, seed=0, o
     # Reading and decoding need no encoder: start them now, so the first batches are ready
     # when the encoder is built, fingerprinted and traced instead of after.
     batches = _BatchStream(
-        lambda: image_dataset(image_dir, pending, encoder_config.image_size, encoder_config.batch_size))
+        lambda: image_dataset(image_dir, pending, encoder_config.image_size,
+                              device.extraction_batch_size(encoder_config.batch_size)))
     if encoder_model is None:
         encoder_model = encoder_loading.load_encoder(
             encoder_config.weights, encoder_config.image_size, seed=seed, precision=encoder_config.precision

@@ -109,3 +109,16 @@ def test_every_computing_stage_starts_with_its_device_and_the_report_shows_them(
     for computed_by, device_line in (("features (extract)", extracted_on), ("decoder (train)", config.train.device),
                                      ("fine-tuning (finetune)", config.finetune.device)):
         assert f"<td>{computed_by}</td><td>{device_line}</td>" in page
+
+
+def test_extraction_batch_is_sized_for_the_device_unless_set(monkeypatch):
+    from pipeline.core import config as config_module
+
+    assert config_module.EncoderConfig().batch_size == 0  # sized for the device
+    monkeypatch.setattr(device, "gpu_names", lambda: [])
+    assert device.extraction_batch_size(0) == device.EXTRACTION_BATCH["CPU"] == 32
+    monkeypatch.setattr(device, "gpu_names", lambda: ["NVIDIA L4"])
+    assert device.extraction_batch_size(0) == device.EXTRACTION_BATCH["GPU"] == 128
+    assert device.extraction_batch_size(8) == 8  # --extract-batch-size wins
+    with pytest.raises(device.errors.PipelineError, match="encoder.batch_size must be positive"):
+        config_module.PipelineConfig().replace({"encoder.batch_size": -1}).check("encoder")

@@ -197,7 +197,9 @@ def test_extraction_defaults_to_the_machines_precision_and_records_it(small_data
     from pipeline.core import device
     from tests.conftest import SMALL_EXTRACT_OVERRIDES
 
-    overrides = {name: value for name, value in SMALL_EXTRACT_OVERRIDES.items() if name != "encoder.precision"}
+    # The defaults: precision "auto", and a batch sized for the device.
+    overrides = {name: value for name, value in SMALL_EXTRACT_OVERRIDES.items()
+                 if name not in ("encoder.precision", "encoder.batch_size")}
     extract.run_extract(small_data, tmp_path / "out", overrides)
     with h5py.File(tmp_path / "out" / "features.h5", "r") as handle:
         precision, computed_on = handle.attrs["precision"], handle.attrs["device"]

@@ -59,7 +59,7 @@ class EncoderConfig:
     image_size: int = 224
     pooling: str = "avg"
     feature_dim: int = 2048
-    batch_size: int = 32
+    batch_size: int = 0  # images per encoder call; 0: sized for the device (device.extraction_batch_size)
     # "fp32", "bf16", "fp16" or "auto": fp16 on a GPU, bf16 on CPUs with AMX or AVX512-BF16, else
     # fp32. Saved resolved. auto by default: on an AVX512-BF16 CPU bf16 features have a cosine of
     # 0.99999 to fp32's, and the demo's decoders trained on them scored no lower (docs/GPU.md).
@@ -81,8 +81,9 @@ class EncoderConfig:
         if self.feature_dtype not in FEATURE_DTYPES:
             raise errors.PipelineError(
                 f"encoder.feature_dtype must be {' or '.join(FEATURE_DTYPES)}, got {self.feature_dtype!r}")
-        if self.batch_size < 1:
-            raise errors.PipelineError(f"encoder.batch_size must be positive, got {self.batch_size}")
+        if self.batch_size < 0:
+            raise errors.PipelineError(f"encoder.batch_size must be positive (or 0: sized for the device), "
+                                       f"got {self.batch_size}")
         device.resolve_precision(self.precision)
 
 

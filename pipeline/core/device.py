@@ -31,6 +31,10 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 CPU_EXTENSIONS = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2"),
                   ("asimd", "NEON"))
 GPU_INSTALL_COMMAND = "pip install -r requirements-gpu.txt"
+# Images per encoder call when the user sets none. On a CPU the convolutions fill the cores
+# at 32 already; a GPU needs larger batches to keep its tensor cores busy (128: not measured
+# here, there is no GPU; `python -m benchmarks.bench_gpu` times it on one).
+EXTRACTION_BATCH = {"CPU": 32, "GPU": 128}
 _warned = set()  # the warnings this process has printed (each once, whatever the stages)
 
 
@@ -93,6 +97,11 @@ def precision_warning(precision, on_gpu, cpuinfo_path=CPUINFO_PATH):
         return ("warning: this CPU has no bfloat16 instructions (AMX-BF16 or AVX512-BF16): bf16 is emulated, slower "
                 "than fp32. Running in bf16 as asked; --precision auto picks fp32 on this machine")
     return None
+
+
+def extraction_batch_size(batch_size=0):
+    """Images per encoder call (int): `batch_size` when set (> 0), else EXTRACTION_BATCH of this device."""
+    return batch_size if batch_size > 0 else EXTRACTION_BATCH["GPU" if gpu_names() else "CPU"]
 
 
 def device_record(precision, cpuinfo_path=CPUINFO_PATH):
