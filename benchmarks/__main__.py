@@ -31,6 +31,7 @@ BENCHMARKS = {
     "bench_load": "HTTP server under load: batching against --max-batch-size 1 and one call at a time, latency, memory",
     "bench_warmup": "the first request to a fresh server, with and without the export's warm-up requests",
     "bench_multiworker": "two-worker train and finetune on loopback beside one process: epoch time, weight agreement",
+    "bench_scale": "every stage at two dataset sizes (Karpathy-format, 32 px images): per-item cost growth, start-up, peak memory",
 }
 
 # figure -> (target description, test on the value or None)
@@ -103,6 +104,13 @@ TARGETS = {
     "finetune_multiworker_epoch_ratio": ("", None),
     "finetune_multiworker_weight_difference": ("< 1e-4", lambda value: value < 1e-4),
     "finetune_weight_change": ("", None),
+    "scale_reward_setup_growth": ("<= 1.2", lambda value: value <= 1.2),
+    "scale_extract_growth": ("", None),
+    "scale_train_growth": ("", None),
+    "scale_evaluate_growth": ("", None),
+    "scale_verify_growth": ("", None),
+    "scale_finetune_growth": ("", None),
+    "scale_stages_growing": ("", None),
 }
 
 
