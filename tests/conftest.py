@@ -22,6 +22,7 @@ TRAIN_OVERRIDES = {
     "decoder.units": 64,
     "decoder.embedding_dim": 32,
     "decoder.dropout": 0.1,
+    "train.precision": "fp32",  # not the machine's "auto": exact comparisons (bf16: tests/test_precision.py)
 }
 # Small fine-tuning steps (6 images x 5 samples): 6 steps per epoch on the 36 training images.
 FINETUNE_SETTINGS = {"finetune.epochs": 2, "finetune.batch_size": 6, "finetune.learning_rate": 5e-3}

@@ -31,7 +31,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 from tests.conftest import SMALL_EXTRACT_FLAGS as EXTRACT_FLAGS  # noqa: E402
 from tests.conftest import SMALL_NUM_IMAGES as NUM_IMAGES  # noqa: E402
 from tests.helpers import checkpoint_epoch, wait_for  # noqa: E402
-SMALL_DECODER = {"decoder.units": 32, "decoder.embedding_dim": 16, "decoder.dropout": 0.0}
+SMALL_DECODER = {"decoder.units": 32, "decoder.embedding_dim": 16, "decoder.dropout": 0.0, "train.precision": "fp32"}
 CHILD_SECONDS = 600  # the longest wait for a child: a hung one fails the test, never the suite
 
 
@@ -98,7 +98,7 @@ def test_train_killed_mid_epoch_resumes_with_the_stopping_state_to_the_uninterru
     settings = {**SMALL_DECODER, "train.epochs": epochs, "train.batch_size": 1, "train.validate_every_steps": 90,
                 "train.patience_steps": 180}
     flags = ["--epochs", str(epochs), "--batch-size", "1", "--units", "32", "--embedding-dim", "16", "--dropout", "0",
-             "--validate-every-steps", "90", "--patience-steps", "180"]
+             "--validate-every-steps", "90", "--patience-steps", "180", "--precision", "fp32"]
     killed = copy_run(extracted_out)
     unkilled = Path(shutil.copytree(killed, killed.parent / "unkilled"))
 

@@ -26,9 +26,9 @@ from tests.helpers import checkpoint_epoch, decoder_weights, largest_difference,
 REPOSITORY = Path(__file__).resolve().parents[1]
 # 180 training captions at batch 32: 6 steps an epoch, validated (val CIDEr-D) after each.
 FLAGS = ["--epochs", "2", "--validate-every-steps", "6", "--batch-size", "32", "--units", "32",
-         "--embedding-dim", "16", "--dropout", "0"]
+         "--embedding-dim", "16", "--dropout", "0", "--precision", "fp32"]
 OVERRIDES = {"train.epochs": 2, "train.validate_every_steps": 6, "train.batch_size": 32, "decoder.units": 32,
-             "decoder.embedding_dim": 16, "decoder.dropout": 0.0}
+             "decoder.embedding_dim": 16, "decoder.dropout": 0.0, "train.precision": "fp32"}
 # Every wait is bounded: a hung worker fails the test, never the suite.
 WORKER_SECONDS = 240
 
