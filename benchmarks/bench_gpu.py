@@ -138,7 +138,8 @@ def savedmodel_rows(model_dir, images, device_name, repeats):
         functions = {}
         for batch in SAVEDMODEL_BATCHES:
             batch_images = tf.constant((images * (batch // len(images) + 1))[:batch])
-            functions[f"batch_{batch}"] = lambda batch_images=batch_images: serve(images=batch_images)["captions"].numpy()
+            functions[f"batch_{batch}"] = (
+                lambda batch_images=batch_images: serve(images=batch_images)["captions"].numpy())
         print(f"{device_name} SavedModel: {', '.join(functions)}", file=sys.stderr)
         seconds = timing.time_alternately(functions, repeats, warmup=1)
     return {name: round(int(name.split("_")[1]) / statistics.median(values), 2) for name, values in seconds.items()}

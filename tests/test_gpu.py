@@ -75,7 +75,8 @@ def test_slow_precisions_on_a_cpu_say_what_runs(cpuinfo, monkeypatch):
 def test_requirements_gpu_adds_tensorflows_cuda_extra_in_the_same_range():
     def tensorflow_range(path):
         lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
-        return [re.sub(r"^tensorflow(\[and-cuda\])?", "", line) for line in lines if re.match(r"tensorflow(\[|>|<|=)", line)]
+        return [re.sub(r"^tensorflow(\[and-cuda\])?", "", line)
+                for line in lines if re.match(r"tensorflow(\[|>|<|=)", line)]
 
     gpu = ROOT / "requirements-gpu.txt"
     assert "-r requirements.txt" in gpu.read_text().splitlines()

@@ -212,4 +212,5 @@ def test_the_defaults_are_the_measured_ones():
 
     defaults = config_module.PipelineConfig()
     # docs/GPU.md: bf16 cost no caption quality in extraction, within 3% in training, more in fine-tuning.
-    assert (defaults.encoder.precision, defaults.train.precision, defaults.finetune.precision) == ("auto", "auto", "fp32")
+    precisions = (defaults.encoder.precision, defaults.train.precision, defaults.finetune.precision)
+    assert precisions == ("auto", "auto", "fp32")
