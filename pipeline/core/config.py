@@ -131,7 +131,7 @@ class TrainConfig:
     max_cache_memory_gb: float = 4.0  # larger caches stream from HDF5 instead of loading whole
     # The decoder's arithmetic: "fp32", "bf16", "fp16" (Keras mixed precision, loss scaling in
     # fp16) or "auto" (fp16 on a GPU, bf16 on CPUs with AMX or AVX512-BF16, else fp32); saved
-    # resolved. auto by default: at Flickr8k size bf16 trains 1.4-1.6x as many captions/s here,
+    # resolved. auto by default: at Flickr8k size bf16 trains 1.35-1.58x as many captions/s here,
     # with the demo's validation CIDEr-D 1.3% and 2.3% below fp32's (means of 2 and 4 seeds, docs/GPU.md).
     precision: str = "auto"
     device: str = ""  # recorded by `train`, not a setting: what it computed on (device.device_record)
