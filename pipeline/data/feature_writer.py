@@ -29,6 +29,7 @@ import h5py
 import numpy as np
 
 from pipeline.core import errors
+from pipeline.core.run_files import FEATURES_SHARD_PATTERN as SHARD_PATTERN
 from pipeline.data import features as feature_cache  # `features` is append's argument
 
 # Rows per HDF5 chunk: 64 x 2048 float32 = 512 KiB, a good unit for both appends and reads.
@@ -318,10 +319,10 @@ def merge_shards(out_dir):
     """
     out_dir = Path(out_dir)
     # "features.shard-{index}-of-{count}.h5" -> "features.shard-", "-of-", ".h5"
-    prefix, _, rest = feature_cache.SHARD_PATTERN.partition("{index}")
+    prefix, _, rest = SHARD_PATTERN.partition("{index}")
     separator, _, suffix = rest.partition("{count}")
-    generic_name = feature_cache.SHARD_PATTERN.format(index="K", count="N")
-    shards = sorted(out_dir.glob(feature_cache.SHARD_PATTERN.format(index="*", count="*")))
+    generic_name = SHARD_PATTERN.format(index="K", count="N")
+    shards = sorted(out_dir.glob(SHARD_PATTERN.format(index="*", count="*")))
     if not shards:
         raise errors.ArtifactError(f"{out_dir}: no shard files {generic_name} to merge")
     counts = set()
@@ -340,7 +341,7 @@ def merge_shards(out_dir):
     (count,) = counts
     absent = sorted(set(range(count)) - set(indices))
     if absent:
-        names = ", ".join(feature_cache.SHARD_PATTERN.format(index=index, count=count) for index in absent)
+        names = ", ".join(SHARD_PATTERN.format(index=index, count=count) for index in absent)
         raise errors.ArtifactError(f"{out_dir}: missing shard file(s) {names}: run those shards first")
     first_attrs = None
     rows = []  # (image_id, shard index, row) -> rows can be streamed shard by shard
