@@ -22,7 +22,9 @@ the best decoder on it is written to `OUT/decoder.keras`, and a run stops after
     OUT/finetune_history.json     per-epoch reward, loss, validation CIDEr-D (atomic)
     OUT/finetune_checkpoints/     weights, optimizer and step (tf.train.Checkpoint) plus the
                                   loop's JSON state, every `checkpoint_steps` steps and at
-                                  each epoch end, for `--resume`
+                                  each epoch end, for `--resume`; reward_state.npz, the
+                                  reward's document frequencies with a fingerprint of the
+                                  training captions they came from (`--resume` reads them)
     OUT/logs/finetune/            TensorBoard scalars
 
 Determinism: sampling is stateless and keyed by the step, batches by the epoch, and the
@@ -44,13 +46,14 @@ from models import decoder, encoder
 from pipeline.core import device, errors, io_utils, progress
 from pipeline.data import run_folder
 from pipeline.training import distribution, inputs, objective, periods, scst, validation
-from pipeline.training.cider_reward import CiderD
 
 STATE_FORMAT = "captioner.finetune_state"
 # Settings a resumed run must share with its checkpoint: they decide which steps it takes.
 RESUME_FIXED = ("samples", "baseline", "batch_size", "learning_rate", "clipnorm", "precision")
 # Loop states kept beside the checkpoints (a state is written just before its checkpoint).
 KEPT_CHECKPOINTS = 2
+# The reward's document frequencies (`CiderD.state()`), in the checkpoint folder.
+REWARD_STATE_FILE = "reward_state.npz"
 
 
 def _save_decoder(model, out_dir):
@@ -120,9 +123,8 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
     settings.device = device.announce("finetune", settings.precision)
     source = _source_decoder(out_dir, resume, write=is_chief)
     data = inputs.load_training_data(out_dir, config)
-    images = scst.reward_data(data.train)
     vocab_size = len(data.vocabulary)
-    reward = CiderD(images.references, vocab_size)
+    images = scst.reward_data(data.train, vocab_size)
     scorer = validation.build_validation_scorer(
         out_dir, config, split="val", max_images=settings.validation_images or None,
     )
@@ -149,6 +151,10 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
                     f"{run_folder.FINETUNE_CHECKPOINT_DIR}/ (copy it here, or share OUT between the workers)")
             shutil.copytree(checkpoint_dir, scratch / run_folder.FINETUNE_CHECKPOINT_DIR)
         checkpoint_dir = scratch / run_folder.FINETUNE_CHECKPOINT_DIR
+    if resume and tf.train.latest_checkpoint(str(checkpoint_dir)) is None:
+        raise errors.ArtifactError(f"{checkpoint_dir}: no checkpoint to resume from; run `finetune` without --resume")
+    # Counted once per run: a resumed run reads them back, checked against the captions.
+    reward = scst.reward_scorer(images.references, vocab_size, checkpoint_dir / REWARD_STATE_FILE)
     cleanup.enter_context(distribution.lost_worker_errors(settings.strategy, "finetune",
                                                           lambda: _resume_point(checkpoint_dir)))
 
@@ -166,8 +172,6 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
     state = {"step": 0, "epochs": [], "partial": _empty_partial(), "decoder_sha256": None,
              "initial_val_cider": None, "stopped_early": False, "settings": dataclasses.asdict(settings)}
     if resume:
-        if manager.latest_checkpoint is None:
-            raise errors.ArtifactError(f"{checkpoint_dir}: no checkpoint to resume from; run `finetune` without --resume")
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         state = _read_state(checkpoint_dir, int(step_variable.numpy()))
         changed = [name for name in RESUME_FIXED if state["settings"].get(name) != getattr(settings, name)]
@@ -184,7 +188,7 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
     stepper = scst.Stepper(model, optimizer, strategy, settings, max_length, reward)
     writer = _summary_writer(log_dir) if is_chief else tf.summary.create_noop_writer()
     print(
-        f"finetune: {len(images.rows)} train images ({sum(len(r) for r in images.references)} references), "
+        f"finetune: {len(images.rows)} train images ({images.references.num_captions} references), "
         f"{steps_per_epoch} steps of {settings.batch_size} images x {settings.samples} samples per epoch, "
         f"baseline {settings.baseline}, Adam lr {settings.learning_rate:g}, validation on {len(scorer.image_features)} "
         f"images, strategy {settings.strategy} ({strategy.num_replicas_in_sync} replica(s)), from {source.name}",

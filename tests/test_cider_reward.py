@@ -1,4 +1,5 @@
-"""CIDEr-D reward set-up: document frequencies against a plain count, and the saved state.
+"""CIDEr-D reward set-up: document frequencies against a plain count, and the saved state
+(`CiderD.state`, and `scst.reward_scorer`, which keeps it with fine-tuning's checkpoints).
 
 Agreement of the rewards with pycocoevalcap is tested in tests/test_sampling.py.
 """
@@ -71,7 +72,7 @@ def test_state_round_trips_through_npz_without_counting_again(tmp_path, monkeypa
     def must_not_count(*args, **kwargs):
         raise AssertionError("document frequencies counted again")
 
-    monkeypatch.setattr(cider_reward._Captions, "document_frequencies", must_not_count)
+    monkeypatch.setattr(cider_reward.Captions, "document_frequencies", must_not_count)
     with np.load(tmp_path / "reward.npz") as saved:
         restored = CiderD.from_state(dict(saved), references, 15)
     np.testing.assert_array_equal(restored.df_keys, scorer.df_keys)
@@ -109,3 +110,32 @@ def test_bad_references_are_refused():
         CiderD([[[4, -1, END]]], 9)
     with pytest.raises(ValueError, match="vocabulary_size must be below"):
         CiderD([[[4, END]]], cider_reward.MAX_VOCABULARY)
+
+
+def test_reward_scorer_counts_once_then_reads_its_state_and_recounts_for_other_captions(tmp_path, monkeypatch,
+                                                                                      capsys):
+    from pipeline.training import scst
+
+    rng = np.random.default_rng(7)
+    references = cider_reward.Captions.from_lists(_corpus(rng, 30, 15), 15)
+    path = tmp_path / "checkpoints" / "reward_state.npz"
+    counted = scst.reward_scorer(references, 15, path)
+    assert "counted" in capsys.readouterr().err and path.is_file()
+    candidates = rng.integers(3, 15, size=(40, 12))
+    lengths, images = rng.integers(1, 13, size=40), rng.integers(0, 30, size=40)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cider_reward.Captions, "document_frequencies",
+                      lambda *args: pytest.fail("document frequencies counted again"))
+        read = scst.reward_scorer(references, 15, path)
+    assert "read from" in capsys.readouterr().err
+    np.testing.assert_array_equal(read.scores(candidates, lengths, images), counted.scores(candidates, lengths, images))
+
+    other = cider_reward.Captions.from_lists(_corpus(rng, 30, 15), 15)
+    recounted = scst.reward_scorer(other, 15, path)
+    assert "does not belong to these captions" in capsys.readouterr().err
+    np.testing.assert_array_equal(recounted.df_keys, CiderD(other, 15).df_keys)
+    path.write_bytes(b"not a zip")
+    scst.reward_scorer(other, 15, path)
+    assert "is unreadable" in capsys.readouterr().err
+    assert scst.reward_scorer(other, 15, path).fingerprint == recounted.fingerprint

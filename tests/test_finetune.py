@@ -92,7 +92,10 @@ def test_finetune_sigkilled_mid_epoch_and_resumed_equals_the_uninterrupted_run(f
     # `finetune --resume` is this call (run_pipeline.py only parses the flag); in-process, it
     # spares the test a second TensorFlow start-up.
     finetune.run_finetune(out, {}, resume=True)
-    assert "resuming at step" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resuming at step" in err
+    # The reward's document frequencies come from the checkpoint folder, not a second count.
+    assert "CIDEr-D document frequencies read from" in err and "counted" not in err
     expected = json.loads((reference_out / "finetune_history.json").read_text())
     history = json.loads((out / "finetune_history.json").read_text())
     for got, want in zip(history["epochs"], expected["epochs"], strict=True):
@@ -102,6 +105,27 @@ def test_finetune_sigkilled_mid_epoch_and_resumed_equals_the_uninterrupted_run(f
     for got, want in zip(decoder_weights(out), decoder_weights(reference_out, run_folder.XE_DECODER_FILE)
                          if expected["best_step"] == 0 else decoder_weights(reference_out)):
         np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_resume_counts_the_reward_again_when_its_saved_state_is_of_other_captions(finetuned, copy_run, capsys):
+    from pipeline import finetune
+
+    out = copy_run(finetuned[0])
+    path = out / "finetune_checkpoints" / finetune.REWARD_STATE_FILE
+    with np.load(path) as saved:
+        state = dict(saved)
+    right = str(state["fingerprint"])
+    state["fingerprint"] = np.asarray("0" * 64)  # as if captions.json or vocab.json had changed
+    np.savez(path, **state)
+    finetune.run_finetune(out, {}, resume=True)  # the run is finished: set-up only
+    err = capsys.readouterr().err
+    assert "does not belong to these captions" in err and "counting them again" in err
+    assert "CIDEr-D document frequencies of" in err
+    with np.load(path) as saved:
+        assert str(saved["fingerprint"]) == right
+        np.testing.assert_array_equal(saved["ngram_keys"], state["ngram_keys"])
+    finetune.run_finetune(out, {}, resume=True)
+    assert "CIDEr-D document frequencies read from" in capsys.readouterr().err
 
 
 def test_bad_settings_are_rejected_before_anything_is_written(trained_out, finetuned, copy_run, monkeypatch):

@@ -104,31 +104,66 @@ def _run_lengths(sorted_values):
     return sorted_values[first], counts
 
 
-class _Captions:
-    """Captions of several images as flat token ids.
+class Captions:
+    """Captions of several images as flat token ids (what `CiderD` scores against).
 
     Attributes:
         tokens: uint16 [P], every caption's ids one after the other.
         starts: int64 [M + 1], caption m is tokens[starts[m]:starts[m + 1]].
         per_image: int64 [I], captions of each image (image i's come after image i-1's).
         first_caption: int64 [I], index of each image's first caption.
+        vocabulary_size: int, every id is below it.
+
+    Built from flat arrays (`Captions(tokens, caption_lengths, per_image, vocabulary_size)`,
+    no Python object per caption) or from nested lists (`Captions.from_lists`).
     """
 
-    def __init__(self, captions_per_image, vocabulary_size):
-        self.per_image = np.fromiter(map(len, captions_per_image), dtype=np.int64, count=len(captions_per_image))
+    def __init__(self, tokens, caption_lengths, per_image, vocabulary_size):
+        """
+        Args:
+            tokens: int [P], the captions' ids one after the other (image by image).
+            caption_lengths: int [M], ids per caption, summing to P.
+            per_image: int [I], captions per image, summing to M.
+            vocabulary_size: int. Raises ValueError for an id outside [0, vocabulary_size)
+            or sizes that do not add up.
+        """
+        self.vocabulary_size = int(vocabulary_size)
+        self.per_image = np.asarray(per_image, dtype=np.int64).reshape(-1)
+        caption_lengths = np.asarray(caption_lengths, dtype=np.int64).reshape(-1)
+        self.starts = np.zeros(len(caption_lengths) + 1, dtype=np.int64)
+        np.cumsum(caption_lengths, out=self.starts[1:])
+        self.first_caption = np.cumsum(self.per_image) - self.per_image
+        tokens = np.asarray(tokens).reshape(-1)
+        if self.per_image.sum() != len(caption_lengths) or self.starts[-1] != len(tokens) or (
+                caption_lengths < 0).any():
+            raise ValueError(f"{len(tokens)} token ids, {len(caption_lengths)} caption lengths summing to "
+                             f"{self.starts[-1]} and captions per image summing to {self.per_image.sum()} do not match")
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= self.vocabulary_size):
+            raise ValueError(f"token ids must be in [0, {self.vocabulary_size}), got {tokens.min()}..{tokens.max()}")
+        self.tokens = tokens.astype(np.uint16, copy=False)
+
+    @property
+    def num_captions(self):
+        """int, captions of all images."""
+        return len(self.starts) - 1
+
+    @classmethod
+    def from_lists(cls, captions_per_image, vocabulary_size):
+        """list over images of lists of int sequences -> Captions (the ids copied a part at a time,
+        so only the uint16 result is ever whole)."""
+        per_image = np.fromiter(map(len, captions_per_image), dtype=np.int64, count=len(captions_per_image))
         sequences = [sequence for captions in captions_per_image for sequence in captions]
         lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
-        self.starts = np.zeros(len(sequences) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=self.starts[1:])
-        self.first_caption = np.cumsum(self.per_image) - self.per_image
-        # Copied a part at a time, so only the uint16 result is ever whole.
-        self.tokens = np.empty(self.starts[-1], dtype=np.uint16)
+        starts = np.zeros(len(sequences) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=starts[1:])
+        tokens = np.empty(starts[-1], dtype=np.uint16)
         for first in range(0, len(sequences), CONCATENATE_CAPTIONS):
             part = sequences[first:first + CONCATENATE_CAPTIONS]
-            ids = np.concatenate(part) if self.starts[first + len(part)] > self.starts[first] else np.zeros(0, np.int64)
+            ids = np.concatenate(part) if starts[first + len(part)] > starts[first] else np.zeros(0, np.int64)
             if len(ids) and (ids.min() < 0 or ids.max() >= vocabulary_size):
                 raise ValueError(f"token ids must be in [0, {vocabulary_size}), got {ids.min()}..{ids.max()}")
-            self.tokens[self.starts[first]:self.starts[first + len(part)]] = ids
+            tokens[starts[first]:starts[first + len(part)]] = ids
+        return cls(tokens, lengths, per_image, vocabulary_size)
 
     def fingerprint(self, vocabulary_size, order):
         """str: SHA-256 of the ids, the caption and image boundaries, and the key settings."""
@@ -225,7 +260,7 @@ class _Captions:
 
 
 def _distinct_in_rows(digits, left, n, base):
-    """int64 [K]: each row's distinct n-grams (the `_Captions._grid` of some images, n >= 1)."""
+    """int64 [K]: each row's distinct n-grams (the `Captions._grid` of some images, n >= 1)."""
     span = digits.shape[1] - n + 1
     if span < 1:
         return np.zeros((0,), np.int64)
@@ -260,12 +295,12 @@ class CiderD:
                  order=NGRAM_ORDER, sigma=SIGMA, state=None):
         """
         Args:
-            references: list over images of list of int sequences (token ids, `<end>`
-                included when it is to count), the captions a candidate of image i is scored
-                against. Every image needs at least one reference.
+            references: `Captions`, or a list over images of list of int sequences (token
+                ids, `<end>` included when it is to count): the captions a candidate of image
+                i is scored against. Every image needs at least one reference.
             vocabulary_size: int, every id is in [0, vocabulary_size).
-            document_frequency_references: list over images of lists of int sequences, the
-                corpus of document frequencies and of N; defaults to `references`.
+            document_frequency_references: as `references`, the corpus of document
+                frequencies and of N; defaults to `references`.
             order: int, largest n-gram (4 for CIDEr-D).
             sigma: float, the length penalty's standard deviation (6 for CIDEr-D).
             state: a `state()` of a scorer with the same corpus, order and vocabulary size
@@ -280,11 +315,11 @@ class CiderD:
         self.sigma = float(sigma)
         self.vocabulary_size = int(vocabulary_size)
         self.base = self.vocabulary_size + 1
-        self.references = _Captions(references, self.vocabulary_size)
+        self.references = self._captions(references)
         if (self.references.per_image == 0).any():
             raise ValueError("every image needs at least one reference caption")
-        corpus = self.references if document_frequency_references is None else _Captions(
-            document_frequency_references, self.vocabulary_size)
+        corpus = self.references if document_frequency_references is None else self._captions(
+            document_frequency_references)
         self.corpus_size = len(corpus.per_image)
         self.log_corpus_size = np.log(float(self.corpus_size)) if self.corpus_size else -np.inf
         self.fingerprint = corpus.fingerprint(self.vocabulary_size, self.order)
@@ -296,6 +331,15 @@ class CiderD:
         self.num_references = self.references.per_image
         self.reference_offsets = self.references.first_caption
         self.max_references = int(self.num_references.max()) if len(self.num_references) else 0
+
+    def _captions(self, captions):
+        """A `Captions` (checked for this vocabulary size) or nested lists -> Captions."""
+        if not isinstance(captions, Captions):
+            return Captions.from_lists(captions, self.vocabulary_size)
+        if captions.vocabulary_size > self.vocabulary_size:
+            raise ValueError(f"captions of a vocabulary of {captions.vocabulary_size} words for a scorer of "
+                             f"{self.vocabulary_size}")
+        return captions
 
     @classmethod
     def from_state(cls, state, references, vocabulary_size, document_frequency_references=None):

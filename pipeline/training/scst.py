@@ -10,34 +10,101 @@ loss divided by the global token count so the update is the one-device update.
 """
 
 import dataclasses
+import sys
 import time
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from models import beam_search, decoder, sampling
+from pipeline.core import io_utils
 from pipeline.data import text
+from pipeline.training import cider_reward
 
 
 @dataclasses.dataclass
 class RewardData:
     """The training images fine-tuning samples from.
 
-    rows: np.ndarray int32 [I], each image's feature-cache row.
-    references: list over the I images of lists of np.ndarray int32 [n + 1] (words, `<end>`).
+    rows: np.ndarray int32 [I], each image's feature-cache row (increasing).
+    references: `cider_reward.Captions` of the I images, in the order of `rows`: each
+        caption's ids `w1 .. wn <end>`.
     """
 
     rows: np.ndarray
-    references: list
+    references: cider_reward.Captions
 
 
-def reward_data(split):
-    """Groups a training CaptionSplit (`<start> w.. <end>` per caption) into images and references."""
-    by_row = {}
-    for row, tokens in zip(split.rows, split.token_ids):
-        by_row.setdefault(int(row), []).append(np.asarray(tokens[1:], dtype=np.int32))
-    rows = sorted(by_row)
-    return RewardData(np.asarray(rows, dtype=np.int32), [by_row[row] for row in rows])
+def reward_data(split, vocabulary_size):
+    """Groups a training CaptionSplit (`<start> w.. <end>` per caption) into images and references.
+
+    Images in feature-row order, each image's captions in the split's order, `<start>`
+    dropped; in NumPy arrays, with no Python object per caption.
+    """
+    lengths = np.fromiter(map(len, split.token_ids), dtype=np.int64, count=len(split.token_ids))
+    flat = np.concatenate(split.token_ids) if len(lengths) else np.zeros((0,), np.int32)
+    starts = np.cumsum(lengths) - lengths
+    keep = np.ones(len(flat), dtype=bool)
+    keep[starts[lengths > 0]] = False  # each caption's <start>
+    tokens = flat[keep]
+    del flat, keep
+    lengths = np.maximum(lengths - 1, 0)
+    rows = np.asarray(split.rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    if (np.diff(order) != 1).any():
+        # Captions grouped by image: each caption's ids moved to its place in the new order.
+        sorted_lengths = lengths[order]
+        source = np.cumsum(lengths) - lengths
+        target = np.cumsum(sorted_lengths) - sorted_lengths
+        tokens = tokens[np.repeat(source[order] - target, sorted_lengths) + np.arange(sorted_lengths.sum())]
+        lengths, rows = sorted_lengths, rows[order]
+    first = np.flatnonzero(np.diff(rows, prepend=-1) != 0)
+    per_image = np.diff(first, append=len(rows))
+    return RewardData(rows[first].astype(np.int32), cider_reward.Captions(tokens, lengths, per_image, vocabulary_size))
+
+
+def reward_scorer(references, vocabulary_size, state_path, name="finetune"):
+    """The CIDEr-D reward of `references`, its document frequencies read from `state_path` when
+    they were counted from these captions, else counted and written there.
+
+    Args:
+        references: `cider_reward.Captions` (`RewardData.references`).
+        vocabulary_size: int, the ids of vocab.json.
+        state_path: Path of the `CiderD.state()` kept with the checkpoints (an `.npz`); a
+            file of other captions or another vocabulary (its fingerprint differs), or a
+            damaged one, is counted again and replaced, and stderr says why.
+        name: str, the stage named in the messages.
+    Returns:
+        `cider_reward.CiderD`.
+    """
+    state_path = Path(state_path)
+    started = time.monotonic()
+    reason = "no saved document frequencies"
+    if state_path.is_file():
+        try:
+            with np.load(state_path) as saved:
+                state = dict(saved)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            reason = f"{state_path} is unreadable ({error})"
+        else:
+            try:
+                reward = cider_reward.CiderD.from_state(state, references, vocabulary_size)
+            except ValueError as error:
+                reason = f"{state_path} does not belong to these captions ({error})"
+            else:
+                print(f"{name}: CIDEr-D document frequencies read from {state_path} ({len(reward.df_keys):,} "
+                      f"n-grams, {time.monotonic() - started:.1f} s)", file=sys.stderr)
+                return reward
+        print(f"{name}: {reason}; counting them again", file=sys.stderr)
+    reward = cider_reward.CiderD(references, vocabulary_size)
+    with io_utils.atomic_path(state_path, suffix=".tmp.npz") as temporary:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **reward.state())
+    print(f"{name}: CIDEr-D document frequencies of {reward.corpus_size:,} images counted "
+          f"({len(reward.df_keys):,} n-grams, {time.monotonic() - started:.1f} s), kept in {state_path}", file=sys.stderr)
+    return reward
 
 
 def epoch_image_order(num_images, seed, epoch):
