@@ -245,13 +245,13 @@ def check(request, status, answer):
     return None
 
 
-def run_load(server, requests, clients=CLIENTS):
-    """Sends `requests` (list of LoadRequest) to `server` (a ServerProcess) from `clients` threads.
+def drive_clients(server, requests, clients, client):
+    """Runs `client(first, outcomes)` in `clients` threads, sampling `server`'s memory; a LoadResult.
 
-    Client k sends requests k, k + clients, ... in order over one keep-alive connection
-    (a new one after the server closes it). Returns a LoadResult.
+    Client k sends requests k, k + clients, ... and sets `outcomes[index]` to
+    (latency ms, reason it is wrong or None) for each. Shared by the REST and gRPC loads.
     """
-    outcomes = [None] * len(requests)  # (latency ms, reason or None)
+    outcomes = [None] * len(requests)
     stop_sampling = threading.Event()
     samples = []
     started = time.perf_counter()
@@ -261,7 +261,35 @@ def run_load(server, requests, clients=CLIENTS):
             samples.append((time.perf_counter() - started, server.rss()))
             stop_sampling.wait(RSS_SAMPLE_SECONDS)
 
-    def client(first):
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    threads = [threading.Thread(target=client, args=(first, outcomes), daemon=True) for first in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    stop_sampling.set()
+    sampler.join()
+    samples.append((seconds, server.rss()))
+    latencies, failed_good, wrong_bad = [], [], []
+    for index, (request, (latency, reason)) in enumerate(zip(requests, outcomes)):
+        good = request.captions is not None
+        if reason is not None:
+            (failed_good if good else wrong_bad).append((index, request.kind, reason))
+        elif good:
+            latencies.append(latency)
+    return LoadResult(latencies, failed_good, wrong_bad, samples, seconds)
+
+
+def run_load(server, requests, clients=CLIENTS):
+    """Sends `requests` (list of LoadRequest) to `server` (a ServerProcess) from `clients` threads.
+
+    Client k sends requests k, k + clients, ... in order over one keep-alive connection
+    (a new one after the server closes it). Returns a LoadResult.
+    """
+
+    def client(first, outcomes):
         connection = None
         for index in range(first, len(requests), clients):
             if connection is None:
@@ -281,25 +309,7 @@ def run_load(server, requests, clients=CLIENTS):
         if connection is not None:
             connection.close()
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    threads = [threading.Thread(target=client, args=(first,), daemon=True) for first in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
-    stop_sampling.set()
-    sampler.join()
-    samples.append((seconds, server.rss()))
-    latencies, failed_good, wrong_bad = [], [], []
-    for index, (request, (latency, reason)) in enumerate(zip(requests, outcomes)):
-        good = request.captions is not None
-        if reason is not None:
-            (failed_good if good else wrong_bad).append((index, request.kind, reason))
-        elif good:
-            latencies.append(latency)
-    return LoadResult(latencies, failed_good, wrong_bad, samples, seconds)
+    return drive_clients(server, requests, clients, client)
 
 
 def summary(result, requests):

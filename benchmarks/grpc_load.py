@@ -7,7 +7,6 @@ server's gRPC port; the server's RSS is sampled meanwhile. A good request must c
 with its expected caption; a malformed one with the status code TF Serving gives it.
 """
 
-import threading
 import time
 
 import grpc
@@ -68,17 +67,8 @@ def _check(request, response, error):
 
 def run_grpc_load(server, requests, clients=bench_load.CLIENTS):
     """Sends `requests` (LoadRequests of serialized PredictRequests) to `server`'s gRPC port; a LoadResult."""
-    outcomes = [None] * len(requests)  # (latency ms, reason or None)
-    stop_sampling = threading.Event()
-    samples = []
-    started = time.perf_counter()
 
-    def sample():
-        while not stop_sampling.is_set():
-            samples.append((time.perf_counter() - started, server.rss()))
-            stop_sampling.wait(bench_load.RSS_SAMPLE_SECONDS)
-
-    def client(first):
+    def client(first, outcomes):
         with grpc.insecure_channel(f"{server.host}:{server.grpc_port}") as channel:
             # PredictionServiceStub's Predict method, taking requests serialized beforehand as the REST
             # load's bodies are, so the clients' time goes to the server's answers.
@@ -92,22 +82,4 @@ def run_grpc_load(server, requests, clients=bench_load.CLIENTS):
                     error = raised
                 outcomes[index] = ((time.perf_counter() - sent) * 1000.0, _check(requests[index], response, error))
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    threads = [threading.Thread(target=client, args=(first,), daemon=True) for first in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
-    stop_sampling.set()
-    sampler.join()
-    samples.append((seconds, server.rss()))
-    latencies, failed_good, wrong_bad = [], [], []
-    for index, (request, (latency, reason)) in enumerate(zip(requests, outcomes)):
-        good = request.captions is not None
-        if reason is not None:
-            (failed_good if good else wrong_bad).append((index, request.kind, reason))
-        elif good:
-            latencies.append(latency)
-    return bench_load.LoadResult(latencies, failed_good, wrong_bad, samples, seconds)
+    return bench_load.drive_clients(server, requests, clients, client)

@@ -123,7 +123,7 @@ def _vocab_data():
     "change, message",
     [
         (lambda data: data.update(format="captioner.captions"), "not a vocabulary file"),
-        (lambda data: data.update(version=7), "vocabulary version 7 is not supported"),
+        (lambda data: data.update(version=7), "vocabulary file version 7 is not supported"),
         (lambda data: data.update(words=["a", "<pad>", "<start>", "<end>", "<unk>"]), "must start with"),
         (lambda data: data["words"].pop(2), "must start with"),
         (lambda data: data["words"].append("a"), "repeats \\['a'\\]"),
@@ -145,10 +145,10 @@ def test_load_rejects_damaged_vocabulary(tmp_path, change, message):
 
 def test_load_reports_missing_and_truncated_file(tmp_path):
     path = tmp_path / "vocab.json"
-    with pytest.raises(errors.ArtifactError, match="the vocabulary is missing"):
+    with pytest.raises(errors.ArtifactError, match="the vocabulary file is missing"):
         text.Vocabulary.load(path)
     path.write_text('{"format": "captioner.vocab", "words": ["<pad>"', encoding="utf-8")
-    with pytest.raises(errors.ArtifactError, match="vocab.json: the vocabulary is not valid JSON"):
+    with pytest.raises(errors.ArtifactError, match="vocab.json: the vocabulary file is not valid JSON"):
         text.Vocabulary.load(path)
 
 

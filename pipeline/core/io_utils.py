@@ -81,3 +81,26 @@ def read_json(path, what):
         # ValueError covers JSONDecodeError and over-long integers; RecursionError deep nesting.
         reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)[:200]
         raise ArtifactError(f"{path}: {what} is not valid JSON ({reason})") from None
+
+
+def read_format_json(path, kind, format_name, version, remedy):
+    """Reads one of our JSON artifacts, `{"format": format_name, "version": version, ...}`.
+
+    `kind` names the file in messages ("vocabulary file"); `remedy` says what rewrites it.
+    Returns (data, fail): `fail(message)` raises ArtifactError "PATH: message; remedy", for
+    the caller's checks of its own fields. A foreign format or version fails here.
+    """
+    from pipeline.core.errors import ArtifactError
+
+    path = Path(path)
+    data = read_json(path, f"the {kind}")
+
+    def fail(message):
+        raise ArtifactError(f"{path}: {message}; {remedy}")
+
+    if not isinstance(data, dict) or data.get("format") != format_name:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        fail(f"not a {kind} (format {found!r}, expected {format_name!r})")
+    if data.get("version") != version:
+        fail(f"{kind} version {data.get('version')!r} is not supported (expected {version})")
+    return data, fail

@@ -236,17 +236,8 @@ def write_captions_json(out_dir, dataset):
 
 def read_captions_json(out_dir):
     """Reads `OUT/captions.json` back into a Dataset; a missing, foreign or damaged file raises ArtifactError."""
-    path = Path(out_dir) / CAPTIONS_FILE
-    data = io_utils.read_json(path, "the captions file")
-
-    def fail(message):
-        raise errors.ArtifactError(f"{path}: {message}; rerun `extract` to rewrite it")
-
-    if not isinstance(data, dict) or data.get("format") != CAPTIONS_FORMAT:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        fail(f"not a captions file (format {found!r}, expected {CAPTIONS_FORMAT!r})")
-    if data.get("version") != CAPTIONS_VERSION:
-        fail(f"captions file version {data.get('version')!r} is not supported (expected {CAPTIONS_VERSION})")
+    data, fail = io_utils.read_format_json(Path(out_dir) / CAPTIONS_FILE, "captions file", CAPTIONS_FORMAT,
+                                           CAPTIONS_VERSION, "rerun `extract` to rewrite it")
     for field in ("layout", "name", "image_dir"):
         if not isinstance(data.get(field), str):
             fail(f"field {field!r} must be a string")

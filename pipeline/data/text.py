@@ -15,7 +15,6 @@ Example:
 
 import collections
 import unicodedata
-from pathlib import Path
 
 from pipeline.core import errors, io_utils
 from pipeline.core.run_files import VOCAB_FILE  # noqa: F401  (callers name OUT/vocab.json by it)
@@ -170,17 +169,8 @@ class Vocabulary:
     @classmethod
     def load(cls, path):
         """Reads a file written by `save`; a missing, foreign or damaged file raises ArtifactError."""
-        path = Path(path)
-        data = io_utils.read_json(path, "the vocabulary")
-
-        def fail(message):
-            raise errors.ArtifactError(f"{path}: {message}; rerun `extract` to rebuild the vocabulary")
-
-        if not isinstance(data, dict) or data.get("format") != VOCAB_FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            fail(f"not a vocabulary file (format {found!r}, expected {VOCAB_FORMAT!r})")
-        if data.get("version") != VOCAB_VERSION:
-            fail(f"vocabulary version {data.get('version')!r} is not supported (expected {VOCAB_VERSION})")
+        data, fail = io_utils.read_format_json(path, "vocabulary file", VOCAB_FORMAT, VOCAB_VERSION,
+                                               "rerun `extract` to rebuild the vocabulary")
         words, counts, min_count = data.get("words"), data.get("counts"), data.get("min_count")
         if not isinstance(words, list) or not all(isinstance(word, str) and word for word in words):
             fail("field 'words' must be a list of non-empty strings")
