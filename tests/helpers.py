@@ -52,12 +52,30 @@ def wait_for(condition, what, processes, seconds, output=lambda: ""):
     pytest.fail(f"{what} did not happen within {seconds} s: {output()}")
 
 
-def prometheus_samples(text):
-    """{(sample name, sorted label items): value} of a Prometheus text page (str)."""
+def metric_samples(server):
+    """{(sample name, sorted label items): value} of a live server's Prometheus page, parsed by prometheus_client."""
+    import http.client
+
     from prometheus_client import parser
 
+    from pipeline.serving.server import METRICS_PATH
+
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+    try:
+        connection.request("GET", METRICS_PATH)
+        response = connection.getresponse()
+        text = response.read().decode("utf-8")
+        assert response.status == 200 and response.getheader("Content-Type").startswith("text/plain")
+    finally:
+        connection.close()
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in parser.text_string_to_metric_families(text) for sample in family.samples}
+
+
+def metric_change(before, after, name, **labels):
+    """How much the sample `name{labels}` grew between two `metric_samples` reads."""
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 def image_bytes(image, file_format, **options):

@@ -19,7 +19,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
 from pipeline.data import features
 from pipeline.serving import server as http_server
 from pipeline.serving import tf_serving_files
-from tests.helpers import prometheus_samples, run_images
+from tests.helpers import metric_change, metric_samples, run_images
 
 MAX_IMAGES = 4
 TIMEOUT_S = 120
@@ -237,15 +237,6 @@ def test_grpc_and_rest_requests_share_batches_and_a_bad_one_fails_alone(served, 
         assert results[index] == [expected[image] for image in mixed[index][1]]
 
 
-def metric_samples(server):
-    """{(sample name, sorted label items): value} of the server's Prometheus page."""
-    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=TIMEOUT_S)
-    connection.request("GET", http_server.METRICS_PATH)
-    text = connection.getresponse().read().decode("utf-8")
-    connection.close()
-    return prometheus_samples(text)
-
-
 def test_metrics_count_grpc_calls_by_api(served, channel, demo_images):
     server, log = served
     before = metric_samples(server)
@@ -255,8 +246,7 @@ def test_metrics_count_grpc_calls_by_api(served, channel, demo_images):
     after = metric_samples(server)
 
     def change(name, **labels):
-        key = (name, tuple(sorted(labels.items())))
-        return after.get(key, 0.0) - before.get(key, 0.0)
+        return metric_change(before, after, name, **labels)
 
     assert change("captioner_requests_total", api="grpc", route="predict", status="OK") == 1
     assert change("captioner_requests_total", api="grpc", route="predict", status="NOT_FOUND") == 1

@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.core import errors
 from pipeline.data import features
 from pipeline.serving import server as http_server
-from tests.helpers import image_bytes, prometheus_samples, run_images, wait_until
+from tests.helpers import image_bytes, metric_change, metric_samples, run_images, wait_until
 
 MAX_IMAGES = 4
 MAX_BODY_MB = 0.25
@@ -310,13 +310,6 @@ def test_make_server_refuses_bad_settings_and_missing_model(tmp_path, exported_o
         http_server.make_server(tmp_path / "saved_model", port=0)
 
 
-def metric_samples(server):
-    """{(sample name, sorted label items): value} of the server's Prometheus page, parsed by prometheus_client."""
-    status, text, response = request(server, "GET", "/monitoring/prometheus/metrics")
-    assert status == 200 and response.getheader("Content-Type").startswith("text/plain")
-    return prometheus_samples(text.decode("utf-8"))
-
-
 def test_metrics_count_requests_latency_batches_and_images(live_server, demo_images):
     server, _ = live_server
     before = metric_samples(server)
@@ -326,8 +319,7 @@ def test_metrics_count_requests_latency_batches_and_images(live_server, demo_ima
     after = metric_samples(server)
 
     def change(name, **labels):
-        key = (name, tuple(sorted(labels.items())))
-        return after.get(key, 0.0) - before.get(key, 0.0)
+        return metric_change(before, after, name, **labels)
 
     assert change("captioner_requests_total", api="rest", route="status", status="200") == 1
     assert change("captioner_requests_total", api="rest", route="predict", status="200") == 1
