@@ -27,14 +27,14 @@ DEMO_EXTRACT_OVERRIDES = {
     "text.min_word_count": 1,
 }
 # Stage 2: a decoder sized for 1,800 training captions over a vocabulary of ~50 words.
-# Measured on the demo's 60 test images (random-weight features, seed 0; README): against
+# Measured on the demo's 60 test images (random-weight features, seed 0; docs/EXPERIMENTS.md): against
 # units 192, dropout 0.3, learning rate 2e-3, these settings name the object colour right
 # in 58% of captions instead of 38% and write 60% distinct captions instead of 50%.
 # Dropout is the main lever: at units 192, object colour 38% with dropout 0.3 (which
 # drops image-vector dimensions too), 55% with 0.1, 60% with 0. The image enters as the
 # LSTM's initial state: fed as a first step instead (Show and Tell), the decoder ignored
 # the image within this budget (shuffled BLEU-4 = BLEU-4).
-# Schedule (README, "Training until the decoder has learned"): 29 steps an epoch, so
+# Schedule (docs/EXPERIMENTS.md, "How the defaults were chosen"): 29 steps an epoch, so
 # validation every 100 steps (3.4 epochs), patience 400 steps and a rate cut after 200
 # steps without a better val CIDEr-D, which early stopping ends at step 1,400 (best 1,000),
 # test CIDEr-D 1.56 against 1.19 for the 24 fixed epochs before. The 60 val images are
@@ -54,7 +54,7 @@ DEMO_TRAIN_OVERRIDES = {
     "train.validation_beam_size": 3,
 }
 # Stage 2b: a short self-critical fine-tuning on CIDEr-D. Measured with the XE decoder
-# trained to convergence (README): at the reference's 5e-5 an epoch of 12 steps moves
+# trained to convergence (docs/EXPERIMENTS.md): at the reference's 5e-5 an epoch of 12 steps moves
 # little (test CIDEr-D 1.411 -> 1.613 after 6 epochs, and on the alternate caption frames
 # 1.502 -> 1.514: early stopping ended it); at 2e-4, 1.411 -> 1.624 (best epoch 3, stopped
 # after 8) and 1.502 -> 1.741, with no bad endings or repeats and a grounding gap >= 0.15.

@@ -11,7 +11,7 @@ writes
     OUT/serving/captioner/1/              the same model in the layout TF Serving loads
                                           (--model_base_path=OUT/serving/captioner)
 
-Signatures (the contract in DESIGN.md):
+Signatures (the contract in README.md, "The SavedModel"):
     serving_default   images   tf.string  [None] -> captions tf.string [None], scores tf.float32 [None]
     caption_features  features tf.float32 [None, 2048] -> the same outputs
 

@@ -111,7 +111,7 @@ def test_two_workers_killed_and_resumed_train_like_one_process(extracted_out, tm
     assert checkpoint_epoch(chief_out) == 1 and _history_epochs(chief_out) == [1]
 
     # Run 2: both restarted with --resume; without shared storage the chief's checkpoint
-    # is copied to the other machine first (README, "Beyond one machine").
+    # is copied to the other machine first (docs/DISTRIBUTED.md, "When a worker dies").
     shutil.copytree(chief_out / run_folder.CHECKPOINT_DIR, worker_out / run_folder.CHECKPOINT_DIR)
     copied = {path: path.read_bytes() for path in (worker_out / run_folder.CHECKPOINT_DIR).iterdir()}
     results = _finish(_start_workers([chief_out, worker_out], tmp_path, ["--resume"]))

@@ -14,11 +14,11 @@ One order makes each attribute a word the decoder predicts at one point of the s
 from the image. With the earlier frames, which often put the background first and left
 the size out of three in seven, the demo decoder named the size right in about 20% of
 test captions and the object colour in 27%; with these, 77% and 38% at the same
-settings (README).
+settings (docs/EXPERIMENTS.md, "How the demo data is designed").
 
 The attributes were chosen by measuring what ResNet50 features with *random* weights (the
 demo cannot download ImageNet weights) let a linear probe recover on held-out images; the
-measured table is in the README. Output is the Kaggle Flickr8k layout that
+measured table is in docs/EXPERIMENTS.md. Output is the Kaggle Flickr8k layout that
 `pipeline.data.datasets.load_dataset` detects:
 
     DEST/Images/demo_0000.jpg ...
@@ -66,7 +66,7 @@ COUNTS = (1, 2, 3)
 
 # Object radius (half the bounding box side) in pixels of the final image, per size.
 # Measured: larger objects let the random-weight features tell colour, shape and size
-# apart more often (linear probe, README), so even "small" is not tiny.
+# apart more often (linear probe, docs/EXPERIMENTS.md), so even "small" is not tiny.
 RADIUS_RANGE = {"small": (14, 22), "large": (40, 50)}
 # Objects sit in distinct cells of a grid, so they never overlap and always fit.
 GRID_CELLS = {"small": 3, "large": 2}
