@@ -31,13 +31,12 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2
 
 from models import captioner as captioner_module
 from models import encoder as encoder_module
 from pipeline.core import device, encoder_loading, errors, io_utils
 from pipeline.data import features, run_folder, text
-from pipeline.serving import server, tf_serving_files, warmup
+from pipeline.serving import exported_model, server, tf_serving_files, warmup
 from pipeline.serving.exported_model import FEATURES_SIGNATURE, METADATA_DIR, METADATA_FILE, SERVING_SIGNATURE
 
 MODEL_NAME = "captioner"
@@ -161,10 +160,8 @@ def read_signatures(saved_model_dir):
     Returns {signature name: (inputs, outputs)}, each {tensor name: (dtype name, shape)}
     with -1 for unknown dimensions; the internal `__saved_model_init_op` is left out.
     """
-    proto = saved_model_pb2.SavedModel()
-    proto.ParseFromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
     table = {}
-    for name, signature in proto.meta_graphs[0].signature_def.items():
+    for name, signature in exported_model.read_signature_defs(saved_model_dir).items():
         if name.startswith("__"):
             continue
         table[name] = tuple(

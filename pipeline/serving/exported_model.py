@@ -51,6 +51,20 @@ def check_model_dir(model_dir):
     return model_dir
 
 
+def read_signature_defs(model_dir):
+    """{name: SignatureDef proto} of a SavedModel, sorted by name, read from its saved_model.pb.
+
+    The export's own signature defs (dtypes, shapes, tensor names), as `saved_model_cli show`
+    and TF Serving's metadata see them; `__saved_model_init_op` included.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((Path(model_dir) / SAVED_MODEL_PROTO).read_bytes())
+    signature_defs = saved_model.meta_graphs[0].signature_def
+    return {name: signature_defs[name] for name in sorted(signature_defs)}
+
+
 def header_problem(image_bytes):
     """Why `image_bytes` (bytes) must not reach the model, read from its header alone; None if it may.
 

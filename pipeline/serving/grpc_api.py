@@ -30,7 +30,6 @@ import grpc
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import types_pb2
-from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
 
@@ -55,13 +54,6 @@ class Refusal(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def read_signature_def_protos(model_dir):
-    """{name: SignatureDef proto} of a SavedModel, read from its saved_model.pb, as TF Serving answers metadata."""
-    saved_model = saved_model_pb2.SavedModel()
-    saved_model.ParseFromString((Path(model_dir) / exported_model.SAVED_MODEL_PROTO).read_bytes())
-    return dict(saved_model.meta_graphs[0].signature_def)
 
 
 @dataclasses.dataclass
@@ -169,7 +161,7 @@ def _version_of(model_spec):
 class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, backend):
         self.backend = backend
-        self.signature_defs = read_signature_def_protos(backend.model_dir)
+        self.signature_defs = exported_model.read_signature_defs(backend.model_dir)
 
     @_answered
     def Predict(self, request, context, facts):

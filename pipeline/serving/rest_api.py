@@ -21,10 +21,8 @@ import dataclasses
 import http
 import json
 import re
-from pathlib import Path
 
 from google.protobuf import json_format
-from tensorflow.core.protobuf import saved_model_pb2
 
 from models import encoder
 from pipeline.core import errors
@@ -151,12 +149,9 @@ def read_signature_defs(model_dir):
     sizes as strings) and tensor names are the export's own, printed the way TF Serving
     prints them (proto field names, fields at their defaults included).
     """
-    saved_model = saved_model_pb2.SavedModel()
-    saved_model.ParseFromString((Path(model_dir) / exported_model.SAVED_MODEL_PROTO).read_bytes())
-    signature_defs = saved_model.meta_graphs[0].signature_def
-    return {name: json_format.MessageToDict(signature_defs[name], preserving_proto_field_name=True,
+    return {name: json_format.MessageToDict(signature_def, preserving_proto_field_name=True,
                                             always_print_fields_with_no_presence=True)
-            for name in sorted(signature_defs)}
+            for name, signature_def in exported_model.read_signature_defs(model_dir).items()}
 
 
 def model_path(path, model):
