@@ -14,8 +14,10 @@ Starts from the cross-entropy decoder `OUT/decoder.keras`, which it keeps as
 
 The step itself (sample, reward, baseline, update) is `pipeline.training.scst.Stepper`.
 Each epoch ends with validation CIDEr-D (`pipeline.training.validation`, shared with `train`);
-the best decoder on it is written to `OUT/decoder.keras`, and a run stops after
-`finetune.early_stopping_patience` epochs without improvement. Written:
+the first one also scores the starting decoder as step 0's candidate (its weights put back
+for it), so the steps begin as soon as the data is read. The best decoder on it is written
+to `OUT/decoder.keras`, and a run stops after `finetune.early_stopping_patience` epochs
+without improvement. Written:
 
     OUT/decoder_xe.keras          the cross-entropy decoder fine-tuning started from
     OUT/decoder.keras             the best fine-tuned decoder on validation CIDEr-D (atomic)
@@ -165,6 +167,9 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
         model = decoder.with_dtype_policy(model, encoder.PRECISION_POLICIES[settings.precision])
         optimizer = objective.make_optimizer(settings.precision, settings.learning_rate, settings.clipnorm)
         optimizer.build(model.trainable_variables)
+    # The decoder fine-tuning starts from (`source`): validated at the first validation, with
+    # these weights put back in the model for it (a copy of the decoder's size).
+    starting_weights = model.get_weights()
     step_variable = tf.Variable(0, dtype=tf.int64, trainable=False)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_variable)
     manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=KEPT_CHECKPOINTS)
@@ -181,6 +186,8 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
                 f"{', '.join(str(state['settings'].get(name)) for name in changed)}); run `finetune` without --resume"
             )
         stopper.load_state_dict(state["stopper"])
+        if state["initial_val_cider"] is not None:
+            starting_weights = None
         print(f"finetune: resuming at step {state['step']} of {total_steps}", file=sys.stderr)
     if is_chief:
         config.save(out_dir)
@@ -210,7 +217,8 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
             return
         run_folder.write_finetune_history(out_dir, {
             "source": run_folder.XE_DECODER_FILE,
-            "decoder_sha256": state["decoder_sha256"], "best_step": stopper.best_step,
+            # Step 0 until a validation picks a step: decoder.keras holds the starting decoder.
+            "decoder_sha256": state["decoder_sha256"], "best_step": stopper.best_step or 0,
             "best_val_cider": stopper.best, "initial_val_cider": state["initial_val_cider"],
             "settings": dataclasses.asdict(settings), "epochs": state["epochs"],
         })
@@ -222,12 +230,31 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
             state["decoder_sha256"] = _save_decoder(model, out_dir)
         return scores, improved, should_stop
 
-    if state["step"] == 0 and state["initial_val_cider"] is None:
-        # The starting point is a candidate too: fine-tuning must beat the XE decoder on
-        # validation CIDEr-D to replace it.
-        scores, _, _ = validate()
+    def validate_starting_decoder():
+        """Scores the decoder fine-tuning started from as step 0's candidate: fine-tuning must beat
+        it on validation CIDEr-D to replace it. Run at the first validation rather than before
+        the first step, so the steps start as soon as the data is read; the weights trained
+        so far are put back after. Returns its seconds."""
+        started_validation = time.monotonic()
+        trained = model.get_weights()
+        model.set_weights(starting_weights)
+        scores = validation.chief_scores(strategy, scorer(model))
+        improved, _ = stopper.update(0, scores["val_cider"])
+        if improved and is_chief:
+            state["decoder_sha256"] = _save_decoder(model, out_dir)
+        model.set_weights(trained)
         state["initial_val_cider"] = scores["val_cider"]
-        print(f"finetune: starting validation CIDEr-D {scores['val_cider']:.4f}", file=sys.stderr)
+        seconds = time.monotonic() - started_validation
+        print(f"finetune: starting validation CIDEr-D {scores['val_cider']:.4f} (the decoder of step 0, "
+              f"{seconds:.1f} s)", file=sys.stderr)
+        return seconds
+
+    if not resume:
+        # decoder.keras is the starting decoder until a fine-tuned one beats it (a second
+        # fine-tuning puts the cross-entropy decoder back first), and a checkpoint of step 0
+        # lets --resume continue a run stopped in its first steps.
+        if is_chief:
+            state["decoder_sha256"] = _save_decoder(model, out_dir)
         write_history()
         save_checkpoint()
 
@@ -264,6 +291,7 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
                 reporter.update(len(rewards))
                 if state["step"] % settings.checkpoint_steps == 0 and batch_index + 1 < steps_per_epoch:
                     save_checkpoint()
+        starting_seconds = validate_starting_decoder() if state["initial_val_cider"] is None else 0.0
         scores, improved, should_stop = validate()
         entry = {
             "epoch": epoch + 1,
@@ -274,7 +302,7 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
             "val_cider": scores["val_cider"],
             "val_bleu_4": scores["val_bleu_4"],
             "best": bool(improved),
-            "seconds": round(time.monotonic() - epoch_started, 3),
+            "seconds": round(time.monotonic() - epoch_started - starting_seconds, 3),
         }
         state["epochs"].append(entry)
         state["partial"] = _empty_partial()

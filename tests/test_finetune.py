@@ -107,6 +107,45 @@ def test_finetune_sigkilled_mid_epoch_and_resumed_equals_the_uninterrupted_run(f
         np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_a_run_stopped_in_its_first_epoch_resumes_to_the_uninterrupted_result(finetuned, trained_out, copy_run,
+                                                                                monkeypatch, capsys):
+    # The starting decoder is validated at the end of epoch 1 (its weights put back for it):
+    # a run stopped before then validates it on --resume, from decoder_xe.keras.
+    from pipeline import finetune
+    from pipeline.training import scst
+
+    reference_out, _, _ = finetuned
+    out = _prepared(trained_out, copy_run)
+    train_step, steps = scst.Stepper.train_step, []
+
+    def stopped_after_three_steps(self, *args, **kwargs):
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        steps.append(1)
+        return train_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(scst.Stepper, "train_step", stopped_after_three_steps)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run_finetune(out, {})
+    monkeypatch.undo()
+    history = json.loads((out / "finetune_history.json").read_text())
+    assert (history["epochs"], history["initial_val_cider"], history["best_step"]) == ([], None, 0)
+    assert run_folder.decoder_objective(out) == "xe"
+    assert "starting validation" not in capsys.readouterr().err
+
+    finetune.run_finetune(out, {}, resume=True)
+    assert "resuming at step 3" in capsys.readouterr().err
+    expected = json.loads((reference_out / "finetune_history.json").read_text())
+    history = json.loads((out / "finetune_history.json").read_text())
+    for key in ("initial_val_cider", "best_val_cider", "best_step"):
+        assert history[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
+    for got, want in zip(history["epochs"], expected["epochs"], strict=True):
+        for key in ("step", "mean_reward", "loss", "val_cider", "best"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
+    for got, want in zip(decoder_weights(out), decoder_weights(reference_out)):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_resume_counts_the_reward_again_when_its_saved_state_is_of_other_captions(finetuned, copy_run, capsys):
     from pipeline import finetune
 
