@@ -18,11 +18,49 @@ verify can run after any stage. What is checked:
 Exit code 0 when everything present is consistent, 2 otherwise. Nothing is written.
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
 from pipeline.core import errors
 from pipeline.data import run_folder
+
+# Rows checked per read of features.h5 (16 MiB of float32 2048-d rows): verify's memory stays
+# this block, not the cache.
+CHECK_BLOCK_ROWS = 2048
+
+
+@dataclasses.dataclass
+class _CacheSummary:
+    """What verify needs of features.h5, read block by block.
+
+    image_ids: list of N str; attrs: dict; feature_dim: int; nonfinite_rows: int, rows holding
+    NaN or inf; first_nonfinite: the image id of the first of them, or None; first_vector:
+    float32 [1, feature_dim], row 0 (None for an empty cache).
+    """
+
+    image_ids: list
+    attrs: dict
+    feature_dim: int
+    nonfinite_rows: int
+    first_nonfinite: str
+    first_vector: object
+
+
+def _read_cache_summary(out_dir):
+    import numpy
+
+    with run_folder.open_feature_cache(out_dir) as reader:
+        nonfinite_rows, first_nonfinite, first_vector = 0, None, None
+        for image_ids, block in reader.batches(CHECK_BLOCK_ROWS):
+            if first_vector is None:
+                first_vector = block[:1].copy()
+            finite = numpy.isfinite(block).all(axis=1)
+            if not finite.all():
+                first_nonfinite = first_nonfinite or image_ids[int(numpy.argmin(finite))]
+                nonfinite_rows += int((~finite).sum())
+        return _CacheSummary(reader.image_ids, dict(reader.attrs), int(reader.attrs["feature_dim"]), nonfinite_rows,
+                             first_nonfinite, first_vector)
 
 
 class _Report:
@@ -86,9 +124,9 @@ def run_verify(out_dir, stream=None):
         report.ok(f"{run_folder.VOCAB_FILE}: {len(vocabulary)} words")
 
     # Unchecked here: _check_features reports a mismatch with config.json as its own problem.
-    cache = _check(report, run_folder.FEATURES_FILE, lambda: run_folder.read_feature_cache(out_dir))
+    cache = _check(report, run_folder.FEATURES_FILE, lambda: _read_cache_summary(out_dir))
     if cache is not None:
-        report.ok(f"{run_folder.FEATURES_FILE}: {len(cache.image_ids)} rows of {cache.features.shape[1]} values")
+        report.ok(f"{run_folder.FEATURES_FILE}: {len(cache.image_ids)} rows of {cache.feature_dim} values")
         _check_features(report, out_dir, config, dataset, cache)
 
     if (out_dir / run_folder.DECODER_FILE).exists():
@@ -110,8 +148,6 @@ def run_verify(out_dir, stream=None):
 
 
 def _check_features(report, out_dir, config, dataset, cache):
-    import numpy
-
     name = run_folder.FEATURES_FILE
     if config is not None:
         attributes_match = _check(
@@ -120,10 +156,9 @@ def _check_features(report, out_dir, config, dataset, cache):
         )
         if attributes_match:
             report.ok(f"{name} attributes match config.json's encoder settings")
-    finite = numpy.isfinite(cache.features).all(axis=1)
-    if not finite.all():
-        report.problem(f"{name}: {int((~finite).sum())} row(s) hold NaN or infinite values, "
-                       f"e.g. {cache.image_ids[int(numpy.argmin(finite))]!r}")
+    if cache.nonfinite_rows:
+        report.problem(f"{name}: {cache.nonfinite_rows} row(s) hold NaN or infinite values, "
+                       f"e.g. {cache.first_nonfinite!r}")
     if len(set(cache.image_ids)) != len(cache.image_ids):
         report.problem(f"{name}: image_ids holds duplicates")
     if dataset is None:
@@ -163,9 +198,9 @@ def _check_decoder(report, out_dir, config, vocabulary, cache):
                        f"{decoder_path.name} predicts {output_size} words")
     input_sizes = {tensor.name: tensor.shape[-1] for tensor in model.inputs}
     image_size = input_sizes.get(decoder.IMAGE_FEATURES_INPUT)
-    if cache is not None and image_size is not None and int(image_size) != cache.features.shape[1]:
+    if cache is not None and image_size is not None and int(image_size) != cache.feature_dim:
         report.problem(f"{decoder_path.name} takes {int(image_size)}-d image vectors but features.h5 holds "
-                       f"{cache.features.shape[1]}-d ones")
+                       f"{cache.feature_dim}-d ones")
 
 
 def _check_saved_model(report, saved_model, cache, vocabulary):
@@ -182,8 +217,8 @@ def _check_saved_model(report, saved_model, cache, vocabulary):
     if missing:
         report.problem(f"saved_model: signature(s) {', '.join(missing)} missing")
         return
-    if cache is not None and len(cache.image_ids):
-        vector = cache.features[:1]
+    if cache is not None and cache.first_vector is not None and len(cache.first_vector):
+        vector = cache.first_vector
     else:
         vector = numpy.zeros((1, 2048), numpy.float32)
     by_features = loaded.signatures[exported_model.FEATURES_SIGNATURE]

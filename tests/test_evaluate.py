@@ -119,3 +119,33 @@ def test_bad_beam_size_is_rejected(trained_out, copy_run):
     out = copy_run(trained_out)
     with pytest.raises(errors.PipelineError, match=r"decode\.beam_size \(--beam-size\) must be at least 1, got 0"):
         evaluate.run_evaluate(out, {"decode.beam_size": 0})
+
+
+def test_evaluation_and_the_validation_scorer_read_only_the_rows_of_their_split(trained_out, evaluated_out, tmp_path):
+    import h5py
+
+    from pipeline.core import config as config_module
+    from pipeline.data import run_folder
+    from pipeline.training import validation
+
+    out = tmp_path / "run"
+    shutil.copytree(trained_out, out)
+    config = config_module.PipelineConfig.load(out)
+    val_scorer = validation.build_validation_scorer(out, config)
+    with run_folder.open_feature_cache(out) as reader:
+        test_rows = set(run_folder.usable_images(out, "test", reader.image_ids).rows.tolist())
+        val_rows = set(run_folder.usable_images(out, "val", reader.image_ids).rows.tolist())
+    with h5py.File(out / run_folder.FEATURES_FILE, "r+") as handle:
+        features = handle["features"]
+        for row in range(features.shape[0]):
+            if row not in test_rows | val_rows:
+                features[row] = np.nan
+    # Every row but the test and val ones is NaN: a stage that used one would score NaN or differ.
+    metrics = evaluate.run_evaluate(out, {"decode.beam_size": 2})
+    assert metrics == evaluated_out[1]
+    with h5py.File(out / run_folder.FEATURES_FILE, "r+") as handle:
+        for row in test_rows:
+            handle["features"][row] = np.nan
+    scorer = validation.build_validation_scorer(out, config)
+    np.testing.assert_array_equal(scorer.image_features, val_scorer.image_features)
+    assert np.isfinite(scorer.image_features).all()

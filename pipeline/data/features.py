@@ -41,6 +41,10 @@ ENCODER_GRAPH_OF_VERSION_1 = "keras"
 # Attributes that must agree between a cache and the encoder settings asking for it.
 CHECKED_ATTRIBUTES = ("encoder", "weights", "image_size", "pooling", "dtype", "feature_dim", "precision")
 # `encoder_graph` values, as messages name them.
+# FeatureReader.read: rows at most this far apart are read as one slice in an unchunked
+# file (a chunked one uses its chunk's rows), and at most SLAB_ROWS rows (16 MiB) per slice.
+DEFAULT_ROW_GAP = 64
+SLAB_ROWS = 2048
 _GRAPH_NAMES = {"folded": "folded ResNet50 (BatchNorm folded into the convolutions)", "keras": "plain Keras ResNet50"}
 
 
@@ -256,7 +260,9 @@ def read_features(out_dir, expect=None, path=None):
     with _open_h5(path, "r") as handle:
         attrs, num_rows = validate(handle, path)
         _check_expect(attrs, expect, path)
-        features = handle["features"][:num_rows].astype(np.float32, copy=False)
+        features = np.empty((num_rows, handle["features"].shape[1]), dtype=np.float32)
+        if num_rows:
+            handle["features"].read_direct(features, np.s_[:num_rows], np.s_[:num_rows])
         image_ids = [value.decode("utf-8") for value in handle["image_ids"][:num_rows]]
     return FeatureCache(image_ids=image_ids, features=features, attrs=attrs)
 
@@ -285,14 +291,40 @@ class FeatureReader:
         return self.num_rows
 
     def read(self, rows):
-        """float32 [len(rows), feature_dim] for the given row indices (ints < N)."""
+        """float32 [len(rows), feature_dim] for the given row indices (ints < N, any order, repeats allowed).
+
+        Only the rows asked for are read, in increasing order, and put in the asked order in
+        NumPy. Rows at most a chunk apart are read as one slice (HDF5 reads whole chunks, and
+        a slice costs ~1.5 us a row where h5py's point selection costs ~100-180 us a row), at
+        most SLAB_ROWS at a time; isolated rows in one point selection (docs/SCALING.md).
+        """
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
             raise IndexError(f"row indices must be in [0, {self.num_rows})")
-        # h5py wants increasing unique indices; read those, then put them in the asked order.
         unique, inverse = np.unique(rows, return_inverse=True)
-        block = self._features[unique] if unique.size else np.zeros((0, self._features.shape[1]))
-        return np.asarray(block, dtype=np.float32)[inverse]
+        block = np.empty((len(unique), self._features.shape[1]), dtype=np.float32)
+        max_gap = self._features.chunks[0] if self._features.chunks else DEFAULT_ROW_GAP
+        bounds = np.concatenate([[0], np.flatnonzero(np.diff(unique) > max_gap) + 1, [len(unique)]])
+        isolated = bounds[:-1][np.diff(bounds) == 1]
+        if len(isolated):
+            block[isolated] = self._features[unique[isolated]]
+        for first, stop in zip(bounds[:-1], bounds[1:]):
+            if stop - first == 1:
+                continue  # read with the isolated rows
+            while first < stop:
+                start = unique[first]
+                end = min(stop, int(np.searchsorted(unique, start + SLAB_ROWS)))
+                block[first:end] = self._features[start:unique[end - 1] + 1][unique[first:end] - start]
+                first = end
+        return block[inverse.reshape(-1)]
+
+    def read_all(self):
+        """Every row, float32 [N, feature_dim], read straight into one new array (float16
+        storage widened by HDF5 on the way, with no second copy)."""
+        features = np.empty((self.num_rows, self._features.shape[1]), dtype=np.float32)
+        if self.num_rows:
+            self._features.read_direct(features, np.s_[:self.num_rows], np.s_[:self.num_rows])
+        return features
 
     def batches(self, batch_size):
         """Yields (image ids list of str, features float32 [b, feature_dim]) in row order, b <= batch_size."""

@@ -20,6 +20,7 @@ The file names are defined in `pipeline.core.run_files` (see there why) and expo
 
 import dataclasses
 import hashlib
+import re
 import zipfile
 from pathlib import Path
 
@@ -146,10 +147,15 @@ class UsableImages:
     records: list of N `datasets.ImageRecord`.
     rows: np.ndarray int64 [N], each image's row in features.h5.
     references: list over the N images of lists of list[str]: the image's captions that
-        keep at least one word after `text.normalize_caption`, normalized (never empty).
+        keep at least one word after `text.normalize_caption`, normalized (never empty);
+        None when the captions were asked for as word ids (`caption_ids`).
     failed: int, images of the split left out because extraction failed on them.
     wordless: int, images left out because none of their captions has a word.
     wordless_captions: int, captions without a word among the images extraction did not fail on.
+    captions_per_image: np.ndarray int64 [N], the captions with a word of each image.
+    caption_ids, caption_lengths: with a vocabulary only (else None): np.ndarray int32 [W],
+        the word ids (`Vocabulary.encode`) of those captions back to back, image by image,
+        and np.ndarray int64 [C] the words of each caption.
     """
 
     records: list
@@ -158,12 +164,38 @@ class UsableImages:
     failed: int
     wordless: int
     wordless_captions: int
+    captions_per_image: np.ndarray = None
+    caption_ids: np.ndarray = None
+    caption_lengths: np.ndarray = None
 
     def __len__(self):
         return len(self.records)
 
 
-def usable_images(out_dir, split, image_ids, dataset=None):
+# Lower-case ASCII letters runs: `text.normalize_caption` of an ASCII caption (NFKD and the
+# combining marks change nothing there, and `str.isalpha` is [A-Za-z]), one C call per caption.
+_ASCII_WORDS = re.compile(r"[a-z]+")
+
+
+class _WordIds(dict):
+    """{word: id} of a vocabulary's words (list[str]), `text.UNK_ID` for any other: `Vocabulary.encode`
+    one word at a time through `map`, with no Python frame per word."""
+
+    def __init__(self, words):
+        super().__init__(zip(words, range(len(words))))
+
+    def __missing__(self, word):
+        return text.UNK_ID
+
+
+def normalized_captions(raw_captions):
+    """`text.normalize_caption` of each caption (iterable of str -> iterator of list[str]), with
+    a fast path for ASCII captions that gives the same words."""
+    return (_ASCII_WORDS.findall(raw.lower()) if raw.isascii() else text.normalize_caption(raw)
+            for raw in raw_captions)
+
+
+def usable_images(out_dir, split, image_ids, dataset=None, *, failed_ids=None, vocabulary=None):
     """The images of `split` every stage uses: training, validation, fine-tuning and evaluation alike.
 
     The rule: an image is usable when extraction did not fail on it (it is not listed in
@@ -177,29 +209,55 @@ def usable_images(out_dir, split, image_ids, dataset=None):
         split: "train", "val" or "test".
         image_ids: list of str, the rows of features.h5 in order (`FeatureReader.image_ids`).
         dataset: captions.json already read (`datasets.Dataset`), or None to read it.
+        failed_ids: `failed_image_ids(out_dir)` already read, or None to read it.
+        vocabulary: a `text.Vocabulary` to get the captions as word ids (`caption_ids`,
+            `caption_lengths`) and no `references`: no Python object per word (training's
+            600k COCO captions); None for the words.
     Returns:
         UsableImages.
     """
     dataset = read_captions(out_dir) if dataset is None else dataset
-    failed_ids = failed_image_ids(out_dir)
-    row_of_image = {image_id: row for row, image_id in enumerate(image_ids)}
-    records = [record for record in dataset.split_images(split) if record.image_id not in failed_ids]
-    failed = len(dataset.split_images(split)) - len(records)
+    failed_ids = failed_image_ids(out_dir) if failed_ids is None else failed_ids
+    row_of_image = dict(zip(image_ids, range(len(image_ids))))
+    split_records = dataset.split_images(split)
+    records = [record for record in split_records if record.image_id not in failed_ids]
     lacking = [record.image_id for record in records if record.image_id not in row_of_image]
     if lacking:
         raise errors.ArtifactError(
             f"{Path(out_dir) / FEATURES_FILE}: {len(lacking)} {split} image(s) of captions.json have no feature row "
             f"and are not listed in {EXTRACT_ERRORS_FILE} (e.g. {lacking[0]!r}); rerun `extract` to complete the cache"
         )
-    usable, references, wordless_captions = [], [], 0
-    for record in records:
-        captions = [words for words in map(text.normalize_caption, record.captions) if words]
-        wordless_captions += len(record.captions) - len(captions)
-        if captions:
-            usable.append(record)
-            references.append(captions)
-    rows = np.asarray([row_of_image[record.image_id] for record in usable], dtype=np.int64)
-    return UsableImages(usable, rows, references, failed, len(records) - len(usable), wordless_captions)
+    normalized = normalized_captions(caption for record in records for caption in record.captions)
+    if vocabulary is None:
+        captions = list(normalized)
+        word_counts = np.fromiter(map(len, captions), dtype=np.int64, count=len(captions))
+    else:
+        # Word ids as each caption is normalized: its words are freed at once.
+        word_ids, counts, word_id = [], [], _WordIds(vocabulary.words).__getitem__
+        for words in normalized:
+            word_ids.extend(map(word_id, words))
+            counts.append(len(words))
+        word_counts = np.asarray(counts, dtype=np.int64)
+    captions_of_record = np.fromiter((len(record.captions) for record in records), dtype=np.int64, count=len(records))
+    image_of_caption = np.repeat(np.arange(len(records)), captions_of_record)
+    with_words = np.bincount(image_of_caption[word_counts > 0], minlength=len(records))
+    usable = with_words > 0
+    kept_records = [record for record, keep in zip(records, usable) if keep]
+    rows = np.asarray([row_of_image[record.image_id] for record in kept_records], dtype=np.int64)
+    wordless_captions = int((word_counts == 0).sum())
+    references = caption_ids = caption_lengths = None
+    if vocabulary is None:
+        references, starts = [], np.cumsum(captions_of_record) - captions_of_record
+        for index in np.flatnonzero(usable):
+            references.append([words for words in captions[starts[index]:starts[index] + captions_of_record[index]]
+                               if words])
+    else:
+        # A wordless caption adds no id (nor, then, an image all of whose captions are wordless).
+        caption_lengths = word_counts[word_counts > 0]
+        caption_ids = np.asarray(word_ids, dtype=np.int32)
+    return UsableImages(kept_records, rows, references, len(split_records) - len(records),
+                        len(records) - len(kept_records), wordless_captions, captions_per_image=with_words[usable],
+                        caption_ids=caption_ids, caption_lengths=caption_lengths)
 
 
 def trained_decoder_path(out_dir, decoder_file=DECODER_FILE):

@@ -116,33 +116,46 @@ class ValidationScorer:
 
 
 def build_validation_scorer(out_dir, config, split="val", max_images=None, batch_size=DEFAULT_BATCH_SIZE,
-                            beam_size=1):
-    """The ValidationScorer of one split of OUT: reads captions.json, vocab.json and the
-    split's rows of features.h5.
+                            beam_size=1, data=None):
+    """The ValidationScorer of one split of OUT, on its first `max_images` usable images.
 
     The images are the split's usable ones (`run_folder.usable_images`: extraction did not
     fail on them, they have a feature row and a caption with a word). `max_images` (int or
     None) keeps the first of them in captions.json order, so the subset is the same in every
     run and every process. `config` supplies `decode.max_length` (and `decode.length_penalty`
     for `beam_size` > 1) and the encoder settings the cache is checked against.
+    `data`: the `inputs.TrainingData` of this run (split "val" only): its vocabulary, val
+    images and feature rows are used, and no file is read again; None reads captions.json,
+    vocab.json and only the needed rows of features.h5.
     Raises ArtifactError (damaged or foreign cache, missing rows) or PipelineError (no
     usable image in the split).
     """
     out_dir = Path(out_dir)
     if max_images is not None and max_images < 1:
         raise errors.PipelineError(f"validation max_images must be at least 1, got {max_images!r}")
-    vocabulary = run_folder.read_vocabulary(out_dir)
-    with run_folder.open_feature_cache(out_dir, config.encoder) as reader:
-        images = run_folder.usable_images(out_dir, split, reader.image_ids)
-        if not len(images):
-            raise errors.PipelineError(
-                f"{out_dir / run_folder.CAPTIONS_FILE}: the {split} split has no image with features and a caption "
-                "to validate on"
-            )
-        image_features = reader.read(images.rows[:max_images])
+    if data is not None and split != "val":
+        raise ValueError(f"training data holds the val split, not {split!r}")
+    if data is not None:
+        vocabulary, images = data.vocabulary, data.val_images
+        _check_usable(out_dir, split, images)
+        image_features = data.feature_rows.read(images.rows[:max_images])
+    else:
+        vocabulary = run_folder.read_vocabulary(out_dir)
+        with run_folder.open_feature_cache(out_dir, config.encoder) as reader:
+            images = run_folder.usable_images(out_dir, split, reader.image_ids)
+            _check_usable(out_dir, split, images)
+            image_features = reader.read(images.rows[:max_images])
     return ValidationScorer(image_features, images.references[:max_images], vocabulary.words,
                             config.decode.max_length, batch_size, beam_size=beam_size,
                             length_penalty=config.decode.length_penalty)
+
+
+def _check_usable(out_dir, split, images):
+    if not len(images):
+        raise errors.PipelineError(
+            f"{out_dir / run_folder.CAPTIONS_FILE}: the {split} split has no image with features and a caption "
+            "to validate on"
+        )
 
 
 class EarlyStopper:
