@@ -130,3 +130,13 @@ def test_one_decoder_loader_one_message(trained_out, copy_run):
     problems = [line for line in stream.getvalue().splitlines() if line.startswith("problem: ")]
     assert len(problems) == 1 and re.match(f"problem: {re.escape(run_folder.DECODER_FILE)}: {damaged}",
                                            problems[0]), problems
+
+
+def test_normalized_captions_are_text_normalize_caption_s_words():
+    from pipeline.data import text
+
+    rng = np.random.default_rng(0)
+    alphabet = list("abcXYZ -'.,!?0123456789\t\n_") + ["é", "ß", "İ", "ﬁ", "〇", "Ω", "ç"]
+    captions = ["A café-owner's dog, 2 years old!", "", "42 !!", "T-SHIRT_and\tjeans"] + [
+        "".join(rng.choice(alphabet, size=rng.integers(0, 30))) for _ in range(500)]
+    assert list(run_folder.normalized_captions(captions)) == [text.normalize_caption(raw) for raw in captions]
