@@ -105,7 +105,9 @@ def run_train(out_dir, overrides, resume=False, validation_scorer=None):
 
     scorer = validation_scorer or validation.build_validation_scorer(
         out_dir, config, max_images=train_config.validation_images or None,
-        beam_size=train_config.validation_beam_size)
+        beam_size=train_config.validation_beam_size, data=data)
+    # The validation loss: on the captions of the first val images, the same in every period.
+    val_loss_split = data.val.first_images(train_config.validation_loss_images or None)
     keras.utils.set_random_seed(config.seed)
     lost_workers = functools.partial(distribution.lost_worker_errors, config.train.strategy, "train",
                                      functools.partial(_resume_point, checkpoint_dir))
@@ -125,12 +127,13 @@ def run_train(out_dir, overrides, resume=False, validation_scorer=None):
             initial_epoch=initial_step // steps_per_epoch, skip_batches=initial_step % steps_per_epoch,
             input_context=input_context),
         # Sorted by length: the same val loss with almost no padding, half the time (measured).
-        lambda input_context: inputs.make_caption_dataset(data.val, data.feature_rows, batch_size,
+        lambda input_context: inputs.make_caption_dataset(val_loss_split, data.feature_rows, batch_size,
                                                           sort_by_length=True, input_context=input_context),
     )
     print(
         f"train: {len(data.train)} train captions ({data.train.images} images), {len(data.val)} val captions "
-        f"({data.val.images} images, {len(scorer) if hasattr(scorer, '__len__') else '?'} captioned for CIDEr-D), "
+        f"({data.val.images} images; validation loss on the {len(val_loss_split)} captions of the first "
+        f"{val_loss_split.images}, {len(scorer) if hasattr(scorer, '__len__') else '?'} images captioned for CIDEr-D), "
         f"vocabulary {config.decoder.vocab_size}, "
         f"{model.count_params():,} parameters, features {'in memory' if data.in_memory else 'streamed from HDF5'}"
         + (f", {data.skipped_images} images skipped (extraction failed)" if data.skipped_images else "")
@@ -155,6 +158,7 @@ def run_train(out_dir, overrides, resume=False, validation_scorer=None):
     period_validation = periods.PeriodValidation(
         out_dir, train_config, history, is_chief, strategy=strategy, scorer=scorer, schedule=schedule,
         period_steps=period_steps, steps_per_epoch=steps_per_epoch, stopping_state=stopping_state,
+        val_loss_set=(val_loss_split.images, len(val_loss_split)),
     )
     callbacks = periods.make_callbacks(period_validation, out_dir, write_dir)
     stopper = period_validation.stopper

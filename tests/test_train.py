@@ -491,3 +491,30 @@ def test_cache_above_the_memory_limit_streams_from_hdf5_with_the_same_batches_an
     for name in ("loss", "val_loss"):
         np.testing.assert_allclose([entry[name] for entry in history], [entry[name] for entry in reference],
                                    rtol=1e-4)
+
+
+def test_validation_loss_is_computed_on_the_captions_of_the_first_val_images_and_recorded(extracted_out, copy_run):
+    out = copy_run(extracted_out)
+    summary = train.run_train(out, dict(TRAIN_OVERRIDES, **{"train.epochs": 1, "train.validation_loss_images": 2}),
+                              validation_scorer=_ScriptedScorer([0.5]))
+    config = config_module.PipelineConfig.load(out)
+    with run_folder.open_feature_cache(out) as reader:
+        val_images = run_folder.usable_images(out, "val", reader.image_ids)
+        features = reader.read_all()
+    assert len(val_images) > 2 and summary["periods_run"] == 1
+    first_two = sum(len(references) for references in val_images.references[:2])
+    (entry,) = run_folder.read_training_history(out)
+    assert (entry["val_loss_images"], entry["val_loss_captions"]) == (2, first_two)
+
+    # The recorded loss is the decoder's (the period's weights, decoder.keras) on exactly those captions.
+    model = objective.build_model(config, config.decoder.vocab_size, features.shape[1])
+    model.set_weights(decoder_weights(out))
+    data = training_inputs.load_training_data(out, config)
+
+    def val_loss(split):
+        dataset = training_inputs.make_caption_dataset(split, data.feature_rows, config.train.batch_size,
+                                                       sort_by_length=True)
+        return model.evaluate(dataset, verbose=0, return_dict=True)["loss"]
+
+    assert val_loss(data.val.first_images(2)) == pytest.approx(entry["val_loss"], rel=1e-6)
+    assert val_loss(data.val) != pytest.approx(entry["val_loss"], rel=1e-6)

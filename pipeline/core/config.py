@@ -127,6 +127,9 @@ class TrainConfig:
     select_on: str = "cider"  # "cider" (greedy validation CIDEr-D) or "loss" (validation loss)
     validation_images: int = 1000  # val images captioned for CIDEr-D each period (the first ones), 0 = all
     validation_beam_size: int = 1  # 1: greedy validation captions; more: beam search (slower)
+    # Val images (the first ones) whose captions the validation loss is computed on each period, 0 = all:
+    # a period's validation costs the same whatever the val split's size (docs/SCALING.md).
+    validation_loss_images: int = 500
     strategy: str = "default"  # "default", "mirrored" or "multiworker"
     max_cache_memory_gb: float = 4.0  # larger caches stream from HDF5 instead of loading whole
     # The decoder's arithmetic: "fp32", "bf16", "fp16" (Keras mixed precision, loss scaling in
@@ -158,6 +161,8 @@ class TrainConfig:
              self.validation_beam_size),
             (self.validation_images >= 0, "train.validation_images (--validation-images) must be >= 0 (0: all)",
              self.validation_images),
+            (self.validation_loss_images >= 0, "train.validation_loss_images must be >= 0 (0: all)",
+             self.validation_loss_images),
             (self.clipnorm > 0, "train.clipnorm must be positive", self.clipnorm),
             (self.max_cache_memory_gb > 0, "train.max_cache_memory_gb must be positive", self.max_cache_memory_gb),
             (self.strategy in STRATEGIES, f"train.strategy (--strategy) must be one of {', '.join(STRATEGIES)}",

@@ -29,29 +29,70 @@ SORT_WINDOW_BATCHES = 16
 PREFETCH_BATCHES = 2
 
 
-@dataclasses.dataclass
 class CaptionSplit:
-    """The encoded captions of one split.
+    """The encoded captions of one split, held as NumPy arrays (no Python object per caption).
 
     rows: np.ndarray int32 [C], the feature-cache row of each caption's image.
-    token_ids: list of C np.ndarray int32 [L_i], `<start> w1 .. wn <end>`, n <= max_caption_length.
+    tokens: np.ndarray int32 [T], every caption's `<start> w1 .. wn <end>` back to back
+        (n <= max_caption_length); lengths: np.ndarray int64 [C], each caption's share of them.
     images: int, how many images the captions come from.
+    captions_per_image: np.ndarray int64 [images] when the captions are grouped by image in
+        image order (`encode_split`), else None.
+    `token_ids` gives the captions as a list of C arrays (views of `tokens`).
+
+    Built either from `token_ids` (a list of C int arrays) or from `tokens` and `lengths`.
     """
 
-    rows: np.ndarray
-    token_ids: list
-    images: int
+    def __init__(self, rows, token_ids=None, images=0, *, tokens=None, lengths=None, captions_per_image=None):
+        self.rows = np.asarray(rows, dtype=np.int32)
+        if tokens is None:
+            lengths = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
+            tokens = np.concatenate(token_ids) if len(token_ids) else np.zeros((0,), np.int32)
+        self.tokens = np.asarray(tokens, dtype=np.int32)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        if len(self.lengths) != len(self.rows) or int(self.lengths.sum()) != len(self.tokens):
+            raise ValueError(f"{len(self.rows)} rows, {len(self.lengths)} lengths and {len(self.tokens)} tokens "
+                             "do not make one caption per row")
+        self.images = int(images)
+        self.captions_per_image = None if captions_per_image is None else np.asarray(captions_per_image, np.int64)
 
     def __len__(self):
         return len(self.rows)
 
+    @property
+    def token_ids(self):
+        """list of C np.ndarray int32 [L_i], views of `tokens`."""
+        return np.split(self.tokens, np.cumsum(self.lengths)[:-1]) if len(self.lengths) else []
+
+    def take(self, order):
+        """The captions at indices `order` (int array), in that order: a CaptionSplit of as many
+        images (captions_per_image dropped)."""
+        order = np.asarray(order, dtype=np.int64)
+        starts = np.cumsum(self.lengths) - self.lengths
+        lengths = self.lengths[order]
+        # Position k of the result holds token (k - its caption's new start) of the caption's old start.
+        offsets = np.repeat(starts[order] - (np.cumsum(lengths) - lengths), lengths)
+        tokens = self.tokens[np.arange(len(offsets), dtype=np.int64) + offsets]
+        return CaptionSplit(self.rows[order], images=self.images, tokens=tokens, lengths=lengths)
+
+    def first_images(self, count):
+        """The captions of the first `count` images (all when `count` is None or covers them):
+        a CaptionSplit. Needs `captions_per_image`."""
+        if count is None or count >= self.images:
+            return self
+        captions = int(self.captions_per_image[:count].sum())
+        return CaptionSplit(self.rows[:captions], images=count, tokens=self.tokens[:int(self.lengths[:captions].sum())],
+                            lengths=self.lengths[:captions], captions_per_image=self.captions_per_image[:count])
+
 
 @dataclasses.dataclass
 class TrainingData:
-    """Everything training reads from OUT, checked.
+    """Everything training reads from OUT, checked; each file of OUT read once.
 
     feature_rows: InMemoryFeatures or StreamedFeatures (rows int32 [B] -> float32 [B, feature_dim]).
     feature_dim: int; vocabulary: text.Vocabulary; train, val: CaptionSplit.
+    val_images: the usable val images (`run_folder.UsableImages`, with their references),
+        from which the validation scorer is built (`validation.build_validation_scorer(data=...)`).
     skipped_images: int, train/val images left out because extraction failed on them.
     empty_captions: int, captions left out because no word survived normalization.
     in_memory: bool, False when features are read from the HDF5 file batch by batch.
@@ -62,25 +103,42 @@ class TrainingData:
     vocabulary: text.Vocabulary
     train: CaptionSplit
     val: CaptionSplit
+    val_images: object
     skipped_images: int
     empty_captions: int
     in_memory: bool
 
 
 class InMemoryFeatures:
-    """The whole feature cache held as one tensor; batches are gathered with TF ops.
+    """The whole feature cache in one NumPy array; batches are gathered from it by `tf.numpy_function`.
 
-    array: float32 [N, feature_dim] (NumPy or TF). The gather runs inside the tf.data
-    graph (`tf.gather`), with no Python call and no GIL per batch.
+    array: float32 [N, feature_dim], held as it is (NumPy, or a tensor's values). One copy
+    of the cache in memory: a tensor made from the array (`tf.convert_to_tensor`) held
+    twice its size while converting, and 2 GiB for a 1 GiB array after the array was
+    freed; `tf.numpy_function` over the array holds none, and a batch's gather
+    (B x 2048 floats, NumPy fancy indexing) took less time than `tf.gather` from the
+    tensor (docs/SCALING.md).
     """
 
     def __init__(self, array):
-        self.tensor = tf.convert_to_tensor(array, dtype=tf.float32)
-        self.feature_dim = int(self.tensor.shape[1])
+        if isinstance(array, tf.Tensor):
+            array = array.numpy()
+        self.array = np.ascontiguousarray(array, dtype=np.float32)
+        if self.array.ndim != 2:
+            raise ValueError(f"features must be [N, feature_dim], got shape {self.array.shape}")
+        self.feature_dim = int(self.array.shape[1])
+
+    def read(self, rows):
+        """rows int [B] (NumPy) -> float32 [B, feature_dim] (NumPy, a new array)."""
+        return self.array[np.asarray(rows, dtype=np.int64)]
 
     def gather(self, rows):
-        """rows int32 [B] -> float32 [B, feature_dim] (graph-safe)."""
-        return tf.gather(self.tensor, rows)
+        """rows int32 [B] tensor -> float32 [B, feature_dim] tensor (graph-safe)."""
+        image_features = tf.numpy_function(self.read, [rows], tf.float32, stateful=False)
+        return tf.ensure_shape(image_features, [None, self.feature_dim])
+
+    def close(self):
+        pass
 
 
 class StreamedFeatures:
@@ -129,13 +187,34 @@ def encode_words(words, vocabulary, max_caption_length):
 
 
 def encode_split(images, vocabulary, max_caption_length):
-    """Every caption with a word of a split's usable images (`run_folder.UsableImages`) -> CaptionSplit."""
-    rows, token_ids = [], []
-    for row, references in zip(images.rows, images.references):
-        for words in references:
-            rows.append(row)
-            token_ids.append(encode_words(words, vocabulary, max_caption_length))
-    return CaptionSplit(np.asarray(rows, dtype=np.int32), token_ids, len(images))
+    """Every caption with a word of a split's usable images (`run_folder.UsableImages`) -> CaptionSplit,
+    the captions grouped by image in image order, each `<start> w1 .. wn <end>` (n <= max_caption_length).
+
+    Vectorised over the split: the word ids (`images.caption_ids`, or the references
+    encoded here) are cut and framed with `<start>`/`<end>` in NumPy.
+    """
+    if images.caption_ids is not None:
+        word_ids, word_counts = images.caption_ids, images.caption_lengths
+    else:
+        captions = [words for references in images.references for words in references]
+        word_ids = np.asarray(vocabulary.encode([word for words in captions for word in words]), dtype=np.int32)
+        word_counts = np.fromiter(map(len, captions), dtype=np.int64, count=len(captions))
+    kept = np.minimum(word_counts, max_caption_length)
+    word_starts = np.cumsum(word_counts) - word_counts
+    position = np.arange(len(word_ids), dtype=np.int64) - np.repeat(word_starts, word_counts)
+    words = word_ids[position < np.repeat(kept, word_counts)]
+    lengths = kept + 2
+    starts = np.cumsum(lengths) - lengths
+    tokens = np.empty(int(lengths.sum()), dtype=np.int32)
+    tokens[starts] = text.START_ID
+    tokens[starts + lengths - 1] = text.END_ID
+    is_word = np.ones(len(tokens), dtype=bool)
+    is_word[starts] = is_word[starts + lengths - 1] = False
+    tokens[is_word] = words
+    captions_per_image = images.captions_per_image
+    rows = np.repeat(np.asarray(images.rows, dtype=np.int32), captions_per_image)
+    return CaptionSplit(rows, images=len(images), tokens=tokens, lengths=lengths,
+                        captions_per_image=captions_per_image)
 
 
 def _caption_batches(split, batch_size, shuffle_seed, sort_window_batches):
@@ -157,9 +236,8 @@ def _caption_batches(split, batch_size, shuffle_seed, sort_window_batches):
         raise ValueError(f"sort_window_batches must be at least 1, got {sort_window_batches}")
     num_captions = len(split)
     num_batches = -(-num_captions // batch_size)
-    lengths = np.asarray([len(tokens) for tokens in split.token_ids], dtype=np.int64)
-    flat = np.concatenate(split.token_ids).astype(np.int32) if split.token_ids else np.zeros((0,), np.int32)
-    captions = tf.RaggedTensor.from_row_lengths(flat, lengths)
+    lengths = split.lengths
+    captions = tf.RaggedTensor.from_row_lengths(split.tokens, lengths)
     rows = tf.constant(np.asarray(split.rows, dtype=np.int32))
     caption_lengths = tf.constant(lengths)
     longest = int(lengths.max()) if num_captions else 0
@@ -272,8 +350,7 @@ def make_caption_dataset(split, feature_rows, batch_size, *, shuffle_seed=None, 
         the tokens shifted left by one (`models.decoder.make_training_pair`).
     """
     if sort_by_length and shuffle_seed is None:
-        order = sorted(range(len(split)), key=lambda index: len(split.token_ids[index]))
-        split = CaptionSplit(split.rows[order], [split.token_ids[index] for index in order], split.images)
+        split = split.take(np.argsort(split.lengths, kind="stable"))
     epoch_batches, num_batches = _caption_batches(split, batch_size, shuffle_seed, sort_window_batches)
     dataset = epoch_batches(tf.constant(epoch, tf.int64))
     if input_context is not None:
@@ -305,37 +382,47 @@ def make_training_dataset(split, feature_rows, batch_size, *, shuffle_seed, init
     return _to_model_batches(dataset, feature_rows)
 
 
+def cache_memory_bytes(num_rows, feature_dim):
+    """Bytes the feature cache takes in memory when training holds it (one float32 copy):
+    what `train.max_cache_memory_gb` is compared with."""
+    return int(num_rows) * int(feature_dim) * np.dtype(np.float32).itemsize
+
+
 def load_training_data(out_dir, config):
     """Reads and cross-checks what training needs from OUT (the artifacts of `extract`); nothing is written.
 
-    The train and val captions are those of `run_folder.usable_images`; the feature cache
-    is held in memory up to `train.max_cache_memory_gb`, else streamed batch by batch.
+    Each file is read once: captions.json, extract_errors.json, vocab.json, and features.h5,
+    whose rows go straight into the one array training gathers from (`InMemoryFeatures`,
+    when `cache_memory_bytes` is at most `train.max_cache_memory_gb`), else are streamed
+    batch by batch. The train and val captions are those of `run_folder.usable_images`;
+    the training captions become word ids without a Python object per word.
     Returns a TrainingData. Raises ArtifactError (mismatched encoder, missing feature rows,
     damaged files) or PipelineError (an empty split) with one message naming the file and the fix.
     """
     out_dir = Path(out_dir)
-    dataset = run_folder.read_captions(out_dir)
     vocabulary = run_folder.read_vocabulary(out_dir)
     with run_folder.open_feature_cache(out_dir, config.encoder) as reader:
-        image_ids, num_rows, feature_dim = reader.image_ids, len(reader), int(reader.attrs["feature_dim"])
-    splits = {split: run_folder.usable_images(out_dir, split, image_ids, dataset) for split in ("train", "val")}
-    encoded = {}
-    for split, images in splits.items():
-        encoded[split] = encode_split(images, vocabulary, config.text.max_caption_length)
-        if not len(encoded[split]):
-            raise errors.PipelineError(
-                f"{out_dir / run_folder.CAPTIONS_FILE}: the {split} split has no usable caption "
-                f"({len(images) + images.wordless} images with features); training needs both train and val captions"
-            )
-
-    in_memory = num_rows * feature_dim * 4 <= config.train.max_cache_memory_gb * 2**30
-    if in_memory:
-        feature_rows = InMemoryFeatures(run_folder.read_feature_cache(out_dir).features)
-    else:
-        feature_rows = StreamedFeatures(out_dir, feature_dim)
+        num_rows, feature_dim = len(reader), int(reader.attrs["feature_dim"])
+        dataset = run_folder.read_captions(out_dir)
+        failed_ids = run_folder.failed_image_ids(out_dir)
+        splits = {split: run_folder.usable_images(out_dir, split, reader.image_ids, dataset, failed_ids=failed_ids,
+                                                  vocabulary=vocabulary if split == "train" else None)
+                  for split in ("train", "val")}
+        del dataset  # its Python objects, before the rows arrive
+        encoded = {}
+        for split, images in splits.items():
+            encoded[split] = encode_split(images, vocabulary, config.text.max_caption_length)
+            if not len(encoded[split]):
+                raise errors.PipelineError(
+                    f"{out_dir / run_folder.CAPTIONS_FILE}: the {split} split has no usable caption "
+                    f"({len(images) + images.wordless} images with features); training needs both train and val "
+                    "captions"
+                )
+        in_memory = cache_memory_bytes(num_rows, feature_dim) <= config.train.max_cache_memory_gb * 2**30
+        feature_rows = InMemoryFeatures(reader.read_all()) if in_memory else StreamedFeatures(out_dir, feature_dim)
     return TrainingData(
         feature_rows=feature_rows, feature_dim=feature_dim, vocabulary=vocabulary,
-        train=encoded["train"], val=encoded["val"],
+        train=encoded["train"], val=encoded["val"], val_images=splits["val"],
         skipped_images=sum(images.failed for images in splits.values()),
         empty_captions=sum(images.wordless_captions for images in splits.values()), in_memory=in_memory,
     )

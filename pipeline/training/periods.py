@@ -105,10 +105,12 @@ class PeriodValidation(keras.callbacks.Callback):
         schedule: the `models.schedules.WarmupSchedule` of the optimizer (its `scale` is cut).
         period_steps, steps_per_epoch: optimizer steps per period and per pass over the captions.
         stopping_state: the state `read_stopping_state` gave for a resumed run, or None.
+        val_loss_set: (images, captions), ints: what Keras' validation loss is computed on
+            (the captions of the first val images), recorded with every period.
     """
 
     def __init__(self, out_dir, train_config, history, is_chief, *, strategy, scorer, schedule, period_steps,
-                 steps_per_epoch, stopping_state=None):
+                 steps_per_epoch, stopping_state=None, val_loss_set=(None, None)):
         super().__init__()
         self.out_dir, self.train_config, self.history, self.is_chief = Path(out_dir), train_config, history, is_chief
         self.strategy, self.scorer, self.schedule = strategy, scorer, schedule
@@ -125,6 +127,7 @@ class PeriodValidation(keras.callbacks.Callback):
         schedule.scale.assign(train_config.reduce_lr_factor ** self.lr_reductions)
         self.marks = {}
         self.dropout_seeds = []
+        self.val_loss_set = {"val_loss_images": val_loss_set[0], "val_loss_captions": val_loss_set[1]}
 
     def on_train_begin(self, logs=None):
         # The dropout layers' random state is not part of the weights BackupAndRestore
@@ -155,7 +158,8 @@ class PeriodValidation(keras.callbacks.Callback):
         if logs is not None:  # the same dict reaches TensorBoard and the console line
             logs.update({name: value for name, value in scores.items() if name != "val_seconds"})
             logs["learning_rate"] = learning_rate
-        keras_logs = {name: float(value) for name, value in (logs or {}).items()}
+            logs.update({name: value for name, value in self.val_loss_set.items() if value is not None})
+        keras_logs = {name: float(value) for name, value in (logs or {}).items() if name not in self.val_loss_set}
         score = scores["val_cider"] if self.select_on_cider else keras_logs.get("val_loss", math.nan)
         improved, should_stop = self.stopper.update(step, score)
         lr_reduced = self._maybe_reduce_learning_rate(step, improved)
@@ -163,6 +167,7 @@ class PeriodValidation(keras.callbacks.Callback):
         begin = self.marks.get("begin", now)
         entry = {"period": epoch + 1, "step": step, "epoch": round(step / self.steps_per_epoch, 3)}
         entry.update(keras_logs)
+        entry.update(self.val_loss_set)
         # Per period: a run resumed on another machine shows where each part was computed.
         entry.update({"device": train_config.device, "precision": train_config.precision})
         entry.update({
