@@ -1,6 +1,6 @@
 """Stage costs against dataset size: per-item cost, start-up and peak memory of every stage.
 
-    python -m benchmarks.bench_scale [--sizes N [N ...]] [--quick] [--json FILE] [--keep DIR]
+    python -m benchmarks.bench_scale [--sizes N [N ...]] [--quick] [--json FILE] [--keep DIR] [--stages S ...]
     python -m benchmarks.bench_scale --reward-setup [--sizes N ...] [--baseline-revision REV] [--json FILE]
     python -m benchmarks [--quick] --only bench_scale     (QUICK_SIZES, or SUITE_SIZES)
 
@@ -33,6 +33,11 @@ Figures per stage and size:
 and, as its own row, the CIDEr-D reward set-up (`CiderD(...)` on the training split's
 captions as token ids, in a child process): per_item_ms per training image, peak_rss_mb the
 child's resident growth during the set-up (sampled every millisecond).
+
+With `--keep DIR`, the datasets and run folders stay in DIR/coco_SIZE/{data,out}, and a later
+run with the same DIR reuses a dataset already there (and its cache: extract then only checks
+it); `--stages` runs only the stages named (reward_setup extract train evaluate verify finetune),
+e.g. `--keep /tmp/scale_data --stages train` to time training again on a kept COCO-sized cache.
 
 A stage whose per-item cost at the largest size is more than 20% above the smallest's is
 flagged "GROWS". `--reward-setup` measures the reward set-up alone; with
@@ -76,6 +81,8 @@ FINETUNE_SECONDS, QUICK_FINETUNE_SECONDS = 60.0, 10.0
 GROWTH_LIMIT = 1.2
 REWARD_BATCHES = 50  # fine-tuning steps' scoring timed after the reward set-up
 STOP_GRACE_SECONDS = 120.0
+DATASET_INFO = "bench_scale_dataset.json"  # write_dataset's summary, beside a kept dataset
+STAGES = ("reward_setup", "extract", "train", "evaluate", "verify", "finetune")
 PROGRESS_LINE = re.compile(r"^(?P<label>.*?) ?(?P<done>\d+)/(?P<total>\d+) (?P<unit>[a-z]+)\b.* ETA ")
 KERAS_EPOCH = re.compile(r"^Epoch (?P<epoch>\d+)/\d+")
 
@@ -301,12 +308,14 @@ def _pipeline(stage, out, *arguments):
     return [sys.executable, "run_pipeline.py", stage, "--out", str(out), *arguments]
 
 
-def run_stages(data_dir, out, sizes_info, period_steps=None, finetune_seconds=FINETUNE_SECONDS, log=print):
-    """Runs extract, train, evaluate, verify and finetune on one dataset; {stage: figures}."""
+def run_stages(data_dir, out, sizes_info, period_steps=None, finetune_seconds=FINETUNE_SECONDS, log=print,
+               stages=STAGES):
+    """Runs extract, train, evaluate, verify and finetune (those of `stages`) on one dataset; {stage: figures}."""
     from pipeline.core import config as config_module
 
     out.mkdir(parents=True, exist_ok=True)
-    config_module.PipelineConfig().replace({"encoder.image_size": IMAGE_SIZE}).save(out)
+    if not (out / "config.json").exists():
+        config_module.PipelineConfig().replace({"encoder.image_size": IMAGE_SIZE}).save(out)
     environment = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
     images = sum(sizes_info.values())
     results = {}
@@ -328,10 +337,41 @@ def run_stages(data_dir, out, sizes_info, period_steps=None, finetune_seconds=FI
         per_item = None if startup is None else (run.seconds - startup) / items
         record(label, run, items, "image", per_item, startup)
 
-    run = StageRun(_pipeline("extract", out, "--data", str(data_dir), "--weights", "random")).run(environment)
-    after_startup(run, images, "extract")
-    if run.failure():
+    if "extract" in stages:
+        run = StageRun(_pipeline("extract", out, "--data", str(data_dir), "--weights", "random")).run(environment)
+        after_startup(run, images, "extract")
+        if run.failure():
+            return results
+
+    if "train" in stages:
+        _train(out, environment, period_steps, record)
+    if not (out / "decoder.keras").exists():
         return results
+
+    if "evaluate" in stages:
+        run = StageRun(_pipeline("evaluate", out)).run(environment)
+        after_startup(run, sizes_info["test"], "evaluate")
+    if "verify" in stages:
+        run = StageRun(_pipeline("verify", out)).run(environment)
+        record("verify", run, images, "image", run.seconds / images, None)
+
+    def finetune_has_run_long_enough(run):
+        # Any epoch's lines: a small dataset's first epoch may end sooner.
+        lines = run.progress("finetune epoch ")
+        return len(lines) >= 2 and lines[-1][0] - lines[0][0] >= finetune_seconds
+
+    if "finetune" in stages:
+        run = StageRun(_pipeline("finetune", out), stop=finetune_has_run_long_enough).run(environment)
+        lines = run.progress("finetune epoch 1/")
+        per_item = ((lines[-1][0] - lines[0][0]) / (lines[-1][1] - lines[0][1])
+                    if len(lines) >= 2 and lines[-1][1] > lines[0][1] else None)
+        record("finetune", run, lines[-1][1] if lines else 0, "caption", per_item, lines[0][0] if lines else None)
+    return results
+
+
+def _train(out, environment, period_steps, record):
+    """Runs `train` on OUT until period TRAIN_PERIODS + 1 begins and records its figures."""
+    from pipeline.core import config as config_module
 
     train_arguments = ["--validate-every-steps", str(period_steps)] if period_steps else []
     next_period = re.compile(rf"^Epoch {TRAIN_PERIODS + 1}/")
@@ -350,25 +390,6 @@ def run_stages(data_dir, out, sizes_info, period_steps=None, finetune_seconds=FI
                vocabulary_size=config.decoder.vocab_size)
     else:
         record("train", run, 0, "caption", None, startup)
-    if not (out / "decoder.keras").exists():
-        return results
-
-    run = StageRun(_pipeline("evaluate", out)).run(environment)
-    after_startup(run, sizes_info["test"], "evaluate")
-    run = StageRun(_pipeline("verify", out)).run(environment)
-    record("verify", run, images, "image", run.seconds / images, None)
-
-    def finetune_has_run_long_enough(run):
-        # Any epoch's lines: a small dataset's first epoch may end sooner.
-        lines = run.progress("finetune epoch ")
-        return len(lines) >= 2 and lines[-1][0] - lines[0][0] >= finetune_seconds
-
-    run = StageRun(_pipeline("finetune", out), stop=finetune_has_run_long_enough).run(environment)
-    lines = run.progress("finetune epoch 1/")
-    per_item = ((lines[-1][0] - lines[0][0]) / (lines[-1][1] - lines[0][1])
-                if len(lines) >= 2 and lines[-1][1] > lines[0][1] else None)
-    record("finetune", run, lines[-1][1] if lines else 0, "caption", per_item, lines[0][0] if lines else None)
-    return results
 
 
 def growth(runs):
@@ -394,27 +415,35 @@ def format_table(runs, ratios):
     return "\n".join(lines)
 
 
-def measure(sizes, quick=False, keep=None, log=print):
-    """Every stage and the reward set-up at each size; the report (see the module docstring)."""
+def measure(sizes, quick=False, keep=None, log=print, stages=STAGES):
+    """Every stage (of `stages`) and the reward set-up at each size; the report (see the module docstring)."""
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as scratch:
         for size in sizes:
             root = Path(keep or scratch) / f"coco_{size}"
             started = time.monotonic()
-            dataset = write_dataset(root / "data", size)
-            log(f"== {size:,} images: dataset written in {time.monotonic() - started:.1f} s "
-                f"({dataset['captions']:,} captions, {dataset['word_types']:,} word types, splits {dataset['splits']})")
-            # Best of 3: at a few hundred images one set-up takes milliseconds, the first one more.
-            reward = measure_reward_setup(dataset["splits"]["train"] + dataset["splits"]["restval"], repeats=3)
-            stages = {"reward_setup": {"items": reward["images"], "unit": "image", "per_item_ms": reward["per_item_ms"],
-                                       "startup_s": None, "peak_rss_mb": reward["peak_rss_growth_mb"],
-                                       "vocabulary_size": reward["vocabulary_size"],
-                                       "scores_ms_per_step": reward["scores_ms_per_step"]}}
-            log(f"   reward_setup: {reward['seconds']:.2f} s")
-            stages.update(run_stages(root / "data", root / "out", dataset["splits"],
-                                     period_steps=QUICK_PERIOD_STEPS if quick else None,
-                                     finetune_seconds=QUICK_FINETUNE_SECONDS if quick else FINETUNE_SECONDS, log=log))
-            runs.append({"images": size, "dataset": dataset, "stages": stages})
+            if (root / "data" / DATASET_INFO).exists():
+                dataset = json.loads((root / "data" / DATASET_INFO).read_text())
+                log(f"== {size:,} images: the dataset kept in {root / 'data'}")
+            else:
+                dataset = write_dataset(root / "data", size)
+                (root / "data" / DATASET_INFO).write_text(json.dumps(dataset))
+                log(f"== {size:,} images: dataset written in {time.monotonic() - started:.1f} s")
+            log(f"   {dataset['captions']:,} captions, {dataset['word_types']:,} word types, splits {dataset['splits']}")
+            stages_figures = {}
+            if "reward_setup" in stages:
+                # Best of 3: at a few hundred images one set-up takes milliseconds, the first one more.
+                reward = measure_reward_setup(dataset["splits"]["train"] + dataset["splits"]["restval"], repeats=3)
+                stages_figures["reward_setup"] = {
+                    "items": reward["images"], "unit": "image", "per_item_ms": reward["per_item_ms"], "startup_s": None,
+                    "peak_rss_mb": reward["peak_rss_growth_mb"], "vocabulary_size": reward["vocabulary_size"],
+                    "scores_ms_per_step": reward["scores_ms_per_step"]}
+                log(f"   reward_setup: {reward['seconds']:.2f} s")
+            stages_figures.update(run_stages(root / "data", root / "out", dataset["splits"],
+                                             period_steps=QUICK_PERIOD_STEPS if quick else None,
+                                             finetune_seconds=QUICK_FINETUNE_SECONDS if quick else FINETUNE_SECONDS,
+                                             log=log, stages=stages))
+            runs.append({"images": size, "dataset": dataset, "stages": stages_figures})
             if not keep:
                 import shutil
 
@@ -463,6 +492,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, short training and fine-tuning")
     parser.add_argument("--keep", help="write the datasets and run folders here and keep them")
     parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES, help="the stages to run (default: all)")
     parser.add_argument("--reward-setup", action="store_true", help="measure only the CIDEr-D reward set-up")
     parser.add_argument("--baseline-revision", help="with --reward-setup: also the CiderD of this git revision")
     parser.add_argument("--repeats", type=int, default=2, help="with --reward-setup: timed set-ups per child (best)")
@@ -474,7 +504,8 @@ def main(argv=None):
     if args.reward_setup:
         report = measure_reward_comparison(args.sizes or REWARD_SIZES, args.baseline_revision, args.repeats)
     else:
-        report = measure(args.sizes or (QUICK_SIZES if args.quick else SIZES), quick=args.quick, keep=args.keep)
+        report = measure(args.sizes or (QUICK_SIZES if args.quick else SIZES), quick=args.quick, keep=args.keep,
+                         stages=args.stages)
         print()
         print(format_table(report["runs"], report["growth"]))
     if args.json:
