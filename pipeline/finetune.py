@@ -128,8 +128,12 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
     vocab_size = len(data.vocabulary)
     images = scst.reward_data(data.train, vocab_size)
     scorer = validation.build_validation_scorer(
-        out_dir, config, split="val", max_images=settings.validation_images or None,
+        out_dir, config, split="val", max_images=settings.validation_images or None, data=data,
     )
+    # What the steps read from here on: the other captions need not stay in memory.
+    feature_rows = data.feature_rows
+    cleanup.callback(feature_rows.close)
+    del data
     max_length = config.decode.max_length
     steps_per_epoch = -(-len(images.rows) // settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
@@ -272,8 +276,7 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
         with reporter:
             for batch_index in range(position, steps_per_epoch):
                 members = order[batch_index * settings.batch_size:(batch_index + 1) * settings.batch_size]
-                rows = tf.constant(images.rows[members])
-                image_features = data.feature_rows.gather(rows)
+                image_features = tf.constant(feature_rows.read(images.rows[members]))
                 outcome = stepper.train_step(image_features, members, (config.seed, state["step"]))
                 rewards, loss, mask = outcome["rewards"], outcome["loss"], outcome["mask"]
                 reward_seconds += outcome["reward_seconds"]

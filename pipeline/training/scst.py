@@ -38,18 +38,18 @@ class RewardData:
 
 
 def reward_data(split, vocabulary_size):
-    """Groups a training CaptionSplit (`<start> w.. <end>` per caption) into images and references.
+    """Groups a training `inputs.CaptionSplit` (`<start> w.. <end>` per caption, its `tokens` and
+    `lengths`) into images and references.
 
     Images in feature-row order, each image's captions in the split's order, `<start>`
     dropped; in NumPy arrays, with no Python object per caption.
     """
-    lengths = np.fromiter(map(len, split.token_ids), dtype=np.int64, count=len(split.token_ids))
-    flat = np.concatenate(split.token_ids) if len(lengths) else np.zeros((0,), np.int32)
+    lengths, flat = split.lengths, split.tokens
     starts = np.cumsum(lengths) - lengths
     keep = np.ones(len(flat), dtype=bool)
     keep[starts[lengths > 0]] = False  # each caption's <start>
     tokens = flat[keep]
-    del flat, keep
+    del keep
     lengths = np.maximum(lengths - 1, 0)
     rows = np.asarray(split.rows, dtype=np.int64)
     order = np.argsort(rows, kind="stable")
