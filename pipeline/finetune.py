@@ -323,7 +323,8 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
         save_checkpoint()
         if should_stop:
             print(f"finetune: early stopping after epoch {epoch + 1}: validation CIDEr-D has not improved for "
-                  f"{stopper.steps_since_best // steps_per_epoch} epochs (patience {settings.early_stopping_patience}); "
+                  f"{stopper.steps_since_best // steps_per_epoch} epochs "
+                  f"(patience {settings.early_stopping_patience}); "
                   f"best {stopper.best:.4f} at step {stopper.best_step}", file=sys.stderr)
     writer.close()
     loop_seconds = time.monotonic() - loop_started

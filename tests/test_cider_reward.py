@@ -79,7 +79,8 @@ def test_state_round_trips_through_npz_without_counting_again(tmp_path, monkeypa
     np.testing.assert_array_equal(restored.df_counts, scorer.df_counts)
     candidates = rng.integers(3, 15, size=(50, 12))
     lengths, images = rng.integers(1, 13, size=50), rng.integers(0, 40, size=50)
-    np.testing.assert_array_equal(restored.scores(candidates, lengths, images), scorer.scores(candidates, lengths, images))
+    np.testing.assert_array_equal(restored.scores(candidates, lengths, images),
+                                  scorer.scores(candidates, lengths, images))
 
 
 def test_state_of_other_captions_or_settings_is_refused():

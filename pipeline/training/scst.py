@@ -103,7 +103,8 @@ def reward_scorer(references, vocabulary_size, state_path, name="finetune"):
         with open(temporary, "wb") as handle:
             np.savez(handle, **reward.state())
     print(f"{name}: CIDEr-D document frequencies of {reward.corpus_size:,} images counted "
-          f"({len(reward.df_keys):,} n-grams, {time.monotonic() - started:.1f} s), kept in {state_path}", file=sys.stderr)
+          f"({len(reward.df_keys):,} n-grams, {time.monotonic() - started:.1f} s), kept in {state_path}",
+          file=sys.stderr)
     return reward
 
 
