@@ -26,6 +26,7 @@ TRAIN_FLAGS = {
     "reduce_lr_patience_steps": ("train.reduce_lr_patience_steps", int),
     "select_on": ("train.select_on", str),
     "validation_images": ("train.validation_images", int),
+    "validation_loss_images": ("train.validation_loss_images", int),
     "validation_beam_size": ("train.validation_beam_size", int),
     "embedding_dim": ("decoder.embedding_dim", int),
     "units": ("decoder.units", int),

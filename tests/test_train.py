@@ -518,3 +518,17 @@ def test_validation_loss_is_computed_on_the_captions_of_the_first_val_images_and
 
     assert val_loss(data.val.first_images(2)) == pytest.approx(entry["val_loss"], rel=1e-6)
     assert val_loss(data.val) != pytest.approx(entry["val_loss"], rel=1e-6)
+
+
+def test_command_line_maps_validation_loss_images_and_rejects_a_negative_count():
+    import run_pipeline
+
+    args = run_pipeline.build_parser().parse_args(["train", "--out", "OUT", "--validation-loss-images", "0",
+                                                   "--validation-images", "200"])
+    overrides = {key: value for key, value in run_pipeline._overrides(args, run_pipeline.TRAIN_FLAGS).items()
+                 if value is not None}  # flags not given map to None: the saved setting stays
+    assert overrides == {"train.validation_loss_images": 0, "train.validation_images": 200}
+    config = config_module.PipelineConfig().replace(overrides)
+    assert config.train.validation_loss_images == 0
+    with pytest.raises(errors.PipelineError, match=r"--validation-loss-images\) must be >= 0"):
+        config_module.PipelineConfig().replace({"train.validation_loss_images": -1}).train.check()

@@ -92,7 +92,7 @@ class DecoderConfig:
     embedding_dim: int = 256
     units: int = 512
     dropout: float = 0.5
-    image_input: str = "init_state"  # "init_state" (h0, c0 from the image) or "first_step" (measured: README)
+    image_input: str = "init_state"  # "init_state" (h0, c0 from the image) or "first_step" (measured: docs/EXPERIMENTS.md)
     vocab_size: int = 0  # set by training from vocab.json
 
     def check(self):
@@ -111,9 +111,9 @@ class DecoderConfig:
 @dataclasses.dataclass
 class TrainConfig:
     # A cap, in passes over the training captions (rounded up to whole validation periods):
-    # training normally ends before it, by early stopping on validation (README).
+    # training normally ends before it, by early stopping on validation (docs/EXPERIMENTS.md).
     epochs: int = 200
-    # 128: on a 2-core CPU, twice the captions/s of 64 (benchmarks/bench_train.py, README).
+    # 128: on a 2-core CPU, twice the captions/s of 64 (benchmarks/bench_train.py).
     batch_size: int = 128
     learning_rate: float = 1e-3  # the peak rate, reached at the end of the warm-up
     lr_schedule: str = "plateau"  # "plateau" (warm-up, then cuts when validation stalls) or "cosine" (over the cap)
@@ -161,7 +161,7 @@ class TrainConfig:
              self.validation_beam_size),
             (self.validation_images >= 0, "train.validation_images (--validation-images) must be >= 0 (0: all)",
              self.validation_images),
-            (self.validation_loss_images >= 0, "train.validation_loss_images must be >= 0 (0: all)",
+            (self.validation_loss_images >= 0, "train.validation_loss_images (--validation-loss-images) must be >= 0 (0: all)",
              self.validation_loss_images),
             (self.clipnorm > 0, "train.clipnorm must be positive", self.clipnorm),
             (self.max_cache_memory_gb > 0, "train.max_cache_memory_gb must be positive", self.max_cache_memory_gb),
@@ -185,7 +185,7 @@ class FinetuneConfig:
     clipnorm: float = 5.0
     # Epochs without a better validation CIDEr-D. Self-critical training often dips below its
     # starting point for its first epochs; on the demo's alternate frames (12 steps per epoch)
-    # 3 stopped it before its first gain (README).
+    # 3 stopped it before its first gain (docs/EXPERIMENTS.md).
     early_stopping_patience: int = 5
     checkpoint_steps: int = 50  # steps between resumable checkpoints (and one at every epoch end)
     validation_images: int = 0  # validation images scored each epoch; 0 = all
