@@ -55,7 +55,7 @@ RESUME_FIXED = ("samples", "baseline", "batch_size", "learning_rate", "clipnorm"
 # Loop states kept beside the checkpoints (a state is written just before its checkpoint).
 KEPT_CHECKPOINTS = 2
 # The reward's document frequencies (`CiderD.state()`), in the checkpoint folder.
-REWARD_STATE_FILE = "reward_state.npz"
+REWARD_STATE_FILE = run_folder.REWARD_STATE_FILE
 
 
 def _save_decoder(model, out_dir):

@@ -27,6 +27,7 @@ LOG_DIR = "logs"  # TensorBoard
 XE_DECODER_FILE = "decoder_xe.keras"  # the cross-entropy decoder fine-tuning started from
 FINETUNE_HISTORY_FILE = "finetune_history.json"
 FINETUNE_CHECKPOINT_DIR = "finetune_checkpoints"
+REWARD_STATE_FILE = "reward_state.npz"  # in FINETUNE_CHECKPOINT_DIR: the CIDEr-D document frequencies
 FINETUNE_LOG_DIR = "logs/finetune"
 
 # Written by `evaluate`.

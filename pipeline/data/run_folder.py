@@ -45,6 +45,7 @@ from pipeline.core.run_files import (  # noqa: F401  (the names of OUT/, for the
     LOG_DIR,
     METRICS_FILE,
     REPORT_FILE,
+    REWARD_STATE_FILE,
     SAVED_MODEL_DIR,
     SERVING_DIR,
     STOPPING_FILE,
