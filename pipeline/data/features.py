@@ -257,14 +257,8 @@ def read_features(out_dir, expect=None, path=None):
     if the file is missing, damaged, foreign or does not match `expect`.
     """
     path = Path(path) if path is not None else features_path(out_dir)
-    with _open_h5(path, "r") as handle:
-        attrs, num_rows = validate(handle, path)
-        _check_expect(attrs, expect, path)
-        features = np.empty((num_rows, handle["features"].shape[1]), dtype=np.float32)
-        if num_rows:
-            handle["features"].read_direct(features, np.s_[:num_rows], np.s_[:num_rows])
-        image_ids = [value.decode("utf-8") for value in handle["image_ids"][:num_rows]]
-    return FeatureCache(image_ids=image_ids, features=features, attrs=attrs)
+    with FeatureReader(path, expect) as reader:
+        return FeatureCache(image_ids=reader.image_ids, features=reader.read_all(), attrs=reader.attrs)
 
 
 class FeatureReader:
