@@ -44,6 +44,9 @@ def reward_data(split, vocabulary_size):
     Images in feature-row order, each image's captions in the split's order, `<start>`
     dropped; in NumPy arrays, with no Python object per caption.
     """
+    order = np.argsort(split.rows, kind="stable")
+    if (np.diff(order) != 1).any():
+        split = split.take(order)  # captions grouped by image, in feature-row order
     lengths, flat = split.lengths, split.tokens
     starts = np.cumsum(lengths) - lengths
     keep = np.ones(len(flat), dtype=bool)
@@ -52,14 +55,6 @@ def reward_data(split, vocabulary_size):
     del keep
     lengths = np.maximum(lengths - 1, 0)
     rows = np.asarray(split.rows, dtype=np.int64)
-    order = np.argsort(rows, kind="stable")
-    if (np.diff(order) != 1).any():
-        # Captions grouped by image: each caption's ids moved to its place in the new order.
-        sorted_lengths = lengths[order]
-        source = np.cumsum(lengths) - lengths
-        target = np.cumsum(sorted_lengths) - sorted_lengths
-        tokens = tokens[np.repeat(source[order] - target, sorted_lengths) + np.arange(sorted_lengths.sum())]
-        lengths, rows = sorted_lengths, rows[order]
     first = np.flatnonzero(np.diff(rows, prepend=-1) != 0)
     per_image = np.diff(first, append=len(rows))
     return RewardData(rows[first].astype(np.int32), cider_reward.Captions(tokens, lengths, per_image, vocabulary_size))
