@@ -227,9 +227,10 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
             "settings": dataclasses.asdict(settings), "epochs": state["epochs"],
         })
 
-    def validate():
+    def validate(step):
+        """Scores the model's weights as step `step`'s candidate; the best is written to decoder.keras."""
         scores = validation.chief_scores(strategy, scorer(model))
-        improved, should_stop = stopper.update(state["step"], scores["val_cider"])
+        improved, should_stop = stopper.update(step, scores["val_cider"])
         if improved and is_chief:
             state["decoder_sha256"] = _save_decoder(model, out_dir)
         return scores, improved, should_stop
@@ -242,10 +243,7 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
         started_validation = time.monotonic()
         trained = model.get_weights()
         model.set_weights(starting_weights)
-        scores = validation.chief_scores(strategy, scorer(model))
-        improved, _ = stopper.update(0, scores["val_cider"])
-        if improved and is_chief:
-            state["decoder_sha256"] = _save_decoder(model, out_dir)
+        scores, _, _ = validate(0)
         model.set_weights(trained)
         state["initial_val_cider"] = scores["val_cider"]
         seconds = time.monotonic() - started_validation
@@ -295,7 +293,7 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
                 if state["step"] % settings.checkpoint_steps == 0 and batch_index + 1 < steps_per_epoch:
                     save_checkpoint()
         starting_seconds = validate_starting_decoder() if state["initial_val_cider"] is None else 0.0
-        scores, improved, should_stop = validate()
+        scores, improved, should_stop = validate(state["step"])
         entry = {
             "epoch": epoch + 1,
             "step": state["step"],
