@@ -29,7 +29,10 @@ Figures per stage and size:
                   lines, per sampled caption
     startup_s     from the child's start to its first progress line (train: Keras' "Epoch 1/",
                   printed before the first step); verify prints none
-    peak_rss_mb   the child's peak resident set size (`os.wait4`'s ru_maxrss)
+    peak_rss_mb   the stage process's own peak resident set size (its VmHWM, read every 0.1 s)
+    tree_peak_rss_mb  the largest peak of the stage and the processes it started (`os.wait4`'s
+                  ru_maxrss): above peak_rss_mb only when a child outgrew the stage, as
+                  evaluate's METEOR 1.5 JVM (pycocoevalcap's `java -Xmx2G`) does
 and, as its own row, the CIDEr-D reward set-up (`CiderD(...)` on the training split's
 captions as token ids, in a child process): per_item_ms per training image, peak_rss_mb the
 child's resident growth during the set-up (sampled every millisecond).
@@ -245,12 +248,23 @@ def measure_reward_setup(num_images, revision=None, repeats=2):
     return result
 
 
+def _own_peak_mb(pid):
+    """The peak resident set size of process `pid` so far (VmHWM, MiB), 0.0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    return int(found.group(1)) / 1024 if found else 0.0
+
+
 class StageRun:
     """One `run_pipeline.py` child: its output lines with times, stopped by `stop(run)` if given.
 
     Attributes after `run()`: lines (list of (seconds since start, stream name, text)),
     exit_code (int; 130 after a stop by SIGINT), stopped (bool), seconds (float, wall),
-    peak_rss_mb (float).
+    peak_rss_mb (float: the stage process's own peak), tree_peak_rss_mb (float: the largest
+    peak of it and its children).
     """
 
     def __init__(self, command, stop=None):
@@ -266,11 +280,13 @@ class StageRun:
         for reader in readers:
             reader.start()
         signals = [(0.0, signal.SIGINT), (STOP_GRACE_SECONDS, signal.SIGTERM), (2 * STOP_GRACE_SECONDS, signal.SIGKILL)]
+        self.peak_rss_mb = 0.0
         while True:
-            # wait4, not Popen.wait: it gives this child's own peak memory.
+            # wait4, not Popen.wait: its ru_maxrss is the peak of the child and of its children.
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
+            self.peak_rss_mb = max(self.peak_rss_mb, _own_peak_mb(process.pid))
             if not self.stopped and self.stop is not None and self.stop(self):
                 self.stopped, self.stop_time = True, time.monotonic()
             if self.stopped and signals and time.monotonic() - self.stop_time >= signals[0][0]:
@@ -280,7 +296,7 @@ class StageRun:
         process.returncode = self.exit_code = os.waitstatus_to_exitcode(status)
         for reader in readers:
             reader.join()
-        self.peak_rss_mb = usage.ru_maxrss / 1024  # Linux: KiB
+        self.tree_peak_rss_mb = usage.ru_maxrss / 1024  # Linux: KiB
         return self
 
     def _read(self, stream, name):
@@ -325,11 +341,14 @@ def run_stages(data_dir, out, sizes_info, period_steps=None, finetune_seconds=FI
         results[name] = {"items": items, "unit": unit, "exit_code": run.exit_code, "stopped": run.stopped,
                          "wall_seconds": round(run.seconds, 2), "startup_s": startup,
                          "per_item_ms": None if per_item_seconds is None else 1000 * per_item_seconds,
-                         "peak_rss_mb": round(run.peak_rss_mb, 1), **extra}
+                         "peak_rss_mb": round(run.peak_rss_mb, 1), "tree_peak_rss_mb": round(run.tree_peak_rss_mb, 1),
+                         **extra}
         if failure:
             results[name]["error"] = failure
         log(f"   {name}: {run.seconds:.1f} s, exit {run.exit_code}{' (stopped)' if run.stopped else ''}, "
-            f"peak {run.peak_rss_mb:.0f} MiB" + (f"\n{failure}" if failure else ""))
+            f"peak {run.peak_rss_mb:.0f} MiB" + (f" (with its children {run.tree_peak_rss_mb:.0f})"
+                                                 if run.tree_peak_rss_mb > run.peak_rss_mb + 1 else "")
+            + (f"\n{failure}" if failure else ""))
         return failure is None
 
     def after_startup(run, items, label):
@@ -406,7 +425,9 @@ def format_table(runs, ratios):
             per_item = figures.get("per_item_ms")
             shown = "-" if per_item is None else f"{per_item:.4g} ms/{figures['unit']}"
             startup = "-" if figures.get("startup_s") is None else f"{figures['startup_s']:.1f} s"
-            lines.append(f"{stage:<13} {run['images']:>8,} {shown:>16} {startup:>9} {figures['peak_rss_mb']:>6.0f} MiB")
+            children = figures.get("tree_peak_rss_mb", 0)
+            lines.append(f"{stage:<13} {run['images']:>8,} {shown:>16} {startup:>9} {figures['peak_rss_mb']:>6.0f} MiB"
+                         + (f" (a child {children:.0f} MiB)" if children > figures["peak_rss_mb"] + 1 else ""))
     lines.append("")
     for stage, ratio in ratios.items():
         verdict = "GROWS" if ratio > GROWTH_LIMIT else "flat"
