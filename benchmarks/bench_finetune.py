@@ -40,15 +40,20 @@ def run(quick):
     return measure(QUICK_STEPS if quick else STEPS)
 
 
-def measure(timed_steps):
-    """Times `timed_steps` fine-tuning steps; returns the figures (see the module docstring)."""
+def flickr8k_stepper(precision="fp32"):
+    """The fine-tuning step on the Flickr8k-sized synthetic cache, computing in `precision` as `finetune` does.
+
+    Returns (run, details): run(step) -> the step's outcome (`scst.Stepper.train_step` on the
+    step's batch); details: dict num_images, vocabulary_size, settings (FinetuneConfig),
+    config (PipelineConfig), reward_setup (seconds), steps_per_epoch.
+    """
     import keras
     import tensorflow as tf
 
     from benchmarks import workloads
-    from models import decoder
+    from models import decoder, encoder
     from pipeline.core import config as config_module
-    from pipeline.training import scst
+    from pipeline.training import objective, scst
     from pipeline.training.cider_reward import CiderD
 
     features, rows, token_rows = workloads.flickr8k_sized_cache()
@@ -60,11 +65,12 @@ def measure(timed_steps):
     reward = CiderD(references, vocabulary_size)
     reward_setup = time.perf_counter() - started
 
-    config = config_module.PipelineConfig()
+    config = config_module.PipelineConfig().replace({"finetune.precision": precision})
     settings = config.finetune
     keras.utils.set_random_seed(0)
     model = decoder.build_decoder(config.decoder, vocabulary_size, workloads.FEATURE_DIM)
-    optimizer = keras.optimizers.Adam(learning_rate=settings.learning_rate, clipnorm=settings.clipnorm)
+    model = decoder.with_dtype_policy(model, encoder.PRECISION_POLICIES[precision])
+    optimizer = objective.make_optimizer(precision, settings.learning_rate, settings.clipnorm)
     optimizer.build(model.trainable_variables)
     stepper = scst.Stepper(model, optimizer, tf.distribute.get_strategy(), settings,
                            config.decode.max_length, reward)
@@ -77,6 +83,16 @@ def measure(timed_steps):
         members = order[index * settings.batch_size:(index + 1) * settings.batch_size]
         return stepper.train_step(tf.gather(all_features, members), members, (0, step))
 
+    return run, {"num_images": num_images, "vocabulary_size": vocabulary_size, "settings": settings,
+                 "config": config, "reward_setup": reward_setup, "steps_per_epoch": steps_per_epoch}
+
+
+def measure(timed_steps):
+    """Times `timed_steps` fine-tuning steps; returns the figures (see the module docstring)."""
+    run, details = flickr8k_stepper()
+    num_images, vocabulary_size, settings, config, reward_setup, steps_per_epoch = (
+        details[key] for key in ("num_images", "vocabulary_size", "settings", "config", "reward_setup",
+                                 "steps_per_epoch"))
     for step in range(WARMUP_STEPS):
         run(step)
     captions, sample_seconds, reward_seconds, tokens = 0, 0.0, 0.0, 0.0

@@ -12,6 +12,8 @@ device measured side by side in alternating rounds:
 - decoder training: captions/s of `train`'s compiled decoder (`train.precision` fp32 against
   bf16 on a CPU, fp16 on a GPU) at Flickr8k size: 30,000 synthetic captions over ~3,000
   words, 512 units, batches of 128 (`benchmarks.workloads.flickr8k_sized_cache`);
+- fine-tuning: captions/s of `finetune`'s step (sampling, CIDEr-D, update; `finetune.precision`
+  likewise) on the same cache with the default settings (`benchmarks.bench_finetune`);
 - SavedModel: images/s of `serving_default` (random encoder, untrained Flickr8k-sized
   decoder, beam 3) on 500x375 JPEGs at batch 1, 16 and 64, decoding included.
 
@@ -129,6 +131,25 @@ def training_rows(kind, device_name, batches, repeats):
     return {name: round(batches * TRAIN_BATCH / statistics.median(values), 1) for name, values in seconds.items()}
 
 
+def finetune_rows(kind, device_name, steps, repeats):
+    """{"fp32": captions/s, "bf16"/"fp16": ...} of `finetune`'s step (`scst.Stepper`) at Flickr8k size on `device_name`."""
+    import tensorflow as tf
+
+    from benchmarks import bench_finetune
+
+    precisions = ["fp32"] + [precision for precision in [sixteen_bit_precision(kind)] if precision]
+    functions, captions = {}, {}
+    with tf.device(device_name):
+        for precision in precisions:
+            run_step, details = bench_finetune.flickr8k_stepper(precision)
+            settings = details["settings"]
+            captions[precision] = steps * settings.batch_size * settings.samples
+            functions[precision] = lambda run_step=run_step: [run_step(step) for step in range(steps)]
+        print(f"{device_name} fine-tuning, {steps} steps: {', '.join(functions)}", file=sys.stderr)
+        seconds = timing.time_alternately(functions, repeats, warmup=1)
+    return {name: round(captions[name] / statistics.median(values), 1) for name, values in seconds.items()}
+
+
 def savedmodel_rows(model_dir, images, device_name, repeats):
     """{"batch_1": images/s, "batch_16": ..., "batch_64": ...} of serving_default on `device_name`."""
     import tensorflow as tf
@@ -159,6 +180,7 @@ def run(quick=False, xla=None):
 
     repeats = 3 if quick else 5
     train_batches = 12 if quick else 40
+    finetune_steps = 4 if quick else 12
     gpu_warning = device.unusable_gpu_warning()
     results = {
         "mode": "quick" if quick else "full",
@@ -175,11 +197,14 @@ def run(quick=False, xla=None):
             row = {"extract_images_per_s": extraction_rows(kind, device_name, kind == "GPU" if xla is None else xla,
                                                            repeats),
                    "train_captions_per_s": training_rows(kind, device_name, train_batches, repeats),
+                   "finetune_captions_per_s": finetune_rows(kind, device_name, finetune_steps, repeats),
                    "savedmodel_images_per_s": savedmodel_rows(model_dir, images, device_name, repeats)}
             extraction = row["extract_images_per_s"]
             training = row["train_captions_per_s"]
             mixed = [name for name in training if name != "fp32"]
             row["train_mixed_speedup"] = round(training[mixed[0]] / training["fp32"], 3) if mixed else None
+            finetuning = row["finetune_captions_per_s"]
+            row["finetune_mixed_speedup"] = round(finetuning[mixed[0]] / finetuning["fp32"], 3) if mixed else None
             row["extract_16bit_speedup"] = (round(max(value for name, value in extraction.items() if name[:4] != "fp32")
                                                   / extraction["fp32"], 3) if len(extraction) > 1 else None)
             row["decode_cores_to_feed_best_extraction"] = round(
@@ -197,9 +222,11 @@ def print_table(results):
         if not isinstance(row, dict) or "extract_images_per_s" not in row:
             continue
         print(f"\n{key}:")
-        for section in ("extract_images_per_s", "train_captions_per_s", "savedmodel_images_per_s"):
+        for section in ("extract_images_per_s", "train_captions_per_s", "finetune_captions_per_s",
+                        "savedmodel_images_per_s"):
             print(f"  {section:28s} " + ", ".join(f"{name} {value:.1f}" for name, value in row[section].items()))
-        for name in ("extract_16bit_speedup", "train_mixed_speedup", "decode_cores_to_feed_best_extraction"):
+        for name in ("extract_16bit_speedup", "train_mixed_speedup", "finetune_mixed_speedup",
+                     "decode_cores_to_feed_best_extraction"):
             print(f"  {name:38s} {row[name]}")
     if "gpu" in results:
         print(f"\nGPU: {results['gpu']}")
