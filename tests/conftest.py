@@ -24,8 +24,10 @@ TRAIN_OVERRIDES = {
     "decoder.dropout": 0.1,
     "train.precision": "fp32",  # not the machine's "auto": exact comparisons (bf16: tests/test_precision.py)
 }
-# Small fine-tuning steps (6 images x 5 samples): 6 steps per epoch on the 36 training images.
-FINETUNE_SETTINGS = {"finetune.epochs": 2, "finetune.batch_size": 6, "finetune.learning_rate": 5e-3}
+# Small fine-tuning steps (6 images x 5 samples): 6 steps per epoch on the 36 training images;
+# fp32 as in TRAIN_OVERRIDES: runs compared with each other compute alike (bf16: tests/test_precision.py).
+FINETUNE_SETTINGS = {"finetune.epochs": 2, "finetune.batch_size": 6, "finetune.learning_rate": 5e-3,
+                     "finetune.precision": "fp32"}
 
 
 # ResNet50 costs seconds to build: the folded encoder of the encoder and extract tests is built once.

@@ -211,6 +211,6 @@ def test_the_defaults_are_the_measured_ones():
     from pipeline.core import config as config_module
 
     defaults = config_module.PipelineConfig()
-    # docs/GPU.md: bf16 cost no caption quality in extraction, within 3% in training, more in fine-tuning.
+    # docs/GPU.md: bf16 cost no caption quality in extraction and fine-tuning, within 3% in training.
     precisions = (defaults.encoder.precision, defaults.train.precision, defaults.finetune.precision)
-    assert precisions == ("auto", "auto", "fp32")
+    assert precisions == ("auto", "auto", "auto")
