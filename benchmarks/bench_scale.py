@@ -273,8 +273,11 @@ class StageRun:
 
     def run(self, environment):
         self.started = time.monotonic()
+        # SIGINT back to its default in the child: a shell starting this benchmark in the
+        # background (`&`) ignores it, the child would inherit that, and a stop would wait for SIGTERM.
         process = subprocess.Popen(self.command, cwd=REPO, env=environment, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, bufsize=1)
+                                   stderr=subprocess.PIPE, text=True, bufsize=1,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         readers = [threading.Thread(target=self._read, args=(stream, name), daemon=True)
                    for stream, name in ((process.stdout, "stdout"), (process.stderr, "stderr"))]
         for reader in readers:
