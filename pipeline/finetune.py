@@ -124,7 +124,7 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
     is_chief = distribution.is_chief_worker(strategy)
     settings.device = device.announce("finetune", settings.precision)
     source = _source_decoder(out_dir, resume, write=is_chief)
-    data = inputs.load_training_data(out_dir, config)
+    data = inputs.load_training_data(out_dir, config, val_images=settings.validation_images or None)
     vocab_size = len(data.vocabulary)
     images = scst.reward_data(data.train, vocab_size)
     scorer = validation.build_validation_scorer(

@@ -91,9 +91,12 @@ def run_train(out_dir, overrides, resume=False, validation_scorer=None):
     strategy = distribution.make_strategy(config.train.strategy)
     is_chief = distribution.is_chief_worker(strategy)
     config.train.device = device.announce("train", config.train.precision)
-    data = inputs.load_training_data(out_dir, config)
-    config.decoder.vocab_size = len(data.vocabulary)
     train_config = config.train
+    # The val images validation uses: the loss on the first validation_loss_images, CIDEr-D on
+    # the first validation_images (0: all of them).
+    val_uses = (train_config.validation_images, train_config.validation_loss_images)
+    data = inputs.load_training_data(out_dir, config, val_images=max(val_uses) if all(val_uses) else None)
+    config.decoder.vocab_size = len(data.vocabulary)
     batch_size = train_config.batch_size
     steps_per_epoch, period_steps, num_periods = training_plan(
         len(data.train), batch_size, train_config.epochs, train_config.validate_every_steps)
@@ -131,9 +134,9 @@ def run_train(out_dir, overrides, resume=False, validation_scorer=None):
                                                           sort_by_length=True, input_context=input_context),
     )
     print(
-        f"train: {len(data.train)} train captions ({data.train.images} images), {len(data.val)} val captions "
-        f"({data.val.images} images; validation loss on the {len(val_loss_split)} captions of the first "
-        f"{val_loss_split.images}, {len(scorer) if hasattr(scorer, '__len__') else '?'} images captioned for CIDEr-D), "
+        f"train: {len(data.train)} train captions ({data.train.images} images), {data.val_split_images} val images "
+        f"(validation loss on the {len(val_loss_split)} captions of the first {val_loss_split.images}, "
+        f"{len(scorer) if hasattr(scorer, '__len__') else '?'} images captioned for CIDEr-D), "
         f"vocabulary {config.decoder.vocab_size}, "
         f"{model.count_params():,} parameters, features {'in memory' if data.in_memory else 'streamed from HDF5'}"
         + (f", {data.skipped_images} images skipped (extraction failed)" if data.skipped_images else "")

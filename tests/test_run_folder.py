@@ -67,11 +67,12 @@ def test_training_validation_and_evaluation_agree_on_the_usable_images(edited_ru
     row_of_image = _row_of_image(out)
     cache = run_folder.read_feature_cache(out)
 
-    # Training: the val captions are those of the usable val images, and only theirs.
+    # Training: the val captions are those of the usable val images, and only theirs; each
+    # caption's row (in the array training holds) gives its image's vector.
     data = training_inputs.load_training_data(out, config)
-    image_of_row = {row: image_id for image_id, row in row_of_image.items()}
-    assert data.val.images == len(expected["val"])
-    assert sorted({image_of_row[int(row)] for row in data.val.rows}) == sorted(expected["val"])
+    assert data.val.images == data.val_split_images == len(expected["val"])
+    expected_rows = np.repeat([row_of_image[image_id] for image_id in expected["val"]], data.val.captions_per_image)
+    np.testing.assert_array_equal(data.feature_rows.read(data.val.rows), cache.features[expected_rows])
     assert data.skipped_images == 1 and data.empty_captions == len(WORDLESS_CAPTIONS)
 
     # Validation: the same images, in captions.json order, on either split.
@@ -87,6 +88,35 @@ def test_training_validation_and_evaluation_agree_on_the_usable_images(edited_ru
     test_captions = json.loads((run / run_folder.TEST_CAPTIONS_FILE).read_text())["captions"]
     assert [entry["image_id"] for entry in test_captions] == expected["test"]
     assert metrics["n_images"] == len(expected["test"])
+
+
+def test_training_holds_the_rows_of_the_images_it_uses_and_no_others(edited_run):
+    out, expected = edited_run
+    config = config_module.PipelineConfig.load(out)
+    image_ids = list(_row_of_image(out))
+    cache = run_folder.read_feature_cache(out)
+    train_images, val_images = (run_folder.usable_images(out, split, image_ids) for split in ("train", "val"))
+
+    data = training_inputs.load_training_data(out, config, val_images=2)
+    assert data.val.images == len(data.val_images) == 2 and data.val_split_images == len(expected["val"])
+    assert data.val_images.references == val_images.references[:2]
+    for split, images in ((data.train, train_images), (data.val, val_images)):
+        file_rows = np.repeat(images.rows[:split.images], split.captions_per_image)
+        np.testing.assert_array_equal(data.feature_rows.read(split.rows), cache.features[file_rows])
+    np.testing.assert_array_equal(data.feature_rows.read(data.val_images.rows), cache.features[val_images.rows[:2]])
+    # Held: the train images' rows and the first two val images', not the test split's nor the other val ones.
+    assert data.in_memory and len(data.feature_rows.array) == len(train_images) + 2 < len(cache.features)
+
+    # Streamed from the file, the rows are the file's own and give the same vectors.
+    streamed = training_inputs.load_training_data(out, config.replace({"train.max_cache_memory_gb": 1e-9}),
+                                                  val_images=2)
+    try:
+        assert not streamed.in_memory
+        for held, read in ((data.train, streamed.train), (data.val, streamed.val)):
+            np.testing.assert_array_equal(streamed.feature_rows.read(read.rows), data.feature_rows.read(held.rows))
+            np.testing.assert_array_equal(read.tokens, held.tokens)
+    finally:
+        streamed.feature_rows.close()
 
 
 def test_an_image_without_a_row_that_extraction_did_not_list_is_named_by_every_reader(edited_run, copy_run):

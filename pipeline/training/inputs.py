@@ -86,13 +86,31 @@ class CaptionSplit:
 
 
 @dataclasses.dataclass
+class ScoredImages:
+    """The val images the validation scorer captions, in captions.json order.
+
+    rows: np.ndarray int [N], each image's row in `TrainingData.feature_rows`.
+    references: list over the N images of lists of list[str], the image's normalized
+        captions that keep a word (as `run_folder.usable_images` gives them).
+    """
+
+    rows: np.ndarray
+    references: list
+
+    def __len__(self):
+        return len(self.rows)
+
+
+@dataclasses.dataclass
 class TrainingData:
     """Everything training reads from OUT, checked; each file of OUT read once.
 
     feature_rows: InMemoryFeatures or StreamedFeatures (rows int32 [B] -> float32 [B, feature_dim]).
-    feature_dim: int; vocabulary: text.Vocabulary; train, val: CaptionSplit.
-    val_images: the usable val images (`run_folder.UsableImages`, with their references),
-        from which the validation scorer is built (`validation.build_validation_scorer(data=...)`).
+    feature_dim: int; vocabulary: text.Vocabulary; train: CaptionSplit.
+    val: CaptionSplit, the captions of the first `val_kept` usable val images, grouped by image.
+    val_images: ScoredImages of the same images, from which the validation scorer is built
+        (`validation.build_validation_scorer(data=...)`).
+    val_split_images: int, the usable val images of the split (val_kept of them kept).
     skipped_images: int, train/val images left out because extraction failed on them.
     empty_captions: int, captions left out because no word survived normalization.
     in_memory: bool, False when features are read from the HDF5 file batch by batch.
@@ -103,7 +121,8 @@ class TrainingData:
     vocabulary: text.Vocabulary
     train: CaptionSplit
     val: CaptionSplit
-    val_images: object
+    val_images: ScoredImages
+    val_split_images: int
     skipped_images: int
     empty_captions: int
     in_memory: bool
@@ -383,32 +402,39 @@ def make_training_dataset(split, feature_rows, batch_size, *, shuffle_seed, init
 
 
 def cache_memory_bytes(num_rows, feature_dim):
-    """Bytes the feature cache takes in memory when training holds it (one float32 copy):
+    """Bytes `num_rows` feature rows take in memory when training holds them (one float32 copy):
     what `train.max_cache_memory_gb` is compared with."""
     return int(num_rows) * int(feature_dim) * np.dtype(np.float32).itemsize
 
 
-def load_training_data(out_dir, config):
+def load_training_data(out_dir, config, val_images=None):
     """Reads and cross-checks what training needs from OUT (the artifacts of `extract`); nothing is written.
 
-    Each file is read once: captions.json, extract_errors.json, vocab.json, and features.h5,
-    whose rows go straight into the one array training gathers from (`InMemoryFeatures`,
-    when `cache_memory_bytes` is at most `train.max_cache_memory_gb`), else are streamed
-    batch by batch. The train and val captions are those of `run_folder.usable_images`;
-    the training captions become word ids without a Python object per word.
+    Each file is read once: captions.json, extract_errors.json, vocab.json, and features.h5.
+    The train and val captions are those of `run_folder.usable_images`, as word ids without
+    a Python object per word; of the val split only the first `val_images` usable images
+    are kept (None: all), the ones validation uses. The feature rows of the kept images go
+    straight into the one array training gathers from (`InMemoryFeatures`, when
+    `cache_memory_bytes` of them is at most `train.max_cache_memory_gb`; the splits' rows
+    then number that array's rows), else are streamed from the file batch by batch.
     Returns a TrainingData. Raises ArtifactError (mismatched encoder, missing feature rows,
     damaged files) or PipelineError (an empty split) with one message naming the file and the fix.
     """
     out_dir = Path(out_dir)
     vocabulary = run_folder.read_vocabulary(out_dir)
     with run_folder.open_feature_cache(out_dir, config.encoder) as reader:
-        num_rows, feature_dim = len(reader), int(reader.attrs["feature_dim"])
+        feature_dim = int(reader.attrs["feature_dim"])
         dataset = run_folder.read_captions(out_dir)
         failed_ids = run_folder.failed_image_ids(out_dir)
         splits = {split: run_folder.usable_images(out_dir, split, reader.image_ids, dataset, failed_ids=failed_ids,
-                                                  vocabulary=vocabulary if split == "train" else None)
+                                                  vocabulary=vocabulary)
                   for split in ("train", "val")}
-        del dataset  # its Python objects, before the rows arrive
+        val_kept = len(splits["val"]) if val_images is None else min(int(val_images), len(splits["val"]))
+        # The scorer's captions leave captions.json's Python objects as one bytes object, and
+        # are normalized again once all of those are freed: kept among them, they would pin
+        # the allocator's memory of the whole file (110 MiB more at COCO size, measured).
+        scored_text, scored_lengths, scored_counts = _pack_captions(splits["val"].records[:val_kept])
+        del dataset
         encoded = {}
         for split, images in splits.items():
             encoded[split] = encode_split(images, vocabulary, config.text.max_caption_length)
@@ -418,11 +444,40 @@ def load_training_data(out_dir, config):
                     f"({len(images) + images.wordless} images with features); training needs both train and val "
                     "captions"
                 )
-        in_memory = cache_memory_bytes(num_rows, feature_dim) <= config.train.max_cache_memory_gb * 2**30
-        feature_rows = InMemoryFeatures(reader.read_all()) if in_memory else StreamedFeatures(out_dir, feature_dim)
-    return TrainingData(
-        feature_rows=feature_rows, feature_dim=feature_dim, vocabulary=vocabulary,
-        train=encoded["train"], val=encoded["val"], val_images=splits["val"],
-        skipped_images=sum(images.failed for images in splits.values()),
-        empty_captions=sum(images.wordless_captions for images in splits.values()), in_memory=in_memory,
-    )
+        train, val = encoded["train"], encoded["val"].first_images(val_kept)
+        scored_rows = splits["val"].rows[:val_kept]
+        counts = {"val_split_images": len(splits["val"]),
+                  "skipped_images": sum(images.failed for images in splits.values()),
+                  "empty_captions": sum(images.wordless_captions for images in splits.values())}
+        del splits
+        held = np.unique(np.concatenate([train.rows, val.rows, scored_rows]))
+        in_memory = cache_memory_bytes(len(held), feature_dim) <= config.train.max_cache_memory_gb * 2**30
+        if in_memory:
+            feature_rows = InMemoryFeatures(reader.read(held))
+            train, val = (CaptionSplit(np.searchsorted(held, split.rows), images=split.images, tokens=split.tokens,
+                                       lengths=split.lengths, captions_per_image=split.captions_per_image)
+                          for split in (train, val))
+            scored_rows = np.searchsorted(held, scored_rows)
+        else:
+            feature_rows = StreamedFeatures(out_dir, feature_dim)
+    references = _unpack_references(scored_text, scored_lengths, scored_counts)
+    return TrainingData(feature_rows=feature_rows, feature_dim=feature_dim, vocabulary=vocabulary, train=train,
+                        val=val, val_images=ScoredImages(scored_rows, references), in_memory=in_memory, **counts)
+
+
+def _pack_captions(records):
+    """The captions of `records` (ImageRecord list) as (UTF-8 bytes back to back, int64 [C] their
+    lengths in bytes, int64 [N] captions per record)."""
+    encoded = [caption.encode("utf-8") for record in records for caption in record.captions]
+    return (b"".join(encoded), np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)),
+            np.fromiter((len(record.captions) for record in records), dtype=np.int64, count=len(records)))
+
+
+def _unpack_references(text_bytes, lengths, counts):
+    """`_pack_captions`' output -> list over its records of their normalized captions that keep a word."""
+    ends = np.cumsum(lengths)
+    captions = [text_bytes[end - length:end].decode("utf-8") for end, length in zip(ends.tolist(), lengths.tolist())]
+    normalized = list(run_folder.normalized_captions(captions))
+    first = np.cumsum(counts) - counts
+    return [[words for words in normalized[start:start + count] if words]
+            for start, count in zip(first.tolist(), counts.tolist())]
