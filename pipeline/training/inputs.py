@@ -107,10 +107,11 @@ class TrainingData:
 
     feature_rows: InMemoryFeatures or StreamedFeatures (rows int32 [B] -> float32 [B, feature_dim]).
     feature_dim: int; vocabulary: text.Vocabulary; train: CaptionSplit.
-    val: CaptionSplit, the captions of the first `val_kept` usable val images, grouped by image.
+    val: CaptionSplit, the captions of the val images validation uses (the first
+        `val_images` usable ones, `load_training_data`), grouped by image.
     val_images: ScoredImages of the same images, from which the validation scorer is built
         (`validation.build_validation_scorer(data=...)`).
-    val_split_images: int, the usable val images of the split (val_kept of them kept).
+    val_split_images: int, the usable val images of the whole split.
     skipped_images: int, train/val images left out because extraction failed on them.
     empty_captions: int, captions left out because no word survived normalization.
     in_memory: bool, False when features are read from the HDF5 file batch by batch.
