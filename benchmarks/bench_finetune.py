@@ -16,6 +16,7 @@ decoder's: the figure is an upper bound of the sampling cost.
 import argparse
 import sys
 import time
+import types
 
 from pipeline.core import io_utils
 
@@ -43,9 +44,9 @@ def run(quick):
 def flickr8k_stepper(precision="fp32"):
     """The fine-tuning step on the Flickr8k-sized synthetic cache, computing in `precision` as `finetune` does.
 
-    Returns (run, details): run(step) -> the step's outcome (`scst.Stepper.train_step` on the
-    step's batch); details: dict num_images, vocabulary_size, settings (FinetuneConfig),
-    config (PipelineConfig), reward_setup (seconds), steps_per_epoch.
+    Returns a namespace: run(step) -> the step's outcome (`scst.Stepper.train_step` on the
+    step's batch), num_images, vocabulary_size, settings (FinetuneConfig), config
+    (PipelineConfig), reward_setup (seconds), steps_per_epoch.
     """
     import keras
     import tensorflow as tf
@@ -83,16 +84,14 @@ def flickr8k_stepper(precision="fp32"):
         members = order[index * settings.batch_size:(index + 1) * settings.batch_size]
         return stepper.train_step(tf.gather(all_features, members), members, (0, step))
 
-    return run, {"num_images": num_images, "vocabulary_size": vocabulary_size, "settings": settings,
-                 "config": config, "reward_setup": reward_setup, "steps_per_epoch": steps_per_epoch}
+    return types.SimpleNamespace(run=run, num_images=num_images, vocabulary_size=vocabulary_size, settings=settings,
+                                 config=config, reward_setup=reward_setup, steps_per_epoch=steps_per_epoch)
 
 
 def measure(timed_steps):
     """Times `timed_steps` fine-tuning steps; returns the figures (see the module docstring)."""
-    run, details = flickr8k_stepper()
-    num_images, vocabulary_size, settings, config, reward_setup, steps_per_epoch = (
-        details[key] for key in ("num_images", "vocabulary_size", "settings", "config", "reward_setup",
-                                 "steps_per_epoch"))
+    stepper = flickr8k_stepper()
+    run, settings, steps_per_epoch = stepper.run, stepper.settings, stepper.steps_per_epoch
     for step in range(WARMUP_STEPS):
         run(step)
     captions, sample_seconds, reward_seconds, tokens = 0, 0.0, 0.0, 0.0
@@ -115,17 +114,17 @@ def measure(timed_steps):
         "mean_sample_tokens": tokens / captions,
         "steps_per_epoch": steps_per_epoch,
         "finetune_epoch_minutes_flickr8k": seconds / timed_steps * steps_per_epoch / 60,
-        "reward_setup_seconds": reward_setup,
+        "reward_setup_seconds": stepper.reward_setup,
     }
     print(
-        f"finetune on a Flickr8k-sized cache ({num_images} images x 5 captions, vocabulary "
-        f"{vocabulary_size}, decoder {config.decoder.embedding_dim}/{config.decoder.units}): "
+        f"finetune on a Flickr8k-sized cache ({stepper.num_images} images x 5 captions, vocabulary "
+        f"{stepper.vocabulary_size}, decoder {stepper.config.decoder.embedding_dim}/{stepper.config.decoder.units}): "
         f"{result['seconds_per_step']:.3f} s/step of {settings.batch_size} images x {settings.samples} samples, "
         f"{result['finetune_captions_per_s']:.0f} captions/s; one epoch ({steps_per_epoch} steps) extrapolated from "
         f"{timed_steps} steps: {result['finetune_epoch_minutes_flickr8k']:.1f} min; CIDEr-D reward "
         f"{result['finetune_reward_captions_per_s']:.0f} captions/s ({100 * result['reward_share_of_step']:.1f}% of a step; "
-        f"set-up of the 30,000 references {reward_setup:.1f} s); sampling {100 * result['sampling_share_of_step']:.1f}% "
-        "of a step",
+        f"set-up of the 30,000 references {stepper.reward_setup:.1f} s); "
+        f"sampling {100 * result['sampling_share_of_step']:.1f}% of a step",
         file=sys.stderr,
     )
     return result

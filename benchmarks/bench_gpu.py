@@ -132,7 +132,8 @@ def training_rows(kind, device_name, batches, repeats):
 
 
 def finetune_rows(kind, device_name, steps, repeats):
-    """{"fp32": captions/s, "bf16"/"fp16": ...} of `finetune`'s step (`scst.Stepper`) at Flickr8k size on `device_name`."""
+    """{"fp32": captions/s, "bf16"/"fp16": ...} of `finetune`'s step (`scst.Stepper`) at Flickr8k size
+    on `device_name`."""
     import tensorflow as tf
 
     from benchmarks import bench_finetune
@@ -141,10 +142,9 @@ def finetune_rows(kind, device_name, steps, repeats):
     functions, captions = {}, {}
     with tf.device(device_name):
         for precision in precisions:
-            run_step, details = bench_finetune.flickr8k_stepper(precision)
-            settings = details["settings"]
-            captions[precision] = steps * settings.batch_size * settings.samples
-            functions[precision] = lambda run_step=run_step: [run_step(step) for step in range(steps)]
+            stepper = bench_finetune.flickr8k_stepper(precision)
+            captions[precision] = steps * stepper.settings.batch_size * stepper.settings.samples
+            functions[precision] = lambda run_step=stepper.run: [run_step(step) for step in range(steps)]
         print(f"{device_name} fine-tuning, {steps} steps: {', '.join(functions)}", file=sys.stderr)
         seconds = timing.time_alternately(functions, repeats, warmup=1)
     return {name: round(captions[name] / statistics.median(values), 1) for name, values in seconds.items()}
