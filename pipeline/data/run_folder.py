@@ -196,6 +196,14 @@ def normalized_captions(raw_captions):
             for raw in raw_captions)
 
 
+def references_by_image(normalized, counts):
+    """Normalized captions (list of list[str], image after image) grouped by image, `counts[i]`
+    (int array) of image i, the wordless ones left out: list over the images of list of list[str]."""
+    starts = np.cumsum(counts) - counts
+    return [[words for words in normalized[start:start + count] if words]
+            for start, count in zip(starts.tolist(), np.asarray(counts).tolist())]
+
+
 def usable_images(out_dir, split, image_ids, dataset=None, *, failed_ids=None, vocabulary=None):
     """The images of `split` every stage uses: training, validation, fine-tuning and evaluation alike.
 
@@ -248,10 +256,8 @@ def usable_images(out_dir, split, image_ids, dataset=None, *, failed_ids=None, v
     wordless_captions = int((word_counts == 0).sum())
     references = caption_ids = caption_lengths = None
     if vocabulary is None:
-        references, starts = [], np.cumsum(captions_of_record) - captions_of_record
-        for index in np.flatnonzero(usable):
-            references.append([words for words in captions[starts[index]:starts[index] + captions_of_record[index]]
-                               if words])
+        references = [image_references for image_references, keep
+                      in zip(references_by_image(captions, captions_of_record), usable) if keep]
     else:
         # A wordless caption adds no id (nor, then, an image all of whose captions are wordless).
         caption_lengths = word_counts[word_counts > 0]

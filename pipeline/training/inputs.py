@@ -478,7 +478,4 @@ def _unpack_references(text_bytes, lengths, counts):
     """`_pack_captions`' output -> list over its records of their normalized captions that keep a word."""
     ends = np.cumsum(lengths)
     captions = [text_bytes[end - length:end].decode("utf-8") for end, length in zip(ends.tolist(), lengths.tolist())]
-    normalized = list(run_folder.normalized_captions(captions))
-    first = np.cumsum(counts) - counts
-    return [[words for words in normalized[start:start + count] if words]
-            for start, count in zip(first.tolist(), counts.tolist())]
+    return run_folder.references_by_image(list(run_folder.normalized_captions(captions)), counts)
