@@ -258,6 +258,11 @@ def _own_peak_mb(pid):
     return int(found.group(1)) / 1024 if found else 0.0
 
 
+def _child_peak(own_mb, tree_mb):
+    """" (a child N MiB)" when a child process of the stage peaked above the stage itself, else ""."""
+    return f" (a child {tree_mb:.0f} MiB)" if tree_mb > own_mb + 1 else ""
+
+
 class StageRun:
     """One `run_pipeline.py` child: its output lines with times, stopped by `stop(run)` if given.
 
@@ -349,8 +354,7 @@ def run_stages(data_dir, out, sizes_info, period_steps=None, finetune_seconds=FI
         if failure:
             results[name]["error"] = failure
         log(f"   {name}: {run.seconds:.1f} s, exit {run.exit_code}{' (stopped)' if run.stopped else ''}, "
-            f"peak {run.peak_rss_mb:.0f} MiB" + (f" (with its children {run.tree_peak_rss_mb:.0f})"
-                                                 if run.tree_peak_rss_mb > run.peak_rss_mb + 1 else "")
+            f"peak {run.peak_rss_mb:.0f} MiB{_child_peak(run.peak_rss_mb, run.tree_peak_rss_mb)}"
             + (f"\n{failure}" if failure else ""))
         return failure is None
 
@@ -428,9 +432,8 @@ def format_table(runs, ratios):
             per_item = figures.get("per_item_ms")
             shown = "-" if per_item is None else f"{per_item:.4g} ms/{figures['unit']}"
             startup = "-" if figures.get("startup_s") is None else f"{figures['startup_s']:.1f} s"
-            children = figures.get("tree_peak_rss_mb", 0)
             lines.append(f"{stage:<13} {run['images']:>8,} {shown:>16} {startup:>9} {figures['peak_rss_mb']:>6.0f} MiB"
-                         + (f" (a child {children:.0f} MiB)" if children > figures["peak_rss_mb"] + 1 else ""))
+                         + _child_peak(figures["peak_rss_mb"], figures.get("tree_peak_rss_mb", 0)))
     lines.append("")
     for stage, ratio in ratios.items():
         verdict = "GROWS" if ratio > GROWTH_LIMIT else "flat"
