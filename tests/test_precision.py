@@ -1,5 +1,7 @@
 """Mixed-precision decoders: 16-bit arithmetic, float32 variables and outputs, a float32 copy that captions alike."""
 
+import gc
+import zipfile
 from pathlib import Path
 
 import keras
@@ -9,6 +11,7 @@ import tensorflow as tf
 
 from models import captioner, decoder
 from pipeline.core.config import DecodeConfig, DecoderConfig
+from pipeline.data import run_folder
 
 FEATURE_DIM = 16
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "red", "green", "blue", "square", "circle", "a"]
@@ -54,6 +57,31 @@ def test_float32_copy_has_the_same_weights_and_close_logits(policy, image_input)
     assert decoder.with_dtype_policy(copy, "float32") is copy
     with pytest.raises(ValueError, match="dtype_policy must be one of float32, mixed_bfloat16, mixed_float16"):
         decoder.build_decoder(CONFIG, len(WORDS), FEATURE_DIM, dtype_policy="bfloat16")
+
+
+def test_save_decoder_writes_keras_archive_of_the_float32_form_and_frees_the_copy(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = decoder.build_decoder(CONFIG, len(WORDS), FEATURE_DIM, dtype_policy="mixed_bfloat16")
+    model.save(tmp_path / "by_keras.keras")
+    path = run_folder.save_decoder(model, tmp_path)
+    with zipfile.ZipFile(path) as ours, zipfile.ZipFile(tmp_path / "by_keras.keras") as keras_own:
+        assert sorted(ours.namelist()) == sorted(keras_own.namelist())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["by_keras.keras", run_folder.DECODER_FILE]
+    loaded = keras.saving.load_model(path, compile=False)
+    assert decoder.dtype_policy_of(loaded) == "float32"
+    for ours, theirs in zip(model.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    del loaded
+
+    # Each save's float32 copy is freed with it, not at Python's next full collection.
+    def models_alive():
+        return sum(isinstance(thing, keras.Model) for thing in gc.get_objects())
+
+    gc.collect()
+    before = models_alive()
+    for _ in range(3):
+        run_folder.save_decoder(model, tmp_path)
+    assert models_alive() == before
 
 
 @pytest.fixture(scope="module")
