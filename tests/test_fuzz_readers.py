@@ -874,10 +874,14 @@ def test_read_captions_json_rejects_repeated_and_escaping_image_ids(tmp_path):
     path.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(errors.ArtifactError, match=r"images\[2\]\.image_id 'a.jpg' repeats images\[0\]"):
         datasets.read_captions_json(tmp_path)
-    data["images"][2]["image_id"] = "../a.jpg"
+    for escaping in ("../a.jpg", "/a.jpg", "b/../a.jpg", "./a.jpg", "b//a.jpg", "b/./a.jpg", "b/", ".", "a.jpg/.."):
+        data["images"][2]["image_id"] = escaping
+        path.write_text(json.dumps(data), encoding="utf-8")
+        with pytest.raises(errors.ArtifactError, match=rf"images\[2\]\.image_id '{re.escape(escaping)}' is not a normalized"):
+            datasets.read_captions_json(tmp_path)
+    data["images"][2]["image_id"] = "b/.a/a..jpg"  # dots inside a name are not steps
     path.write_text(json.dumps(data), encoding="utf-8")
-    with pytest.raises(errors.ArtifactError, match=r"images\[2\]\.image_id '../a.jpg' is not a normalized path"):
-        datasets.read_captions_json(tmp_path)
+    assert datasets.read_captions_json(tmp_path).images[2].image_id == "b/.a/a..jpg"
 
 
 def test_normalize_caption_drops_numerals_that_are_not_digits():

@@ -260,8 +260,9 @@ def read_captions_json(out_dir):
         image_id, split, captions = entry.get("image_id"), entry.get("split"), entry.get("captions")
         if not isinstance(image_id, str) or not image_id:
             fail(f"images[{index}].image_id must be a non-empty string")
-        parts = PurePosixPath(image_id).parts
-        if not parts or image_id.startswith("/") or ".." in parts or PurePosixPath(*parts).as_posix() != image_id:
+        # Relative and normalized (PurePosixPath(image_id).as_posix() == image_id), with no ".."
+        # step: tested on the string, as two paths per image cost 1.5 s at COCO's 123k images.
+        if any(part in ("", ".", "..") for part in image_id.split("/")):
             fail(f"images[{index}].image_id {dataset_layouts.shown(image_id)} is not a normalized path "
                  f"inside image_dir")
         if image_id in first_index:
