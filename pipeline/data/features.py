@@ -310,7 +310,7 @@ class FeatureReader:
                 end = min(stop, int(np.searchsorted(unique, start + SLAB_ROWS)))
                 block[first:end] = self._features[start:unique[end - 1] + 1][unique[first:end] - start]
                 first = end
-        if len(unique) == len(rows) and (len(rows) < 2 or bool(np.all(rows[1:] > rows[:-1]))):
+        if np.array_equal(unique, rows):
             return block  # asked in increasing order: no second copy (training's whole cache)
         return block[inverse.reshape(-1)]
 
