@@ -73,6 +73,10 @@ class FeatureWriter:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             _check_room(path, 0, WRITE_MARGIN_BYTES, "nothing was written")
+            # A new file, not the old one truncated: a reader that maps the old one
+            # (`features.MappedRows`, a training run) keeps reading it, where truncating
+            # would kill it with SIGBUS.
+            path.unlink(missing_ok=True)
             file = _GuardedFile(path, "w+b")
         except OSError as error:
             raise _write_error(path, error) from None

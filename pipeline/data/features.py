@@ -293,8 +293,7 @@ class FeatureReader:
         most SLAB_ROWS at a time; isolated rows in one point selection (docs/SCALING.md).
         """
         rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
-            raise IndexError(f"row indices must be in [0, {self.num_rows})")
+        self._check_rows(rows)
         unique, inverse = np.unique(rows, return_inverse=True)
         block = np.empty((len(unique), self._features.shape[1]), dtype=np.float32)
         max_gap = self._features.chunks[0] if self._features.chunks else DEFAULT_ROW_GAP
@@ -313,6 +312,52 @@ class FeatureReader:
         if np.array_equal(unique, rows):
             return block  # asked in increasing order: no second copy (training's whole cache)
         return block[inverse.reshape(-1)]
+
+    def _check_rows(self, rows):
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise IndexError(f"row indices must be in [0, {self.num_rows})")
+
+    def map_rows(self, rows):
+        """The file rows `rows` (int array; position k reads row rows[k]) through a read-only
+        memory map of the file: a MappedRows, or None when they are not stored as plain bytes
+        that a map can address (filtered or compressed chunks, chunks narrower than a row,
+        a user block, a row not yet allocated) or the file cannot be mapped.
+
+        Checked on the first and last of `rows` against HDF5's own read of them.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        self._check_rows(rows)
+        features = self._features
+        if not len(rows) or self._handle.userblock_size or features.id.get_create_plist().get_nfilters():
+            return None
+        row_bytes = features.dtype.itemsize * features.shape[1]
+        if features.chunks is None:
+            offset = features.id.get_offset()
+            if offset is None:
+                return None
+            starts = offset + rows * row_bytes
+        else:
+            chunk_rows, chunk_width = features.chunks
+            if chunk_width != features.shape[1] or not hasattr(features.id, "chunk_iter"):
+                return None  # chunk_iter needs HDF5 1.12.3 or later
+            chunk_starts = np.full(-(-self.num_rows // chunk_rows), -1, dtype=np.int64)
+
+            def note(chunk):
+                index = chunk.chunk_offset[0] // chunk_rows
+                if index < len(chunk_starts):
+                    chunk_starts[index] = chunk.byte_offset
+
+            features.id.chunk_iter(note)
+            if (chunk_starts < 0).any():
+                return None
+            starts = chunk_starts[rows // chunk_rows] + rows % chunk_rows * row_bytes
+        try:
+            mapped = MappedRows(self.path, starts, features.dtype, features.shape[1])
+        except (OSError, ValueError):
+            return None  # a file system that cannot map files
+        ends = [0, len(rows) - 1]
+        same = np.array_equal(mapped[np.asarray(ends)], self.read(rows[ends]))
+        return mapped if same else None
 
     def read_all(self):
         """Every row, float32 [N, feature_dim], read straight into one new array (float16
@@ -337,6 +382,43 @@ class FeatureReader:
     def __exit__(self, *exc_info):
         self.close()
         return False
+
+
+class MappedRows:
+    """Feature rows read through a read-only memory map of the cache file, indexed like a
+    float32 [N, feature_dim] array by an int array (`FeatureReader.map_rows` builds it).
+
+    The rows stay in the operating system's page cache, one copy shared by every process
+    that maps the file; a process touches only the pages of the rows it reads, and opening
+    reads nothing. Reading them into a new array instead costs the first touch of that much
+    fresh memory, which some virtual machines back slowly (docs/SCALING.md). The map holds
+    the file's inode: a cache replaced meanwhile (`FeatureWriter.create` makes a new file)
+    leaves it reading the rows it was opened on. The map is released with the object.
+
+    starts: int64 [N], the byte offset of each row in the file; dtype: the stored dtype
+    (float32 or float16, any byte order), widened to native float32 on read.
+    """
+
+    def __init__(self, path, starts, dtype, feature_dim):
+        self._map = np.memmap(path, dtype=np.uint8, mode="r")
+        # Row k is the row_bytes bytes from starts[k]: a window view gives them by fancy index.
+        self._windows = np.lib.stride_tricks.sliding_window_view(self._map, np.dtype(dtype).itemsize * feature_dim)
+        self._starts = np.asarray(starts, dtype=np.int64)
+        self._dtype = np.dtype(dtype)
+        self.shape = (len(self._starts), int(feature_dim))
+
+    def __len__(self):
+        return self.shape[0]
+
+    @property
+    def nbytes(self):
+        """The bytes of the file the rows take (what the page cache holds once they are all read)."""
+        return self.shape[0] * self.shape[1] * self._dtype.itemsize
+
+    def __getitem__(self, rows):
+        """rows: int array [B] of positions < N -> float32 [B, feature_dim], a new array."""
+        raw = self._windows[self._starts[np.asarray(rows, dtype=np.int64)]]
+        return raw.view(self._dtype).astype(np.float32, copy=False)
 
 
 def open_features(out_dir, expect=None, path=None):
