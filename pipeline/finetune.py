@@ -202,7 +202,8 @@ def _run_finetune(out_dir, overrides, resume, cleanup):
         f"finetune: {len(images.rows)} train images ({images.references.num_captions} references), "
         f"{steps_per_epoch} steps of {settings.batch_size} images x {settings.samples} samples per epoch, "
         f"baseline {settings.baseline}, Adam lr {settings.learning_rate:g}, validation on {len(scorer.image_features)} "
-        f"images, strategy {settings.strategy} ({strategy.num_replicas_in_sync} replica(s)), from {source.name}",
+        f"images, strategy {settings.strategy} ({strategy.num_replicas_in_sync} replica(s)), from {source.name}, "
+        f"{feature_rows.describe()}",
         file=sys.stderr,
     )
 

@@ -138,7 +138,7 @@ def run_train(out_dir, overrides, resume=False, validation_scorer=None):
         f"(validation loss on the {len(val_loss_split)} captions of the first {val_loss_split.images}, "
         f"{len(scorer) if hasattr(scorer, '__len__') else '?'} images captioned for CIDEr-D), "
         f"vocabulary {config.decoder.vocab_size}, "
-        f"{model.count_params():,} parameters, features {'in memory' if data.in_memory else 'streamed from HDF5'}"
+        f"{model.count_params():,} parameters, {data.feature_rows.describe()}"
         + (f", {data.skipped_images} images skipped (extraction failed)" if data.skipped_images else "")
         + (f", {data.empty_captions} captions without words skipped" if data.empty_captions else ""),
         file=sys.stderr,

@@ -11,13 +11,14 @@ import json
 import re
 import shutil
 
+import h5py
 import numpy as np
 import pytest
 
 from pipeline import evaluate, export, verify
 from pipeline.core import config as config_module
 from pipeline.core import errors, io_utils
-from pipeline.data import run_folder
+from pipeline.data import features, run_folder
 from pipeline.training import inputs as training_inputs
 from pipeline.training import validation
 
@@ -104,8 +105,10 @@ def test_training_holds_the_rows_of_the_images_it_uses_and_no_others(edited_run)
         file_rows = np.repeat(images.rows[:split.images], split.captions_per_image)
         np.testing.assert_array_equal(data.feature_rows.read(split.rows), cache.features[file_rows])
     np.testing.assert_array_equal(data.feature_rows.read(data.val_images.rows), cache.features[val_images.rows[:2]])
-    # Held: the train images' rows and the first two val images', not the test split's nor the other val ones.
+    # Held: the train images' rows and the first two val images', not the test split's nor the other val ones,
+    # through a map of the file.
     assert data.in_memory and len(data.feature_rows.array) == len(train_images) + 2 < len(cache.features)
+    assert isinstance(data.feature_rows.array, features.MappedRows)
 
     # Streamed from the file, the rows are the file's own and give the same vectors.
     streamed = training_inputs.load_training_data(out, config.replace({"train.max_cache_memory_gb": 1e-9}),
@@ -117,6 +120,25 @@ def test_training_holds_the_rows_of_the_images_it_uses_and_no_others(edited_run)
             np.testing.assert_array_equal(read.tokens, held.tokens)
     finally:
         streamed.feature_rows.close()
+
+
+def test_training_reads_a_cache_it_cannot_map_into_an_array_of_the_same_rows(edited_run, copy_run):
+    out = copy_run(edited_run[0])
+    config = config_module.PipelineConfig.load(out)
+    mapped = training_inputs.load_training_data(out, config, val_images=2)
+    expected = {split: (getattr(mapped, split).rows, mapped.feature_rows.read(getattr(mapped, split).rows))
+                for split in ("train", "val")}
+    del mapped  # its map would see the file change under it
+    with h5py.File(out / run_folder.FEATURES_FILE, "r+") as handle:  # the same rows, stored compressed
+        values = handle["features"][:]
+        del handle["features"]
+        handle.create_dataset("features", data=values, chunks=(16, values.shape[1]), compression="gzip")
+
+    data = training_inputs.load_training_data(out, config, val_images=2)
+    assert data.in_memory and isinstance(data.feature_rows.array, np.ndarray)
+    for split, (rows, vectors) in expected.items():
+        np.testing.assert_array_equal(getattr(data, split).rows, rows)
+        np.testing.assert_array_equal(data.feature_rows.read(rows), vectors)
 
 
 def test_an_image_without_a_row_that_extraction_did_not_list_is_named_by_every_reader(edited_run, copy_run):

@@ -5,10 +5,10 @@ int32 vector of feature-row indices (`CaptionSplit`). Each epoch permutes the ca
 indices with stateless random ops keyed by (seed, epoch), sorts windows of 16 batches by
 length (so batches carry almost no padding), cuts batches, puts each window's batches in
 random order, pads each batch to its own longest caption, and only then gathers the
-batch's image vectors: with `tf.gather` from one in-memory tensor (`InMemoryFeatures`),
-or, for a cache larger than `train.max_cache_memory_gb`, from the HDF5 file batch by batch
-(`StreamedFeatures`), giving the same batches. A 2048-d vector is never copied per caption
-into Python lists. Training reads one endless stream of epochs (`make_training_dataset`),
+batch's image vectors: from the rows held in memory (`InMemoryFeatures`, a memory map of
+the cache file), or, for a cache larger than `train.max_cache_memory_gb`, from the HDF5
+file batch by batch (`StreamedFeatures`), giving the same batches. A 2048-d vector is
+never copied per caption into Python lists. Training reads one endless stream of epochs (`make_training_dataset`),
 so epoch e is the same batches whatever the distribution strategy and whether or not the
 run was resumed.
 """
@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from models import decoder
 from pipeline.core import errors, tf_data
+from pipeline.data import features as feature_cache
 from pipeline.data import run_folder, text
 
 # Training batches are formed within windows of this many batches sorted by caption length.
@@ -130,23 +131,27 @@ class TrainingData:
 
 
 class InMemoryFeatures:
-    """The whole feature cache in one NumPy array; batches are gathered from it by `tf.numpy_function`.
+    """The feature rows training gathers from, held whole; batches are gathered by `tf.numpy_function`.
 
-    array: float32 [N, feature_dim], held as it is (NumPy, or a tensor's values). One copy
-    of the cache in memory: a tensor made from the array (`tf.convert_to_tensor`) held
+    array: float32 [N, feature_dim], a NumPy array (held as it is), or a
+    `features.MappedRows` over the cache file, which `load_training_data` uses: the rows
+    then live once, in the page cache, and start-up reads nothing (reading 114k rows into
+    a new array took 4-8 s at COCO size on this machine, docs/SCALING.md). One copy of the
+    cache in memory either way: a tensor made from the array (`tf.convert_to_tensor`) held
     twice its size while converting, and 2 GiB for a 1 GiB array after the array was
     freed; `tf.numpy_function` over the array holds none, and a batch's gather
-    (B x 2048 floats, NumPy fancy indexing) took less time than `tf.gather` from the
-    tensor (docs/SCALING.md).
+    (B x 2048 floats, NumPy fancy indexing) took less time than `tf.gather` from the tensor.
     """
 
     def __init__(self, array):
         if isinstance(array, tf.Tensor):
             array = array.numpy()
-        self.array = np.ascontiguousarray(array, dtype=np.float32)
-        if self.array.ndim != 2:
-            raise ValueError(f"features must be [N, feature_dim], got shape {self.array.shape}")
-        self.feature_dim = int(self.array.shape[1])
+        if not isinstance(array, feature_cache.MappedRows):
+            array = np.ascontiguousarray(array, dtype=np.float32)
+            if array.ndim != 2:
+                raise ValueError(f"features must be [N, feature_dim], got shape {array.shape}")
+        self.array = array
+        self.feature_dim = int(array.shape[1])
 
     def read(self, rows):
         """rows int [B] (NumPy) -> float32 [B, feature_dim] (NumPy, a new array)."""
@@ -157,8 +162,13 @@ class InMemoryFeatures:
         image_features = tf.numpy_function(self.read, [rows], tf.float32, stateful=False)
         return tf.ensure_shape(image_features, [None, self.feature_dim])
 
+    def describe(self):
+        """What the console says: "features in memory (N rows, M MiB[, mapped from features.h5])"."""
+        mapped = ", mapped from features.h5" if isinstance(self.array, feature_cache.MappedRows) else ""
+        return f"features in memory ({self.array.shape[0]:,} rows, {self.array.nbytes / 2**20:.0f} MiB{mapped})"
+
     def close(self):
-        pass
+        pass  # a map is released with the array, when no tf.data thread can still read it
 
 
 class StreamedFeatures:
@@ -184,6 +194,9 @@ class StreamedFeatures:
         """rows int32 [B] tensor -> float32 [B, feature_dim] tensor, through `tf.numpy_function`."""
         image_features = tf.numpy_function(self.read, [rows], tf.float32, stateful=False)
         return tf.ensure_shape(image_features, [None, self.feature_dim])
+
+    def describe(self):
+        return "features streamed from HDF5"
 
     def close(self):
         if self._reader is not None:
@@ -414,10 +427,11 @@ def load_training_data(out_dir, config, val_images=None):
     Each file is read once: captions.json, extract_errors.json, vocab.json, and features.h5.
     The train and val captions are those of `run_folder.usable_images`, as word ids without
     a Python object per word; of the val split only the first `val_images` usable images
-    are kept (None: all), the ones validation uses. The feature rows of the kept images go
-    straight into the one array training gathers from (`InMemoryFeatures`, when
-    `cache_memory_bytes` of them is at most `train.max_cache_memory_gb`; the splits' rows
-    then number that array's rows), else are streamed from the file batch by batch.
+    are kept (None: all), the ones validation uses. Training gathers from the feature rows
+    of the kept images held whole (`InMemoryFeatures`, when `cache_memory_bytes` of them is
+    at most `train.max_cache_memory_gb`; the splits' rows then number those rows): mapped
+    from the file (`FeatureReader.map_rows`), or read into one array when the file stores
+    them compressed; above the limit they are streamed from the file batch by batch.
     Returns a TrainingData. Raises ArtifactError (mismatched encoder, missing feature rows,
     damaged files) or PipelineError (an empty split) with one message naming the file and the fix.
     """
@@ -454,7 +468,8 @@ def load_training_data(out_dir, config, val_images=None):
         held = np.unique(np.concatenate([train.rows, val.rows, scored_rows]))
         in_memory = cache_memory_bytes(len(held), feature_dim) <= config.train.max_cache_memory_gb * 2**30
         if in_memory:
-            feature_rows = InMemoryFeatures(reader.read(held))
+            mapped = reader.map_rows(held)
+            feature_rows = InMemoryFeatures(mapped if mapped is not None else reader.read(held))
             train, val = (CaptionSplit(np.searchsorted(held, split.rows), images=split.images, tokens=split.tokens,
                                        lengths=split.lengths, captions_per_image=split.captions_per_image)
                           for split in (train, val))
