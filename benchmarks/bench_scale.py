@@ -30,6 +30,12 @@ Figures per stage and size:
     startup_s     from the child's start to its first progress line (train: Keras' "Epoch 1/",
                   printed before the first step); verify prints none
     peak_rss_mb   the stage process's own peak resident set size (its VmHWM, read every 0.1 s)
+    cache_map_mb, peak_all_rows_mb  for a stage that maps features.h5 (train, finetune): the
+                  largest resident part of that map, and the peak had every row it holds
+                  been read: its largest resident set without the map (sampled every 0.5 s)
+                  plus those rows (held_rows_mb, from the stage's own line), or peak_rss_mb
+                  if that is larger. Rows join the resident set as they are first read; a
+                  short run reads only part of them.
     tree_peak_rss_mb  the largest peak of the stage and the processes it started (`os.wait4`'s
                   ru_maxrss): above peak_rss_mb only when a child outgrew the stage, as
                   evaluate's METEOR 1.5 JVM (pycocoevalcap's `java -Xmx2G`) does
@@ -84,9 +90,13 @@ FINETUNE_SECONDS, QUICK_FINETUNE_SECONDS = 60.0, 10.0
 GROWTH_LIMIT = 1.2
 REWARD_BATCHES = 50  # fine-tuning steps' scoring timed after the reward set-up
 STOP_GRACE_SECONDS = 120.0
+SMAPS_EVERY = 5  # of the 0.1 s samples of a stage's memory: /proc/PID/smaps every 0.5 s
+SMAPS_HEADER = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")  # a mapping's first line in /proc/PID/smaps
 DATASET_INFO = "bench_scale_dataset.json"  # write_dataset's summary, beside a kept dataset
 STAGES = ("reward_setup", "extract", "train", "evaluate", "verify", "finetune")
 PROGRESS_LINE = re.compile(r"^(?P<label>.*?) ?(?P<done>\d+)/(?P<total>\d+) (?P<unit>[a-z]+)\b.* ETA ")
+# train's and finetune's console line on the rows they map (`InMemoryFeatures.describe`).
+HELD_ROWS = re.compile(r"^(?:train|finetune): .*features in memory \((?P<rows>[\d,]+) rows, (?P<mib>\d+) MiB, mapped")
 KERAS_EPOCH = re.compile(r"^Epoch (?P<epoch>\d+)/\d+")
 
 
@@ -258,6 +268,33 @@ def _own_peak_mb(pid):
     return int(found.group(1)) / 1024 if found else 0.0
 
 
+def _memory_mb(pid):
+    """(VmRSS, the resident part of its memory maps of features.h5) of process `pid`, in MiB;
+    (0.0, 0.0) once it is gone. Training maps the cache (`features.MappedRows`): its rows
+    join the resident set as they are first read, the page cache's pages, not new memory."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        maps = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return 0.0, 0.0
+    found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    mapped_kb, in_cache_map = 0, False
+    for line in maps.splitlines():
+        if SMAPS_HEADER.match(line):
+            in_cache_map = line.endswith("/features.h5")
+        elif in_cache_map and line.startswith("Rss:"):
+            mapped_kb += int(line.split()[1])
+    return (int(found.group(1)) / 1024 if found else 0.0), mapped_kb / 1024
+
+
+def _all_rows(figures):
+    """", N MiB with its R MiB of rows read (M MiB read)" for a stage that maps the cache, else ""."""
+    if "peak_all_rows_mb" not in figures:
+        return ""
+    return (f", {figures['peak_all_rows_mb']:.0f} MiB with its {figures['held_rows_mb']} MiB of rows read "
+            f"({figures['cache_map_mb']:.0f} MiB read)")
+
+
 def _child_peak(own_mb, tree_mb):
     """" (a child N MiB)" when a child process of the stage peaked above the stage itself, else ""."""
     return f" (a child {tree_mb:.0f} MiB)" if tree_mb > own_mb + 1 else ""
@@ -269,7 +306,9 @@ class StageRun:
     Attributes after `run()`: lines (list of (seconds since start, stream name, text)),
     exit_code (int; 130 after a stop by SIGINT), stopped (bool), seconds (float, wall),
     peak_rss_mb (float: the stage process's own peak), tree_peak_rss_mb (float: the largest
-    peak of it and its children).
+    peak of it and its children), cache_map_mb (float: the largest resident part of its maps
+    of features.h5) and unmapped_peak_mb (float: its largest resident set without them), the
+    last two sampled every SMAPS_EVERY / 10 s.
     """
 
     def __init__(self, command, stop=None):
@@ -288,13 +327,19 @@ class StageRun:
         for reader in readers:
             reader.start()
         signals = [(0.0, signal.SIGINT), (STOP_GRACE_SECONDS, signal.SIGTERM), (2 * STOP_GRACE_SECONDS, signal.SIGKILL)]
-        self.peak_rss_mb = 0.0
+        self.peak_rss_mb = self.cache_map_mb = self.unmapped_peak_mb = 0.0
+        samples = 0
         while True:
             # wait4, not Popen.wait: its ru_maxrss is the peak of the child and of its children.
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
             self.peak_rss_mb = max(self.peak_rss_mb, _own_peak_mb(process.pid))
+            samples += 1
+            if samples % SMAPS_EVERY == 0:  # reading smaps costs ~40 ms
+                resident, mapped = _memory_mb(process.pid)
+                self.cache_map_mb = max(self.cache_map_mb, mapped)
+                self.unmapped_peak_mb = max(self.unmapped_peak_mb, resident - mapped)
             if not self.stopped and self.stop is not None and self.stop(self):
                 self.stopped, self.stop_time = True, time.monotonic()
             if self.stopped and signals and time.monotonic() - self.stop_time >= signals[0][0]:
@@ -351,10 +396,15 @@ def run_stages(data_dir, out, sizes_info, period_steps=None, finetune_seconds=FI
                          "per_item_ms": None if per_item_seconds is None else 1000 * per_item_seconds,
                          "peak_rss_mb": round(run.peak_rss_mb, 1), "tree_peak_rss_mb": round(run.tree_peak_rss_mb, 1),
                          **extra}
+        _, held = run.first(HELD_ROWS)
+        if held:
+            # Had every row it holds been read: the rest at its largest plus those rows.
+            results[name].update(held_rows_mb=int(held["mib"]), cache_map_mb=round(run.cache_map_mb, 1),
+                                 peak_all_rows_mb=round(max(run.peak_rss_mb, run.unmapped_peak_mb + int(held["mib"])), 1))
         if failure:
             results[name]["error"] = failure
         log(f"   {name}: {run.seconds:.1f} s, exit {run.exit_code}{' (stopped)' if run.stopped else ''}, "
-            f"peak {run.peak_rss_mb:.0f} MiB{_child_peak(run.peak_rss_mb, run.tree_peak_rss_mb)}"
+            f"peak {run.peak_rss_mb:.0f} MiB{_child_peak(run.peak_rss_mb, run.tree_peak_rss_mb)}{_all_rows(results[name])}"
             + (f"\n{failure}" if failure else ""))
         return failure is None
 
@@ -433,7 +483,7 @@ def format_table(runs, ratios):
             shown = "-" if per_item is None else f"{per_item:.4g} ms/{figures['unit']}"
             startup = "-" if figures.get("startup_s") is None else f"{figures['startup_s']:.1f} s"
             lines.append(f"{stage:<13} {run['images']:>8,} {shown:>16} {startup:>9} {figures['peak_rss_mb']:>6.0f} MiB"
-                         + _child_peak(figures["peak_rss_mb"], figures.get("tree_peak_rss_mb", 0)))
+                         + _child_peak(figures["peak_rss_mb"], figures.get("tree_peak_rss_mb", 0)) + _all_rows(figures))
     lines.append("")
     for stage, ratio in ratios.items():
         verdict = "GROWS" if ratio > GROWTH_LIMIT else "flat"
