@@ -258,33 +258,32 @@ def measure_reward_setup(num_images, revision=None, repeats=2):
     return result
 
 
-def _own_peak_mb(pid):
-    """The peak resident set size of process `pid` so far (VmHWM, MiB), 0.0 once it is gone."""
+def _status_mb(pid, field):
+    """Field `field` ("VmHWM": the peak resident set size so far, "VmRSS": the current one) of
+    process `pid`, in MiB; 0.0 once it is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0.0
-    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    found = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
     return int(found.group(1)) / 1024 if found else 0.0
 
 
-def _memory_mb(pid):
-    """(VmRSS, the resident part of its memory maps of features.h5) of process `pid`, in MiB;
-    (0.0, 0.0) once it is gone. Training maps the cache (`features.MappedRows`): its rows
-    join the resident set as they are first read, the page cache's pages, not new memory."""
+def _cache_map_mb(pid):
+    """The resident part of process `pid`'s memory maps of features.h5, in MiB (0.0 once it is
+    gone). Training maps the cache (`features.MappedRows`): its rows join the resident set as
+    they are first read, the page cache's pages, not new memory."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
         maps = Path(f"/proc/{pid}/smaps").read_text()
     except OSError:
-        return 0.0, 0.0
-    found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        return 0.0
     mapped_kb, in_cache_map = 0, False
     for line in maps.splitlines():
         if SMAPS_HEADER.match(line):
             in_cache_map = line.endswith("/features.h5")
         elif in_cache_map and line.startswith("Rss:"):
             mapped_kb += int(line.split()[1])
-    return (int(found.group(1)) / 1024 if found else 0.0), mapped_kb / 1024
+    return mapped_kb / 1024
 
 
 def _all_rows(figures):
@@ -334,12 +333,12 @@ class StageRun:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
-            self.peak_rss_mb = max(self.peak_rss_mb, _own_peak_mb(process.pid))
+            self.peak_rss_mb = max(self.peak_rss_mb, _status_mb(process.pid, "VmHWM"))
             samples += 1
             if samples % SMAPS_EVERY == 0:  # reading smaps costs ~40 ms
-                resident, mapped = _memory_mb(process.pid)
+                mapped = _cache_map_mb(process.pid)
                 self.cache_map_mb = max(self.cache_map_mb, mapped)
-                self.unmapped_peak_mb = max(self.unmapped_peak_mb, resident - mapped)
+                self.unmapped_peak_mb = max(self.unmapped_peak_mb, _status_mb(process.pid, "VmRSS") - mapped)
             if not self.stopped and self.stop is not None and self.stop(self):
                 self.stopped, self.stop_time = True, time.monotonic()
             if self.stopped and signals and time.monotonic() - self.stop_time >= signals[0][0]:
