@@ -398,8 +398,9 @@ def run_stages(data_dir, out, sizes_info, period_steps=None, finetune_seconds=FI
         _, held = run.first(HELD_ROWS)
         if held:
             # Had every row it holds been read: the rest at its largest plus those rows.
-            results[name].update(held_rows_mb=int(held["mib"]), cache_map_mb=round(run.cache_map_mb, 1),
-                                 peak_all_rows_mb=round(max(run.peak_rss_mb, run.unmapped_peak_mb + int(held["mib"])), 1))
+            held_mb = int(held["mib"])
+            results[name].update(held_rows_mb=held_mb, cache_map_mb=round(run.cache_map_mb, 1),
+                                 peak_all_rows_mb=round(max(run.peak_rss_mb, run.unmapped_peak_mb + held_mb), 1))
         if failure:
             results[name]["error"] = failure
         log(f"   {name}: {run.seconds:.1f} s, exit {run.exit_code}{' (stopped)' if run.stopped else ''}, "

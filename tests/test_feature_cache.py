@@ -19,9 +19,14 @@ FEATURE_DIM = 24
 NUM_ROWS = 150  # two whole chunks of 64 rows and part of a third
 
 
+def _values(seed):
+    """float64 [NUM_ROWS, FEATURE_DIM], the rows `_write_cache(..., seed=seed)` writes."""
+    return np.random.default_rng(seed).normal(size=(NUM_ROWS, FEATURE_DIM))
+
+
 def _write_cache(path, dtype="float32", seed=0, batch=7):
-    """A cache of NUM_ROWS random rows at `path`, appended `batch` rows at a time; returns the rows (float64)."""
-    values = np.random.default_rng(seed).normal(size=(NUM_ROWS, FEATURE_DIM))
+    """A cache of the `_values(seed)` rows at `path`, appended `batch` rows at a time; returns the rows."""
+    values = _values(seed)
     attrs = {"format": features.FEATURES_FORMAT, "version": features.FEATURES_VERSION, "feature_dim": FEATURE_DIM,
              "dtype": dtype}
     with feature_writer.FeatureWriter.create(path, attrs) as writer:
@@ -76,7 +81,7 @@ folder = Path(sys.argv[1])
 old = cache_tests._write_cache(folder / "features.h5", seed=0)
 with features.open_features(folder) as reader:
     mapped = reader.map_rows(np.arange(cache_tests.NUM_ROWS))
-new = cache_tests._write_cache(folder / "features.h5", seed=1, batch=150)
+cache_tests._write_cache(folder / "features.h5", seed=1, batch=150)
 everything = mapped[np.arange(cache_tests.NUM_ROWS)]
 print("old" if np.array_equal(everything, old.astype(np.float32)) else "changed")
 """
@@ -88,5 +93,4 @@ def test_a_cache_replaced_while_mapped_leaves_the_map_reading_the_rows_it_opened
                                capture_output=True, text=True, check=False)
     assert (completed.returncode, completed.stdout.strip()) == (0, "old"), completed.stderr[-2000:]
     with features.open_features(tmp_path) as reader:  # the file at the path is the new cache
-        np.testing.assert_array_equal(reader.read([3]), [np.random.default_rng(1).normal(
-            size=(NUM_ROWS, FEATURE_DIM))[3].astype(np.float32)])
+        np.testing.assert_array_equal(reader.read([3]), _values(1)[[3]].astype(np.float32))
