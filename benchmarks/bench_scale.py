@@ -1,6 +1,6 @@
 """Stage costs against dataset size: per-item cost, start-up and peak memory of every stage.
 
-    python -m benchmarks.bench_scale [--sizes N [N ...]] [--quick] [--json FILE] [--keep DIR] [--stages S ...]
+    python -m benchmarks.bench_scale [--sizes N [N ...]] [--quick] [--json FILE] [--keep DIR] [--stages S ...] [--read-all-rows]
     python -m benchmarks.bench_scale --reward-setup [--sizes N ...] [--baseline-revision REV] [--json FILE]
     python -m benchmarks [--quick] --only bench_scale     (QUICK_SIZES, or SUITE_SIZES)
 
@@ -42,6 +42,10 @@ Figures per stage and size:
 and, as its own row, the CIDEr-D reward set-up (`CiderD(...)` on the training split's
 captions as token ids, in a child process): per_item_ms per training image, peak_rss_mb the
 child's resident growth during the set-up (sampled every millisecond).
+
+With `--read-all-rows`, train and finetune read every feature row they hold before their first
+step (they map the rows, which otherwise join their resident set as batches first read them),
+so peak_rss_mb is the peak a whole epoch reaches, measured; their start-up includes that read.
 
 With `--keep DIR`, the datasets and run folders stay in DIR/coco_SIZE/{data,out}, and a later
 run with the same DIR reuses a dataset already there (and its cache: extract then only checks
@@ -372,13 +376,39 @@ class StageRun:
         return "\n".join(text for _, name, text in self.lines[-15:] if name == "stderr")
 
 
-def _pipeline(stage, out, *arguments):
-    return [sys.executable, "run_pipeline.py", stage, "--out", str(out), *arguments]
+# `--read-all-rows`: train and finetune run through this, which reads every feature row they
+# hold right after `load_training_data`, so their peak is the one a whole epoch reaches.
+READ_ALL_ROWS = """
+import sys
+import numpy as np
+import run_pipeline
+from pipeline.core import console
+from pipeline.training import inputs
+
+load_training_data = inputs.load_training_data
+
+def load_and_read_every_row(*args, **kwargs):
+    data = load_training_data(*args, **kwargs)
+    held = len(data.feature_rows.array) if data.in_memory else 0
+    for start in range(0, held, 4096):
+        data.feature_rows.read(np.arange(start, min(start + 4096, held)))
+    return data
+
+inputs.load_training_data = load_and_read_every_row
+console.quiet_tensorflow_logs()
+sys.exit(run_pipeline.main(sys.argv[1:]))
+"""
+
+
+def _pipeline(stage, out, *arguments, read_all_rows=False):
+    program = ["-c", READ_ALL_ROWS] if read_all_rows else ["run_pipeline.py"]
+    return [sys.executable, *program, stage, "--out", str(out), *arguments]
 
 
 def run_stages(data_dir, out, sizes_info, period_steps=None, finetune_seconds=FINETUNE_SECONDS, log=print,
-               stages=STAGES):
-    """Runs extract, train, evaluate, verify and finetune (those of `stages`) on one dataset; {stage: figures}."""
+               stages=STAGES, read_all_rows=False):
+    """Runs extract, train, evaluate, verify and finetune (those of `stages`) on one dataset; {stage: figures}.
+    read_all_rows: train and finetune read every row they hold before their first step (READ_ALL_ROWS)."""
     from pipeline.core import config as config_module
 
     out.mkdir(parents=True, exist_ok=True)
@@ -420,7 +450,7 @@ def run_stages(data_dir, out, sizes_info, period_steps=None, finetune_seconds=FI
             return results
 
     if "train" in stages:
-        _train(out, environment, period_steps, record)
+        _train(out, environment, period_steps, record, read_all_rows)
     if not (out / "decoder.keras").exists():
         return results
 
@@ -437,7 +467,8 @@ def run_stages(data_dir, out, sizes_info, period_steps=None, finetune_seconds=FI
         return len(lines) >= 2 and lines[-1][0] - lines[0][0] >= finetune_seconds
 
     if "finetune" in stages:
-        run = StageRun(_pipeline("finetune", out), stop=finetune_has_run_long_enough).run(environment)
+        run = StageRun(_pipeline("finetune", out, read_all_rows=read_all_rows),
+                       stop=finetune_has_run_long_enough).run(environment)
         lines = run.progress("finetune epoch 1/")
         per_item = ((lines[-1][0] - lines[0][0]) / (lines[-1][1] - lines[0][1])
                     if len(lines) >= 2 and lines[-1][1] > lines[0][1] else None)
@@ -445,13 +476,13 @@ def run_stages(data_dir, out, sizes_info, period_steps=None, finetune_seconds=FI
     return results
 
 
-def _train(out, environment, period_steps, record):
+def _train(out, environment, period_steps, record, read_all_rows=False):
     """Runs `train` on OUT until period TRAIN_PERIODS + 1 begins and records its figures."""
     from pipeline.core import config as config_module
 
     train_arguments = ["--validate-every-steps", str(period_steps)] if period_steps else []
     next_period = re.compile(rf"^Epoch {TRAIN_PERIODS + 1}/")
-    run = StageRun(_pipeline("train", out, *train_arguments),
+    run = StageRun(_pipeline("train", out, *train_arguments, read_all_rows=read_all_rows),
                    stop=lambda run: run.first(next_period)[0] is not None).run(environment)
     startup, _ = run.first(KERAS_EPOCH)
     history_path = out / "history.json"
@@ -492,7 +523,7 @@ def format_table(runs, ratios):
     return "\n".join(lines)
 
 
-def measure(sizes, quick=False, keep=None, log=print, stages=STAGES):
+def measure(sizes, quick=False, keep=None, log=print, stages=STAGES, read_all_rows=False):
     """Every stage (of `stages`) and the reward set-up at each size; the report (see the module docstring)."""
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as scratch:
@@ -519,7 +550,7 @@ def measure(sizes, quick=False, keep=None, log=print, stages=STAGES):
             stages_figures.update(run_stages(root / "data", root / "out", dataset["splits"],
                                              period_steps=QUICK_PERIOD_STEPS if quick else None,
                                              finetune_seconds=QUICK_FINETUNE_SECONDS if quick else FINETUNE_SECONDS,
-                                             log=log, stages=stages))
+                                             log=log, stages=stages, read_all_rows=read_all_rows))
             runs.append({"images": size, "dataset": dataset, "stages": stages_figures})
             if not keep:
                 import shutil
@@ -529,7 +560,7 @@ def measure(sizes, quick=False, keep=None, log=print, stages=STAGES):
     return {"runs": runs, "growth": ratios, "grows": sorted(stage for stage, ratio in ratios.items() if ratio > GROWTH_LIMIT),
             "settings": {"train_periods": TRAIN_PERIODS, "period_steps": QUICK_PERIOD_STEPS if quick else "default",
                          "finetune_seconds": QUICK_FINETUNE_SECONDS if quick else FINETUNE_SECONDS,
-                         "image_size": IMAGE_SIZE, "growth_limit": GROWTH_LIMIT},
+                         "image_size": IMAGE_SIZE, "growth_limit": GROWTH_LIMIT, "read_all_rows": read_all_rows},
             "revision": source_revision(), "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg()}
 
 
@@ -570,6 +601,8 @@ def main(argv=None):
     parser.add_argument("--keep", help="write the datasets and run folders here and keep them")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES, help="the stages to run (default: all)")
+    parser.add_argument("--read-all-rows", action="store_true",
+                        help="train and finetune read every feature row they hold before their first step")
     parser.add_argument("--reward-setup", action="store_true", help="measure only the CIDEr-D reward set-up")
     parser.add_argument("--baseline-revision", help="with --reward-setup: also the CiderD of this git revision")
     parser.add_argument("--repeats", type=int, default=2, help="with --reward-setup: timed set-ups per child (best)")
@@ -582,7 +615,7 @@ def main(argv=None):
         report = measure_reward_comparison(args.sizes or REWARD_SIZES, args.baseline_revision, args.repeats)
     else:
         report = measure(args.sizes or (QUICK_SIZES if args.quick else SIZES), quick=args.quick, keep=args.keep,
-                         stages=args.stages)
+                         stages=args.stages, read_all_rows=args.read_all_rows)
         print()
         print(format_table(report["runs"], report["growth"]))
     if args.json:
