@@ -310,7 +310,7 @@ class FeatureReader:
                 block[first:end] = self._features[start:unique[end - 1] + 1][unique[first:end] - start]
                 first = end
         if np.array_equal(unique, rows):
-            return block  # asked in increasing order: no second copy (training's whole cache)
+            return block  # asked in increasing order: no second copy (training's rows when they cannot be mapped)
         return block[inverse.reshape(-1)]
 
     def _check_rows(self, rows):

@@ -8,9 +8,9 @@ random order, pads each batch to its own longest caption, and only then gathers 
 batch's image vectors: from the rows held in memory (`InMemoryFeatures`, a memory map of
 the cache file), or, for a cache larger than `train.max_cache_memory_gb`, from the HDF5
 file batch by batch (`StreamedFeatures`), giving the same batches. A 2048-d vector is
-never copied per caption into Python lists. Training reads one endless stream of epochs (`make_training_dataset`),
-so epoch e is the same batches whatever the distribution strategy and whether or not the
-run was resumed.
+never copied per caption into Python lists. Training reads one endless stream of epochs
+(`make_training_dataset`), so epoch e is the same batches whatever the distribution
+strategy and whether or not the run was resumed.
 """
 
 import dataclasses
